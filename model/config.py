@@ -12,6 +12,7 @@ from typing import Any
 LINEAR_MODULES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 ATTN_MODULES: tuple[str, ...] = ("q", "k", "v", "o")
 MLP_MODULES: tuple[str, ...] = ("gate", "up", "down")
+FULL_RANK = -1  # in a rank spec: the module's full rank (min(out, in)), exact conversion
 INIT_METHODS: tuple[str, ...] = ("stepwise", "average", "lower", "random")
 SUPPORTED_ARCHITECTURES: dict[str, bool] = {"llama": False, "qwen2": True}  # model_type -> bias
 
@@ -199,9 +200,9 @@ class ModelConfig:
                 f"loops={self.recursion.loops}"
             )
         for m, r in self.recursion.ranks.items():
-            if r > min(self.arch.linear_shape(m)):
+            if r > self.full_rank(m):
                 raise ConfigError(
-                    f"rank {r} for module {m!r} exceeds its full rank {min(self.arch.linear_shape(m))}"
+                    f"rank {r} for module {m!r} exceeds its full rank {self.full_rank(m)}"
                 )
 
     @property

@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make serve` and `make test`. Both build .venv first.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv serve test lint format
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch 2.13.0 lies on this machine's disk; elsewhere pip picks a build.
+	$(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q 'torch>=2.4,<2.15'
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+serve: venv
+	$(BIN)/loopserve serve
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/loopserve pull
+	$(BIN)/python -m pytest -q
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .

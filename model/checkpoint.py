@@ -1,0 +1,222 @@
+"""Loading and saving checkpoints.
+
+Two formats are read: a Hugging Face directory (``config.json`` + single or sharded
+safetensors) as a vanilla model, and a loopserve directory (``loopserve.json`` +
+``model.safetensors``) as written by conversion or uptraining. Tokenizer files travel along.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.config import LINEAR_MODULES, ArchConfig, ConfigError, ModelConfig
+from model.recursive import RecursiveLM
+from model.rope import rope_inv_freq
+
+LOOPSERVE_CONFIG = "loopserve.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILES: tuple[str, ...] = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+HF_LINEAR_NAMES: dict[str, str] = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, malformed or unsupported."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map'")
+        return [directory / f for f in sorted(set(weight_map.values()))]
+    single = directory / WEIGHTS_FILE
+    if single.exists():
+        return [single]
+    if any(directory.glob("*.bin")):
+        raise CheckpointError(
+            f"{directory} holds PyTorch .bin weights; only safetensors checkpoints are supported"
+        )
+    raise CheckpointError(f"no {WEIGHTS_FILE} or model.safetensors.index.json in {directory}")
+
+
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint, on the CPU."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(directory):
+        if not f.exists():
+            raise CheckpointError(f"missing weight shard {f}")
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    tensors[name] = st.get_tensor(name)
+        except Exception as e:  # safetensors raises its own untyped errors
+            raise CheckpointError(f"cannot read {f}: {e}") from e
+    return tensors
+
+
+def _take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if name not in tensors:
+        raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+    t = tensors[name]
+    if tuple(t.shape) != shape:
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def load_hf(
+    directory: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None
+) -> RecursiveLM:
+    """A Hugging Face Llama/Qwen2 directory as a vanilla RecursiveLM (loops = 1, K = L)."""
+    d = Path(directory)
+    if not (d / "config.json").exists():
+        raise CheckpointError(f"{d} has no config.json")
+    try:
+        arch = ArchConfig.from_hf(_read_json(d / "config.json"))
+    except ConfigError as e:
+        raise CheckpointError(f"{d / 'config.json'}: {e}") from e
+    tensors = read_tensors(d)
+    model = RecursiveLM(ModelConfig(arch=arch), dtype=dtype, device="meta")
+    state: dict[str, torch.Tensor] = {
+        "embed": _take(tensors, "model.embed_tokens.weight", (arch.vocab_size, arch.hidden_size)),
+        "final_norm": _take(tensors, "model.norm.weight", (arch.hidden_size,)),
+    }
+    if not arch.tie_word_embeddings:
+        state["lm_head"] = _take(tensors, "lm_head.weight", (arch.vocab_size, arch.hidden_size))
+    layers = range(arch.num_layers)
+    for m in LINEAR_MODULES:
+        shape = arch.linear_shape(m)
+        state[f"weights.{m}"] = torch.stack(
+            [_take(tensors, f"model.layers.{i}.{HF_LINEAR_NAMES[m]}.weight", shape) for i in layers]
+        )
+    for m in model.biases:
+        name = HF_LINEAR_NAMES[m]
+        out = arch.linear_shape(m)[0]
+        state[f"biases.{m}"] = torch.stack(
+            [_take(tensors, f"model.layers.{i}.{name}.bias", (out,)) for i in layers]
+        )[:, None]
+    for key, hf in (
+        ("input_norm", "input_layernorm"),
+        ("post_attn_norm", "post_attention_layernorm"),
+    ):
+        state[key] = torch.stack(
+            [_take(tensors, f"model.layers.{i}.{hf}.weight", (arch.hidden_size,)) for i in layers]
+        )[:, None]
+    return _materialize(model, state, dtype, device)
+
+
+def _materialize(
+    model: RecursiveLM, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str | None
+) -> RecursiveLM:
+    """Replace a meta-device model's parameters with ``state`` (exact keys required).
+
+    Building on "meta" first avoids allocating (and initialising) the weights twice.
+    """
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint tensors do not match the config: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    for name, param in model.state_dict().items():
+        got, want = tuple(state[name].shape), tuple(param.shape)
+        if got != want:
+            raise CheckpointError(f"tensor {name!r} has shape {got}, expected {want}")
+    model.load_state_dict(
+        {k: v.to(dtype=dtype, device=device or "cpu") for k, v in state.items()}, assign=True
+    )
+    model.inv_freq = rope_inv_freq(model.config.arch).to(device or "cpu")
+    return model
+
+
+def save_checkpoint(
+    model: RecursiveLM,
+    directory: str | Path,
+    provenance: dict[str, Any] | None = None,
+    tokenizer_from: str | Path | None = None,
+) -> Path:
+    """Write a loopserve checkpoint: ``loopserve.json`` (config + provenance) and weights."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(d / WEIGHTS_FILE), metadata={"format": "pt"})
+    meta = {"format": "loopserve", "version": 1, "config": model.config.to_dict()}
+    meta["provenance"] = provenance or {}
+    (d / LOOPSERVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    if tokenizer_from is not None:
+        copy_tokenizer(tokenizer_from, d)
+    return d
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.exists():
+            shutil.copy2(f, Path(dst) / name)
+
+
+def read_loopserve_meta(directory: str | Path) -> dict[str, Any]:
+    return _read_json(Path(directory) / LOOPSERVE_CONFIG)
+
+
+def load_loopserve(
+    directory: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None
+) -> RecursiveLM:
+    d = Path(directory)
+    meta = read_loopserve_meta(d)
+    if meta.get("format") != "loopserve" or "config" not in meta:
+        raise CheckpointError(f"{d / LOOPSERVE_CONFIG} is not a loopserve checkpoint config")
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{d / LOOPSERVE_CONFIG}: {e}") from e
+    model = RecursiveLM(config, dtype=dtype, device="meta")
+    return _materialize(model, read_tensors(d), dtype, device)
+
+
+def load_model(
+    directory: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None
+) -> RecursiveLM:
+    """Load either format, deciding by the config file present."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"model directory {d} does not exist")
+    if (d / LOOPSERVE_CONFIG).exists():
+        return load_loopserve(d, dtype, device)
+    return load_hf(d, dtype, device)

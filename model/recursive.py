@@ -1,0 +1,170 @@
+"""The Relaxed Recursive Transformer: one implementation for vanilla and looped models.
+
+Unrolled position p = k + b·K (loop b, block layer k) uses shared weight ``W[k]`` plus the
+low-rank delta ``B[k, b] @ A[k, b]``; norms (and q/k/v biases) are kept per position. A vanilla
+model is loops = 1, K = L, every rank 0. Per-position tensors are stored layer-major
+(``[K, B, ...]``) so the slice a block layer needs (all depths) is contiguous for the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import lora_linear
+from model.attention import AttentionBackend, CausalAttention
+from model.config import LINEAR_MODULES, ModelConfig
+from model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+BIAS_MODULES: tuple[str, ...] = ("q", "k", "v")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32 (as transformers' Llama does), cast back; weight [H] or [T, H]."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class RecursiveLM(nn.Module):
+    """Decoder-only LM whose layer stack is a K-layer block looped ``config.loops`` times."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        a, k_, b_ = config.arch, config.block_size, config.loops
+        kw = {"dtype": dtype, "device": device}
+        self.embed = nn.Parameter(torch.zeros(a.vocab_size, a.hidden_size, **kw))
+        self.lm_head = (
+            None
+            if a.tie_word_embeddings
+            else nn.Parameter(torch.zeros(a.vocab_size, a.hidden_size, **kw))
+        )
+        self.final_norm = nn.Parameter(torch.ones(a.hidden_size, **kw))
+        self.input_norm = nn.Parameter(torch.ones(k_, b_, a.hidden_size, **kw))
+        self.post_attn_norm = nn.Parameter(torch.ones(k_, b_, a.hidden_size, **kw))
+        self.weights = nn.ParameterDict(
+            {m: nn.Parameter(torch.zeros(k_, *a.linear_shape(m), **kw)) for m in LINEAR_MODULES}
+        )
+        self.biases = nn.ParameterDict(
+            {
+                m: nn.Parameter(torch.zeros(k_, b_, a.linear_shape(m)[0], **kw))
+                for m in (BIAS_MODULES if a.attention_bias else ())
+            }
+        )
+        ranks = config.recursion.ranks
+        self.lora_a = nn.ParameterDict(
+            {
+                m: nn.Parameter(torch.zeros(k_, b_, r, a.linear_shape(m)[1], **kw))
+                for m, r in ranks.items()
+                if r > 0
+            }
+        )
+        self.lora_b = nn.ParameterDict(
+            {
+                m: nn.Parameter(torch.zeros(k_, b_, a.linear_shape(m)[0], r, **kw))
+                for m, r in ranks.items()
+                if r > 0
+            }
+        )
+        self.register_buffer("inv_freq", rope_inv_freq(a).to(device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def _linear(
+        self, module: str, layer: int, x: torch.Tensor, depth: torch.Tensor | int
+    ) -> torch.Tensor:
+        a = self.lora_a[module][layer] if module in self.lora_a else None
+        b = self.lora_b[module][layer] if module in self.lora_b else None
+        y = lora_linear(x, self.weights[module][layer], a, b, depth)
+        if module in self.biases:
+            y = y + self.biases[module][layer][depth]
+        return y
+
+    def layer_forward(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        depth: torch.Tensor | int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: AttentionBackend,
+    ) -> torch.Tensor:
+        """One block layer for rows [T, H], each at its own loop depth."""
+        a = self.config.arch
+        t = hidden.shape[0]
+        h = rms_norm(hidden, self.input_norm[layer][depth], a.rms_norm_eps)
+        q = self._linear("q", layer, h, depth).view(t, a.num_heads, a.head_dim)
+        k = self._linear("k", layer, h, depth).view(t, a.num_kv_heads, a.head_dim)
+        v = self._linear("v", layer, h, depth).view(t, a.num_kv_heads, a.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        hidden = hidden + self._linear("o", layer, attention(layer, q, k, v), depth)
+        h = rms_norm(hidden, self.post_attn_norm[layer][depth], a.rms_norm_eps)
+        gated = nn.functional.silu(self._linear("gate", layer, h, depth))
+        return hidden + self._linear(
+            "down", layer, gated * self._linear("up", layer, h, depth), depth
+        )
+
+    def block_forward(
+        self,
+        hidden: torch.Tensor,
+        depth: torch.Tensor | int,
+        positions: torch.Tensor,
+        attention: AttentionBackend,
+    ) -> torch.Tensor:
+        """One pass of the K-layer block: the engine's step.
+
+        hidden: [T, H]; depth: [T] loop depth per row (or one int); positions: [T].
+        Rows at different depths share the block weights and differ only in their deltas,
+        norms and the KV the attention backend reads for their depth.
+        """
+        cos, sin = rope_cos_sin(self.inv_freq, positions, hidden.dtype)
+        for layer in range(self.config.block_size):
+            hidden = self.layer_forward(layer, hidden, depth, cos, sin, attention)
+        return hidden
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed[input_ids]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: the exit head, applicable after any loop."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        return rms_norm(hidden, self.final_norm, self.config.arch.rms_norm_eps) @ head.T
+
+    def loop_hidden_states(
+        self, input_ids: torch.Tensor, num_loops: int | None = None
+    ) -> list[torch.Tensor]:
+        """Full-sequence forward without cache; the hidden state after each loop.
+
+        input_ids: [N, S] -> list of ``num_loops`` tensors [N, S, H].
+        """
+        n_loops = self.config.loops if num_loops is None else num_loops
+        if not 1 <= n_loops <= self.config.loops:
+            raise ValueError(f"num_loops must be in [1, {self.config.loops}], got {n_loops}")
+        n, s = input_ids.shape
+        positions = torch.arange(s, device=input_ids.device).repeat(n)
+        attention = CausalAttention([s] * n)
+        hidden = self.embed_tokens(input_ids.reshape(-1))
+        states = []
+        for b in range(n_loops):
+            hidden = self.block_forward(hidden, b, positions, attention)
+            states.append(hidden.view(n, s, -1))
+        return states
+
+    def forward(self, input_ids: torch.Tensor, num_loops: int | None = None) -> torch.Tensor:
+        """Logits [N, S, V] after ``num_loops`` loops (all by default)."""
+        return self.logits(self.loop_hidden_states(input_ids, num_loops)[-1])
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
