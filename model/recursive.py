@@ -92,6 +92,31 @@ class RecursiveLM(nn.Module):
             y = y + self.biases[module][layer][depth]
         return y
 
+    def _kv(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        depth: torch.Tensor | int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.config.arch
+        k = self._linear("k", layer, h, depth).view(-1, a.num_kv_heads, a.head_dim)
+        v = self._linear("v", layer, h, depth).view(-1, a.num_kv_heads, a.head_dim)
+        return apply_rope(k, cos, sin), v
+
+    def kv_projection(
+        self, layer: int, hidden: torch.Tensor, depth: torch.Tensor | int, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V that block layer ``layer`` at ``depth`` would write if its input were ``hidden``.
+
+        This is CALM-style state propagation: an exited token's hidden state stands in for
+        the inputs of the loops it skipped, so later tokens have K/V to attend to there.
+        """
+        cos, sin = rope_cos_sin(self.inv_freq, positions, hidden.dtype)
+        h = rms_norm(hidden, self.input_norm[layer][depth], self.config.arch.rms_norm_eps)
+        return self._kv(layer, h, depth, cos, sin)
+
     def layer_forward(
         self,
         layer: int,
@@ -103,13 +128,12 @@ class RecursiveLM(nn.Module):
     ) -> torch.Tensor:
         """One block layer for rows [T, H], each at its own loop depth."""
         a = self.config.arch
-        t = hidden.shape[0]
         h = rms_norm(hidden, self.input_norm[layer][depth], a.rms_norm_eps)
-        q = self._linear("q", layer, h, depth).view(t, a.num_heads, a.head_dim)
-        k = self._linear("k", layer, h, depth).view(t, a.num_kv_heads, a.head_dim)
-        v = self._linear("v", layer, h, depth).view(t, a.num_kv_heads, a.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        hidden = hidden + self._linear("o", layer, attention(layer, q, k, v), depth)
+        q = self._linear("q", layer, h, depth).view(-1, a.num_heads, a.head_dim)
+        k, v = self._kv(layer, h, depth, cos, sin)
+        hidden = hidden + self._linear(
+            "o", layer, attention(layer, apply_rope(q, cos, sin), k, v), depth
+        )
         h = rms_norm(hidden, self.post_attn_norm[layer][depth], a.rms_norm_eps)
         gated = nn.functional.silu(self._linear("gate", layer, h, depth))
         return hidden + self._linear(

@@ -1,0 +1,48 @@
+"""Engine configuration: frozen, validated once, composed by the server from its settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BATCHING_MODES: tuple[str, ...] = ("depth", "sequence")
+KV_FILL_MODES: tuple[str, ...] = ("propagate", "copy")
+EXIT_MEASURES: tuple[str, ...] = ("prob", "margin")
+EXITS_OFF = 2.0  # any threshold > 1 disables early exit (confidence never exceeds 1)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches, exits and spends KV memory.
+
+    ``batching="depth"`` runs one loop of the block per step for rows at mixed depths;
+    ``"sequence"`` runs all loops per step (vLLM/Orca-style iteration-level batching), the
+    baseline. ``exit_threshold`` > 1 disables early exit unless a request asks for it.
+    """
+
+    batching: str = "depth"
+    exit_threshold: float = EXITS_OFF
+    exit_measure: str = "prob"
+    min_loops: int = 1
+    kv_fill: str = "propagate"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    num_blocks: int = 1024
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
+        if self.kv_fill not in KV_FILL_MODES:
+            raise ValueError(f"kv_fill must be one of {KV_FILL_MODES}, got {self.kv_fill!r}")
+        if self.exit_measure not in EXIT_MEASURES:
+            raise ValueError(f"exit_measure must be one of {EXIT_MEASURES}")
+        if self.exit_threshold < 0:
+            raise ValueError(f"exit_threshold must be >= 0, got {self.exit_threshold}")
+        for name in ("min_loops", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")

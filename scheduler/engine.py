@@ -1,0 +1,188 @@
+"""The engine: schedule → execute → update, one pass of the shared block per step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from model.recursive import RecursiveLM
+from scheduler.config import EngineConfig
+from scheduler.detokenizer import IncrementalDetokenizer, Tokenizer
+from scheduler.kv_cache import KVCache
+from scheduler.request import FinishReason
+from scheduler.runner import ModelRunner
+from scheduler.sampling import SampleResult, SamplingParams
+from scheduler.scheduler import Scheduler, TokenEvent
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one sample of a request (``index`` < n)."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    samples: list[SampleResult]
+    exit_depths: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    """One step, for logs and metrics (the Prometheus adapter consumes these)."""
+
+    step_seconds: float
+    rows_per_depth: list[int]
+    exits_per_depth: list[int]
+    fills_per_depth: list[int]
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    preemptions: int
+    tokens_emitted: int
+    finished: list[str] = field(default_factory=list)
+
+
+def _sample_id(request_id: str, index: int) -> str:
+    return f"{request_id}#{index}"
+
+
+class Engine:
+    """Serves one model: requests in, token/text deltas out, one block pass per ``step()``."""
+
+    def __init__(
+        self,
+        model: RecursiveLM,
+        config: EngineConfig,
+        tokenizer: Tokenizer | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model.eval()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.loops = model.config.loops
+        self.sequence_mode = config.batching == "sequence" or self.loops == 1
+        self.scheduler = Scheduler(config, self.loops, model.config.arch.eos_token_id)
+        cache = KVCache(
+            model.config, config.num_blocks, config.block_size, model.dtype, model.device
+        )
+        self.runner = ModelRunner(model, cache, config, seed)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._groups: dict[str, list[str]] = {}
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request (``params.n`` samples); raises RequestRejected if it cannot fit."""
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        ids = [_sample_id(request_id, i) for i in range(params.n)]
+        added: list[str] = []
+        try:
+            for i, sid in enumerate(ids):
+                seed = None if params.seed is None else params.seed + i
+                p = replace(params, seed=seed)
+                self.scheduler.add_request(sid, prompt_ids, p)
+                added.append(sid)
+                if self.tokenizer is not None:
+                    self._detok[sid] = IncrementalDetokenizer(
+                        self.tokenizer, params.stop, params.include_stop_str_in_output
+                    )
+        except ValueError:
+            for sid in added:
+                self.scheduler.abort(sid)
+                self.scheduler.pop_finished(sid)
+                self._detok.pop(sid, None)
+            raise
+        self._groups[request_id] = ids
+
+    def abort(self, request_id: str) -> None:
+        """Cancel every sample of a request; frees its slots and KV blocks at once."""
+        for sid in self._groups.pop(request_id, []):
+            self.scheduler.abort(sid)
+            self.scheduler.pop_finished(sid)
+            self._detok.pop(sid, None)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> tuple[list[RequestOutput], EngineStats]:
+        start = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        results, counts = self.runner.execute(scheduled, self.sequence_mode)
+        events = self.scheduler.update_from_output(scheduled, results, self.sequence_mode)
+        outputs = [self._output(e) for e in events]
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+        s = self.scheduler
+        stats = EngineStats(
+            step_seconds=time.perf_counter() - start,
+            rows_per_depth=counts.rows,
+            exits_per_depth=counts.exits,
+            fills_per_depth=counts.fills,
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            kv_usage=s.allocator.usage,
+            preemptions=s.num_preemptions,
+            tokens_emitted=len(events),
+            finished=[o.request_id for o in outputs if o.finished],
+        )
+        return outputs, stats
+
+    def _output(self, event: TokenEvent) -> RequestOutput:
+        sid = event.request_id
+        req = self.scheduler.requests[sid]
+        reason = event.finish_reason
+        text = ""
+        detok = self._detok.get(sid)
+        if detok is not None:
+            delta = detok.update(req.output_ids, final=reason is not None)
+            text = delta.text
+            if delta.stopped and reason is None:
+                reason = FinishReason.STOP
+                self.scheduler.finish(sid, reason)
+        request_id, index = sid.rsplit("#", 1)
+        if reason is not None:
+            self._retire(request_id, sid)
+        return RequestOutput(
+            request_id=request_id,
+            index=int(index),
+            token_ids=[event.sample.token],
+            text=text,
+            samples=[event.sample],
+            exit_depths=[event.exit_depth],
+            finish_reason=reason.value if reason else None,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids),
+        )
+
+    def _retire(self, request_id: str, sid: str) -> None:
+        self.scheduler.pop_finished(sid)
+        self._detok.pop(sid, None)
+        group = self._groups.get(request_id)
+        if group is not None:
+            group.remove(sid)
+            if not group:
+                del self._groups[request_id]
+
+    def generate(
+        self, prompts: dict[str, list[int]], params: SamplingParams
+    ) -> dict[str, list[list[int]]]:
+        """Run the given requests to completion (offline use, tests): ids -> n token lists."""
+        for rid, ids in prompts.items():
+            self.add_request(rid, ids, params)
+        out: dict[str, list[list[int]]] = {rid: [[] for _ in range(params.n)] for rid in prompts}
+        while self.has_work:
+            for o in self.step()[0]:
+                out[o.request_id][o.index].extend(o.token_ids)
+        return out

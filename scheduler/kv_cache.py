@@ -1,0 +1,89 @@
+"""Paged KV memory indexed by (block layer, block id) and the attention backend over it.
+
+One block id addresses the same slots in every block layer's tensors; a request holds one
+block table per loop depth, so the cache is indexed by (depth via the table, layer) as data,
+never bound to a module that runs once per loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.paged_attention import PagedAttentionMetadata, paged_attention, write_kv
+from model.config import ModelConfig
+
+
+class KVCache:
+    """K and V tensors [num_blocks, block_size, kv_heads, head_dim] per block layer."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        a = config.arch
+        shape = (num_blocks, block_size, a.num_kv_heads, a.head_dim)
+        self.block_size = block_size
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.block_size)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.block_size)]
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        a = config.arch
+        per_layer = 2 * block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
+        return per_layer * config.block_size
+
+    def slots(self, table: list[int], start: int, n: int) -> list[int]:
+        """Flat slot ids of positions [start, start + n) under ``table``."""
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+
+
+def attention_metadata(
+    tables: list[list[int]],
+    query_lens: list[int],
+    context_lens: list[int],
+    device: torch.device | str,
+) -> PagedAttentionMetadata:
+    """One query segment per table: its rows, blocks and KV length (this step included)."""
+    width = max(len(t) for t in tables)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    as_int = {"dtype": torch.int32, "device": device}
+    return PagedAttentionMetadata(
+        block_tables=torch.tensor(padded, **as_int),
+        context_lens=torch.tensor(context_lens, **as_int),
+        query_start_loc=torch.tensor(starts, **as_int),
+        max_query_len=max(query_lens),
+        max_context_len=max(context_lens),
+    )
+
+
+@dataclass
+class PagedAttention:
+    """The model's attention backend for one step: writes this step's K/V, then attends.
+
+    ``metadata`` describes one query segment per work item (its rows, its block table at its
+    current depth, its context length); ``slot_mapping`` [T] says where each row's K/V goes.
+    """
+
+    cache: KVCache
+    metadata: PagedAttentionMetadata
+    slot_mapping: torch.Tensor
+    scale: float
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        write_kv(k, v, self.cache.k[layer], self.cache.v[layer], self.slot_mapping)
+        out = paged_attention(
+            q, self.cache.k[layer], self.cache.v[layer], self.metadata, self.scale
+        )
+        return out.flatten(1)

@@ -1,0 +1,188 @@
+"""Model runner: turns a SchedulerOutput into one pass of the block (or all loops, in
+sequence mode), decides exits, samples, and fills the KV that exited tokens skipped.
+
+It never sees Request objects; between steps it keeps only the hidden state of each
+in-flight item, keyed by request id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels.paged_attention import write_kv
+from model.recursive import RecursiveLM
+from scheduler.config import EngineConfig
+from scheduler.exit_policy import confidence, may_exit
+from scheduler.kv_cache import KVCache, PagedAttention, attention_metadata
+from scheduler.sampling import sample_row
+from scheduler.scheduler import ItemResult, ScheduledItem, SchedulerOutput
+
+
+@dataclass
+class StepCounts:
+    """What one execute() did, per loop depth: rows run, tokens exited, K/V rows filled."""
+
+    rows: list[int]
+    exits: list[int]
+    fills: list[int]
+    passes: int = 0
+    logits_rows: int = 0
+
+
+@dataclass
+class _Batch:
+    items: list[ScheduledItem]
+    depths: list[int]
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    depth_rows: torch.Tensor
+    bounds: list[tuple[int, int]] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, model: RecursiveLM, cache: KVCache, config: EngineConfig, seed: int = 0):
+        self.model = model
+        self.cache = cache
+        self.config = config
+        self.loops = model.config.loops
+        self.device = model.device
+        self.scale = model.config.arch.head_dim**-0.5
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.hidden: dict[str, torch.Tensor] = {}
+
+    @torch.inference_mode()
+    def execute(
+        self, out: SchedulerOutput, sequence_mode: bool
+    ) -> tuple[dict[str, ItemResult], StepCounts]:
+        for rid in out.dropped:
+            self.hidden.pop(rid, None)
+        counts = StepCounts([0] * self.loops, [0] * self.loops, [0] * self.loops)
+        results = {i.request_id: ItemResult() for i in out.items}
+        if not out.items:
+            return results, counts
+        batch = self._build(out.items)
+        passes = self.loops if sequence_mode else 1
+        for _ in range(passes):
+            self._pass(batch, counts)
+            self._decide(batch, results, counts, sequence_mode)
+            batch.depths = [d + 1 for d in batch.depths]
+            batch.depth_rows = batch.depth_rows + 1
+        if not sequence_mode:
+            self._keep_hidden(batch, results)
+        return results, counts
+
+    def _build(self, items: list[ScheduledItem]) -> _Batch:
+        hidden, positions, depths, bounds = [], [], [], []
+        row = 0
+        for it in items:
+            n = it.num_tokens
+            if it.depth == 0:
+                ids = torch.tensor(it.token_ids, device=self.device)
+                hidden.append(self.model.embed_tokens(ids))
+            else:
+                hidden.append(self.hidden.pop(it.request_id))
+            positions.extend(range(it.start, it.start + n))
+            depths.extend([it.depth] * n)
+            bounds.append((row, row + n))
+            row += n
+        return _Batch(
+            items=items,
+            depths=[it.depth for it in items],
+            hidden=torch.cat(hidden),
+            positions=torch.tensor(positions, device=self.device),
+            depth_rows=torch.tensor(depths, device=self.device),
+            bounds=bounds,
+        )
+
+    def _pass(self, batch: _Batch, counts: StepCounts) -> None:
+        tables, slots = [], []
+        for it, d in zip(batch.items, batch.depths, strict=True):
+            tables.append(it.block_tables[d])
+            slots.extend(self.cache.slots(it.block_tables[d], it.start, it.num_tokens))
+            counts.rows[d] += it.num_tokens
+        meta = attention_metadata(
+            tables,
+            [it.num_tokens for it in batch.items],
+            [it.start + it.num_tokens for it in batch.items],
+            self.device,
+        )
+        slot_mapping = torch.tensor(slots, device=self.device, dtype=torch.int64)
+        attention = PagedAttention(self.cache, meta, slot_mapping, self.scale)
+        batch.hidden = self.model.block_forward(
+            batch.hidden, batch.depth_rows, batch.positions, attention
+        )
+        counts.passes += 1
+
+    def _decide(
+        self,
+        batch: _Batch,
+        results: dict[str, ItemResult],
+        counts: StepCounts,
+        sequence_mode: bool,
+    ) -> None:
+        """For items that ended a loop where they may produce a token: logits, exit, sample."""
+        last = self.loops - 1
+        cand = []
+        for it, d, (_, hi) in zip(batch.items, batch.depths, batch.bounds, strict=True):
+            if results[it.request_id].sample is not None:
+                continue  # sequence mode: already exited, riding along
+            if it.needs_logits and (
+                d == last or may_exit(d, it.exit_threshold, it.min_loops, last)
+            ):
+                cand.append((it, d, hi - 1))
+        if not cand:
+            return
+        rows = torch.tensor([r for _, _, r in cand], device=self.device)
+        logits = self.model.logits(batch.hidden.index_select(0, rows)).float()
+        counts.logits_rows += len(cand)
+        measure = self.config.exit_measure
+        conf = confidence(logits, measure).tolist()
+        fills: list[tuple[ScheduledItem, int, int]] = []
+        for j, (it, d, row) in enumerate(cand):
+            if d < last and conf[j] < it.exit_threshold:
+                continue
+            sample = sample_row(logits[j], it.params, it.output_index, self.generator)
+            results[it.request_id] = ItemResult(sample=sample, exit_depth=d)
+            counts.exits[d] += 1
+            if d < last and it.decode and not sequence_mode:
+                fills.append((it, d, row))
+        if fills:
+            self._fill(batch, fills, counts)
+
+    def _fill(
+        self, batch: _Batch, fills: list[tuple[ScheduledItem, int, int]], counts: StepCounts
+    ) -> None:
+        """K/V of exited tokens at the depths they skipped: propagated or copied."""
+        rows, depths, slots, src_slots = [], [], [], []
+        for it, d, row in fills:
+            pos = it.start + it.num_tokens - 1
+            src = self.cache.slots(it.block_tables[d], pos, 1)[0]
+            for deeper in range(d + 1, self.loops):
+                rows.append(row)
+                depths.append(deeper)
+                slots.append(self.cache.slots(it.block_tables[deeper], pos, 1)[0])
+                src_slots.append(src)
+                counts.fills[deeper] += 1
+        slot_t = torch.tensor(slots, device=self.device)
+        if self.config.kv_fill == "copy":
+            src_t = torch.tensor(src_slots, device=self.device)
+            for k_layer, v_layer in zip(self.cache.k, self.cache.v, strict=True):
+                for t in (k_layer, v_layer):
+                    flat = t.view(-1, *t.shape[2:])
+                    flat[slot_t] = flat[src_t]
+            return
+        hidden = batch.hidden.index_select(0, torch.tensor(rows, device=self.device))
+        depth_t = torch.tensor(depths, device=self.device)
+        positions = batch.positions.index_select(0, torch.tensor(rows, device=self.device))
+        for layer in range(self.model.config.block_size):
+            k, v = self.model.kv_projection(layer, hidden, depth_t, positions)
+            write_kv(k, v, self.cache.k[layer], self.cache.v[layer], slot_t)
+
+    def _keep_hidden(self, batch: _Batch, results: dict[str, ItemResult]) -> None:
+        """Depth mode: items that go on to the next loop keep their hidden rows."""
+        for it, (lo, hi) in zip(batch.items, batch.bounds, strict=True):
+            exited = it.decode and results[it.request_id].sample is not None
+            if it.depth < self.loops - 1 and not exited:
+                self.hidden[it.request_id] = batch.hidden[lo:hi]

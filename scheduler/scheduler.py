@@ -1,0 +1,279 @@
+"""The depth-wise scheduler: which rows run in the next pass of the block.
+
+Each running request has at most one in-flight work item (a prefill chunk or a decode
+token) that advances one loop per step in depth mode, or all loops in one step in sequence
+mode. Continuing items always run; freed capacity is refilled at once by next tokens and new
+prefill chunks, FCFS, within ``max_num_batched_tokens`` and ``max_num_seqs``. When KV blocks
+run out the newest running request is preempted and later recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from scheduler.block_allocator import BlockAllocator
+from scheduler.config import EngineConfig
+from scheduler.request import FinishReason, Request, Status, WorkItem
+from scheduler.sampling import SampleResult, SamplingParams
+
+
+class RequestRejected(ValueError):
+    """A request the engine can never serve (too long for the context or the KV pool)."""
+
+
+@dataclass
+class ScheduledItem:
+    """One request's rows in this step: plain data the runner turns into tensors."""
+
+    request_id: str
+    token_ids: list[int]
+    start: int
+    depth: int
+    decode: bool
+    needs_logits: bool
+    block_tables: list[list[int]]
+    params: SamplingParams
+    output_index: int
+    exit_threshold: float
+    min_loops: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    items: list[ScheduledItem]
+    dropped: list[str] = field(default_factory=list)  # requests whose runner state is stale
+
+    @property
+    def num_rows(self) -> int:
+        return sum(i.num_tokens for i in self.items)
+
+
+@dataclass
+class ItemResult:
+    """What the runner did for one item: the token it sampled (if the item ended with one)."""
+
+    sample: SampleResult | None = None
+    exit_depth: int | None = None
+
+
+@dataclass
+class TokenEvent:
+    """A token emitted for a request, and whether that finished it."""
+
+    request_id: str
+    sample: SampleResult
+    exit_depth: int
+    finish_reason: FinishReason | None
+
+
+class Scheduler:
+    """Owns the request queues and the KV block allocator; knows no tensors."""
+
+    def __init__(self, config: EngineConfig, loops: int, eos_token_ids: tuple[int, ...]) -> None:
+        self.config = config
+        self.loops = loops
+        self.eos_token_ids = set(eos_token_ids)
+        self.allocator = BlockAllocator(config.num_blocks)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._dropped: list[str] = []
+
+    # -- admission -------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise RequestRejected("the prompt is empty")
+        limit = self.config.max_model_len
+        if len(prompt_ids) >= limit:
+            raise RequestRejected(
+                f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length "
+                f"is {limit} tokens including at least one generated token"
+            )
+        longest = min(len(prompt_ids) + params.max_tokens, limit)
+        need = self.loops * math.ceil(longest / self.config.block_size)
+        if need > self.config.num_blocks:
+            raise RequestRejected(
+                f"prompt + max_tokens = {longest} tokens need {need} KV blocks, more than the "
+                f"cache holds ({self.config.num_blocks}); lower max_tokens or the prompt"
+            )
+        req = Request(request_id, list(prompt_ids), params, time.monotonic(), self.loops)
+        self.requests[request_id] = req
+        self.waiting.append(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a request early (client gone); its blocks return to the pool at once."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        self._finish(req, FinishReason.ABORT)
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        for req in self.running:
+            if req.item is not None:
+                budget -= req.item.num_tokens
+        for req in list(self.running):
+            if req.item is None and req.status is Status.RUNNING and budget > 0:
+                budget -= self._start_item(req, budget)
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if not self._start_item(req, budget):
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            req.first_scheduled = req.first_scheduled or time.monotonic()
+            self.running.append(req)
+            budget -= req.item.num_tokens
+        items = [self._describe(r) for r in self.running if r.item is not None]
+        dropped, self._dropped = self._dropped, []
+        return SchedulerOutput(items=items, dropped=dropped)
+
+    def _start_item(self, req: Request, budget: int) -> int:
+        """Give ``req`` its next work item if KV blocks allow; returns its size (0: none)."""
+        target = req.num_tokens  # KV is needed for every known token; the last one yields logits
+        n = 1 if req.prefilled else min(target - req.num_computed, budget)
+        end = req.num_computed + n
+        while not self._reserve(req, end):
+            victim = self.running[-1] if self.running else None
+            if victim is None or victim is req or req.status is Status.WAITING:
+                if req.status is Status.RUNNING:
+                    self._preempt(req)
+                return 0
+            self._preempt(victim)
+        req.item = WorkItem(
+            start=req.num_computed,
+            num_tokens=n,
+            depth=0,
+            decode=req.prefilled,
+            needs_logits=end == target,
+        )
+        return n
+
+    def _reserve(self, req: Request, end: int) -> bool:
+        """Blocks for positions [0, end) at every depth, all or nothing."""
+        per_depth = math.ceil(end / self.config.block_size) - len(req.block_tables[0])
+        if per_depth <= 0:
+            return True
+        blocks = self.allocator.allocate(per_depth * self.loops)
+        if blocks is None:
+            return False
+        for d, table in enumerate(req.block_tables):
+            table.extend(blocks[d * per_depth : (d + 1) * per_depth])
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        """Recompute later: drop all KV and in-flight work, requeue at the front."""
+        self.allocator.free(req.release_blocks())
+        self.running.remove(req)
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        self._dropped.append(req.request_id)
+
+    def _describe(self, req: Request) -> ScheduledItem:
+        item = req.item
+        assert item is not None
+        p = req.params
+        threshold = self.config.exit_threshold if p.exit_threshold is None else p.exit_threshold
+        return ScheduledItem(
+            request_id=req.request_id,
+            token_ids=req.all_ids[item.start : item.start + item.num_tokens],
+            start=item.start,
+            depth=item.depth,
+            decode=item.decode,
+            needs_logits=item.needs_logits and not item.sampled,
+            block_tables=req.block_tables,
+            params=p,
+            output_index=len(req.output_ids),
+            exit_threshold=threshold,
+            min_loops=self.config.min_loops if p.min_loops is None else p.min_loops,
+        )
+
+    # -- results ---------------------------------------------------------------------------
+
+    def update_from_output(
+        self, scheduled: SchedulerOutput, results: dict[str, ItemResult], sequence_mode: bool
+    ) -> list[TokenEvent]:
+        """Advance every scheduled item by the loops it ran; emit the tokens it produced."""
+        events: list[TokenEvent] = []
+        for s in scheduled.items:
+            req = self.requests[s.request_id]
+            item = req.item
+            if req.finished or item is None:  # aborted while the step ran
+                continue
+            res = results[s.request_id]
+            if res.sample is not None:
+                assert res.exit_depth is not None
+                item.sampled = True
+                events.append(self._emit(req, res.sample, res.exit_depth))
+                if req.finished:
+                    continue
+            if sequence_mode or item.depth == self.loops - 1 or (item.decode and item.sampled):
+                req.num_computed = item.start + item.num_tokens
+                req.prefilled = item.sampled  # the next item is the one new token
+                req.item = None
+            else:
+                item.depth += 1
+        return events
+
+    def _emit(self, req: Request, sample: SampleResult, exit_depth: int) -> TokenEvent:
+        req.output_ids.append(sample.token)
+        req.samples.append(sample)
+        req.exit_depths.append(exit_depth)
+        reason = self._stop_reason(req, sample.token)
+        if reason is not None:
+            self._finish(req, reason)
+        return TokenEvent(req.request_id, sample, exit_depth, reason)
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return FinishReason.STOP
+        if len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def finish(self, request_id: str, reason: FinishReason) -> None:
+        """Finish a running request for a reason found outside (e.g. a stop string)."""
+        req = self.requests[request_id]
+        if not req.finished:
+            self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        self.allocator.free(req.release_blocks())
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        self._dropped.append(req.request_id)
+
+    def pop_finished(self, request_id: str) -> Request:
+        """Forget a finished request once its output has been delivered."""
+        req = self.requests.pop(request_id)
+        if not req.finished:
+            raise ValueError(f"request {request_id!r} has not finished")
+        return req

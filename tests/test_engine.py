@@ -1,0 +1,291 @@
+"""The engine against the cache-free full forward, across batching modes and schedules."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import LlamaForCausalLM
+
+from model.checkpoint import load_model
+from model.config import LINEAR_MODULES
+from model.convert import convert
+from model.generate import greedy_generate
+from model.recursive import RecursiveLM
+from scheduler.config import EngineConfig
+from scheduler.engine import Engine
+from scheduler.sampling import SamplingParams
+from scheduler.scheduler import RequestRejected
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def rrt(tiny_hf: tuple[Path, LlamaForCausalLM]) -> RecursiveLM:
+    """3 loops x 2 block layers, rank-8 deltas: every per-depth path differs."""
+    model, _ = convert(
+        load_model(tiny_hf[0]), 3, "average", dict.fromkeys(LINEAR_MODULES, 8), progress=False
+    )
+    return model.eval()
+
+
+def _prompts(n: int, seed: int = 0) -> dict[str, list[int]]:
+    rng = random.Random(seed)
+    return {f"r{i}": [rng.randrange(3, 101) for _ in range(rng.randint(1, 40))] for i in range(n)}
+
+
+def _reference(model: RecursiveLM, prompts: dict[str, list[int]], n: int, loops: int | None = None):
+    return {rid: greedy_generate(model, ids, n, num_loops=loops) for rid, ids in prompts.items()}
+
+
+def _engine(model: RecursiveLM, **kw: object) -> Engine:
+    cfg = {"block_size": 4, "num_blocks": 512, "max_num_batched_tokens": 64, "max_model_len": 128}
+    cfg.update(kw)
+    return Engine(model, EngineConfig(**cfg))
+
+
+def _run(engine: Engine, prompts: dict[str, list[int]], params: SamplingParams) -> dict:
+    return {rid: outs[0] for rid, outs in engine.generate(prompts, params).items()}
+
+
+@pytest.mark.parametrize("batching", ["depth", "sequence"])
+def test_greedy_matches_full_forward_exits_off(rrt: RecursiveLM, batching: str) -> None:
+    prompts = _prompts(16)
+    want = _reference(rrt, prompts, GREEDY.max_tokens)
+    got = _run(_engine(rrt, batching=batching), prompts, GREEDY)
+    assert got == want
+    one_at_a_time = {
+        rid: _run(_engine(rrt, batching=batching), {rid: ids}, GREEDY)[rid]
+        for rid, ids in list(prompts.items())[:4]
+    }
+    assert one_at_a_time == {rid: want[rid] for rid in one_at_a_time}
+
+
+def test_paged_logprobs_match_full_forward(rrt: RecursiveLM) -> None:
+    prompts = _prompts(5, seed=3)
+    params = replace(GREEDY, logprobs=5, max_tokens=4)
+    engine = _engine(rrt)
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, params)
+    samples: dict[str, list] = {rid: [] for rid in prompts}
+    while engine.has_work:
+        for o in engine.step()[0]:
+            samples[o.request_id].extend(o.samples)
+    for rid, ids in prompts.items():
+        tokens = [s.token for s in samples[rid]]
+        full = rrt(torch.tensor([ids + tokens]))[0].log_softmax(-1)
+        for j, s in enumerate(samples[rid]):
+            row = full[len(ids) - 1 + j]
+            top_ids = [t for t, _ in s.top_logprobs]
+            got = torch.tensor([lp for _, lp in s.top_logprobs])
+            torch.testing.assert_close(got, row[top_ids], atol=1e-4, rtol=0)
+            assert top_ids == row.topk(5).indices.tolist()
+
+
+@pytest.mark.parametrize("kv_fill", ["propagate", "copy"])
+@pytest.mark.parametrize("min_loops", [1, 2])
+def test_min_loops_with_zero_threshold_is_truncated_model(
+    rrt: RecursiveLM, kv_fill: str, min_loops: int
+) -> None:
+    prompts = _prompts(6, seed=5)
+    engine = _engine(rrt, exit_threshold=0.0, min_loops=min_loops, kv_fill=kv_fill)
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, GREEDY)
+    got: dict[str, list[int]] = {rid: [] for rid in prompts}
+    fills = [0, 0, 0]
+    while engine.has_work:
+        outputs, stats = engine.step()
+        fills = [a + b for a, b in zip(fills, stats.fills_per_depth, strict=True)]
+        for o in outputs:
+            assert o.exit_depths == [min_loops - 1]
+            got[o.request_id].extend(o.token_ids)
+    assert got == _reference(rrt, prompts, GREEDY.max_tokens, loops=min_loops)
+    # decode tokens skip loops >= min_loops and get them filled; the first token of each
+    # request comes from its prefill, which runs every loop for real
+    expected_fills = len(prompts) * (GREEDY.max_tokens - 1)
+    assert fills == [0 if d < min_loops else expected_fills for d in range(3)]
+
+
+def test_copy_fill_writes_exit_depth_kv(rrt: RecursiveLM) -> None:
+    engine = _engine(rrt, exit_threshold=0.0, min_loops=1, kv_fill="copy")
+    engine.add_request("a", [5, 6, 7], replace(GREEDY, max_tokens=50))
+    for _ in range(12):
+        engine.step()
+    req = engine.scheduler.requests["a#0"]
+    cache = engine.runner.cache
+    generated = range(3, req.num_computed)
+    assert len(generated) >= 5
+    for layer in range(rrt.config.block_size):
+        for d in (1, 2):
+            for p in generated:
+                src = cache.slots(req.block_tables[0], p, 1)[0]
+                dst = cache.slots(req.block_tables[d], p, 1)[0]
+                k = cache.k[layer].view(-1, *cache.k[layer].shape[2:])
+                assert torch.equal(k[src], k[dst])
+    engine.abort("a")
+    assert engine.scheduler.allocator.num_used == 0
+
+
+def test_propagate_fill_is_kv_projection_of_exit_state(rrt: RecursiveLM) -> None:
+    """Depth-1 exit: the K written at depth 2 for that token equals the model's K/V
+    projection of its exit hidden state, which the 2-loop truncated forward reproduces."""
+    engine = _engine(rrt, exit_threshold=0.0, min_loops=2, kv_fill="propagate")
+    prompt = [9, 8, 7, 6]
+    engine.add_request("a", prompt, replace(GREEDY, max_tokens=50))
+    for _ in range(8):
+        engine.step()
+    req = engine.scheduler.requests["a#0"]
+    pos = len(prompt)  # the first generated token, exited at depth 1
+    ids = torch.tensor([req.all_ids[: pos + 1]])
+    exit_hidden = rrt.loop_hidden_states(ids, num_loops=2)[-1][0, pos : pos + 1]
+    cache = engine.runner.cache
+    for layer in range(rrt.config.block_size):
+        want_k, want_v = rrt.kv_projection(layer, exit_hidden, 2, torch.tensor([pos]))
+        slot = cache.slots(req.block_tables[2], pos, 1)[0]
+        k = cache.k[layer].view(-1, *cache.k[layer].shape[2:])[slot]
+        v = cache.v[layer].view(-1, *cache.v[layer].shape[2:])[slot]
+        torch.testing.assert_close(k, want_k[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, want_v[0], atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_sampling_ignores_batch_composition(rrt: RecursiveLM) -> None:
+    params = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, top_k=40, seed=1234)
+    prompts = _prompts(6, seed=9)
+    alone = _run(_engine(rrt), {"r0": prompts["r0"]}, params)["r0"]
+    crowd = _run(_engine(rrt, max_num_batched_tokens=32), prompts, params)["r0"]
+    assert alone == crowd
+    other_seed = _run(_engine(rrt), {"r0": prompts["r0"]}, replace(params, seed=99))["r0"]
+    assert other_seed != alone
+
+
+def test_n_samples_use_distinct_seeds(rrt: RecursiveLM) -> None:
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=7, n=3, ignore_eos=True)
+    out = _engine(rrt).generate({"x": [4, 5, 6]}, params)["x"]
+    assert len(out) == 3 and all(len(o) == 8 for o in out)
+    assert len({tuple(o) for o in out}) == 3
+    single = _engine(rrt).generate({"x": [4, 5, 6]}, replace(params, n=1, seed=8))["x"][0]
+    assert single == out[1]
+
+
+PIECES = tuple(f"{chr(97 + i % 26)}{'' if i % 3 else chr(65 + i % 26)}" for i in range(101))
+
+
+class CharTokenizer:
+    """Token i decodes to a fixed 1-2 character string: stops can span token boundaries."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(PIECES[i] for i in ids)
+
+
+def test_stop_string_across_token_boundary(rrt: RecursiveLM) -> None:
+    prompt = [11, 12, 13]
+    free = greedy_generate(rrt, prompt, 8)
+    text = CharTokenizer().decode(free)
+    assert len(free) == 8
+    # a stop string made of the end of token 2 and the start of token 3
+    t2, t3 = PIECES[free[2]], PIECES[free[3]]
+    stop = t2[-1] + t3[0]
+    cut = text.find(stop)
+    engine = Engine(rrt, EngineConfig(block_size=4, num_blocks=64), tokenizer=CharTokenizer())
+    engine.add_request("s", prompt, SamplingParams(max_tokens=8, temperature=0, stop=(stop,)))
+    pieces, reasons = [], []
+    while engine.has_work:
+        for o in engine.step()[0]:
+            pieces.append(o.text)
+            reasons.append(o.finish_reason)
+    assert "".join(pieces) == text[:cut]
+    assert reasons[-1] == "stop" and reasons.count("stop") == 1
+    assert engine.scheduler.allocator.num_used == 0
+
+
+def test_rejects_requests_that_can_never_fit(rrt: RecursiveLM) -> None:
+    engine = _engine(rrt, num_blocks=12, max_model_len=64)
+    with pytest.raises(RequestRejected, match="maximum context length is 64"):
+        engine.add_request("long", list(range(3, 67)), GREEDY)
+    with pytest.raises(RequestRejected, match="KV blocks"):
+        engine.add_request("big", list(range(3, 20)), replace(GREEDY, max_tokens=40))
+    with pytest.raises(RequestRejected, match="empty"):
+        engine.add_request("empty", [], GREEDY)
+    assert not engine.has_work and engine.scheduler.allocator.num_used == 0
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    lens=st.lists(st.integers(1, 24), min_size=1, max_size=8),
+    max_tokens=st.lists(st.integers(1, 6), min_size=8, max_size=8),
+    arrivals=st.lists(st.integers(0, 6), min_size=8, max_size=8),
+    aborts=st.lists(st.integers(0, 12), min_size=8, max_size=8),
+    num_blocks=st.integers(30, 60),
+    budget=st.integers(4, 40),
+    batching=st.sampled_from(["depth", "sequence"]),
+)
+def test_random_schedules_end_cleanly(
+    rrt: RecursiveLM,
+    lens: list[int],
+    max_tokens: list[int],
+    arrivals: list[int],
+    aborts: list[int],
+    num_blocks: int,
+    budget: int,
+    batching: str,
+) -> None:
+    """Random arrivals/lengths/aborts on a small pool: every request ends, nothing leaks,
+    budgets hold, and requests that were preempted still give the unpreempted output."""
+    rng = random.Random(sum(lens))
+    prompts = {f"q{i}": [rng.randrange(3, 101) for _ in range(n)] for i, n in enumerate(lens)}
+    cfg = EngineConfig(
+        batching=batching,
+        block_size=4,
+        num_blocks=num_blocks,
+        max_num_batched_tokens=budget,
+        max_num_seqs=4,
+        max_model_len=64,
+    )
+    engine = Engine(rrt, cfg)
+    pending = dict(prompts)
+    abort_at = {rid: aborts[i] for i, rid in enumerate(prompts) if aborts[i] < 4}
+    got: dict[str, list[int]] = {rid: [] for rid in prompts}
+    finished: set[str] = set()
+    aborted: set[str] = set()
+    step = 0
+    while pending or engine.has_work:
+        for i, rid in enumerate(list(prompts)):
+            if rid in pending and arrivals[i] <= step:
+                engine.add_request(rid, pending.pop(rid), replace(GREEDY, max_tokens=max_tokens[i]))
+        for rid, when in abort_at.items():
+            if when == step and rid not in finished and rid not in pending:
+                engine.abort(rid)
+                aborted.add(rid)
+        outputs, stats = engine.step()
+        assert sum(stats.rows_per_depth) <= budget * (3 if batching == "sequence" else 1)
+        assert stats.num_running <= 4
+        for o in outputs:
+            got[o.request_id].extend(o.token_ids)
+            if o.finished:
+                finished.add(o.request_id)
+        step += 1
+        assert step < 2000, "engine did not drain"
+    assert finished | aborted == set(prompts)
+    assert engine.scheduler.allocator.num_used == 0 and not engine.scheduler.requests
+    assert not engine.runner.hidden
+    for i, rid in enumerate(prompts):
+        if rid not in aborted:
+            assert got[rid] == greedy_generate(rrt, prompts[rid], max_tokens[i]), rid
+
+
+@pytest.mark.parametrize("batching", ["depth", "sequence"])
+def test_preempted_requests_recompute_to_the_same_output(rrt: RecursiveLM, batching: str) -> None:
+    prompts = _prompts(6, seed=11)
+    params = replace(GREEDY, max_tokens=12)
+    engine = _engine(rrt, batching=batching, num_blocks=60, max_num_batched_tokens=64)
+    got = _run(engine, prompts, params)
+    assert engine.scheduler.num_preemptions > 0
+    assert got == _reference(rrt, prompts, params.max_tokens)
+    assert engine.scheduler.allocator.num_used == 0
