@@ -11,11 +11,14 @@ from kernels.lora_linear import (
 
 __all__ = [
     "FusedLoRA",
+    "PagedAttentionMetadata",
     "dense_per_depth_linear",
     "fuse_lora",
     "fused_lora_linear",
     "lora_linear",
     "lora_linear_ref",
     "materialise_dense",
+    "paged_attention",
     "prefer_dense",
+    "write_kv",
 ]

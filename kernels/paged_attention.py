@@ -1,0 +1,163 @@
+"""Paged attention over per-sequence block tables: the KV write, decode and (chunked) prefill.
+
+The engine keeps one block table per (request, loop depth); a "sequence" here is one such
+table. One call serves a ragged batch mixing decode rows (one query row) and prefill chunks
+(several rows, causal against the cached prefix and themselves), so a step never has to be
+all-prefill or all-decode.
+
+KV cache of one block layer: ``k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
+head_dim]``; token position p of sequence s lives in block ``block_tables[s, p // block_size]``
+at offset ``p % block_size`` (flat slot ``block * block_size + offset``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.dispatch import kernel_backend
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """Where each sequence's queries and keys live for one attention call.
+
+    block_tables: [S, max_blocks] int32 — physical block ids of sequence s, in position order
+        (entries past the sequence's last block are ignored).
+    context_lens: [S] int32 — KV length of sequence s *including* this step's new tokens, which
+        must already be written (``write_kv``). Query row j of a chunk of q_len rows sits at
+        position ``context_len - q_len + j`` and sees keys at positions ≤ that.
+    query_start_loc: [S + 1] int32 — cu_seqlens: rows ``[qsl[s], qsl[s+1])`` of q belong to s.
+    max_query_len / max_context_len: host-side maxima (size the grid without a device sync).
+    """
+
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    max_query_len: int
+    max_context_len: int
+
+    def __post_init__(self) -> None:
+        if self.block_tables.dim() != 2:
+            raise ValueError(f"block_tables must be [S, max_blocks], got {self.block_tables.shape}")
+        s = self.block_tables.shape[0]
+        if self.context_lens.shape != (s,):
+            raise ValueError(f"context_lens shape {tuple(self.context_lens.shape)} != ({s},)")
+        if self.query_start_loc.shape != (s + 1,):
+            raise ValueError(
+                f"query_start_loc shape {tuple(self.query_start_loc.shape)} != ({s + 1},)"
+            )
+        if self.max_query_len < 0 or self.max_context_len < 0:
+            raise ValueError("max_query_len and max_context_len must be ≥ 0")
+
+    @property
+    def num_seqs(self) -> int:
+        """Number of sequences (block tables) in the batch."""
+        return self.block_tables.shape[0]
+
+
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
+    """(block_size, num_kv_heads, head_dim) of a K/V cache pair, or ValueError."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"cache dtypes differ: {k_cache.dtype} vs {v_cache.dtype}")
+    return k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+
+
+def write_kv_ref(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Torch twin: scatter ``k, v [T, Hkv, D]`` into the caches at flat slots; -1 skips a row."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write this step's K/V rows into the paged cache in place (slot -1: padding, skipped)."""
+    _, heads, dim = check_cache(k_cache, v_cache)
+    t = slot_mapping.shape[0]
+    if k.shape != (t, heads, dim) or v.shape != k.shape:
+        raise ValueError(
+            f"k and v must be {(t, heads, dim)}, got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if kernel_backend(k) == "torch":
+        write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        return
+    from kernels.paged_attention_triton import write_kv_triton
+
+    write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Contiguous ``[length, Hkv, D]`` K or V of one sequence, gathered through its table."""
+    block_size = cache.shape[1]
+    blocks = block_table[: -(-length // block_size)].long()
+    return cache.index_select(0, blocks).flatten(0, 1)[:length]
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Torch twin: gather each sequence's K/V, then causal-offset SDPA (GQA by repeating heads)."""
+    out = torch.empty_like(q)
+    qsl = meta.query_start_loc.tolist()
+    ctx = meta.context_lens.tolist()
+    group = q.shape[1] // k_cache.shape[2]
+    for s in range(meta.num_seqs):
+        q_s = q[qsl[s] : qsl[s + 1]].transpose(0, 1)  # [Hq, q_len, D]
+        q_len, length = q_s.shape[1], ctx[s]
+        if q_len == 0:
+            continue
+        k = gather_kv(k_cache, meta.block_tables[s], length).transpose(0, 1)  # [Hkv, L, D]
+        v = gather_kv(v_cache, meta.block_tables[s], length).transpose(0, 1)
+        k, v = (t.repeat_interleave(group, dim=0).to(q.dtype) for t in (k, v))
+        q_pos = torch.arange(length - q_len, length, device=q.device)
+        mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, L]
+        o = F.scaled_dot_product_attention(q_s, k, v, attn_mask=mask, scale=scale)
+        out[qsl[s] : qsl[s + 1]] = o.transpose(0, 1)
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of ``q [T, Hq, D]`` over the paged cache: decode and chunked prefill, GQA.
+
+    Returns ``[T, Hq, D]`` in q's dtype; ``scale`` multiplies q·k (usually ``D ** -0.5``).
+    """
+    _, heads, dim = check_cache(k_cache, v_cache)
+    if q.dim() != 3 or q.shape[2] != dim or q.shape[1] % heads:
+        raise ValueError(
+            f"q must be [T, Hq, {dim}] with Hq a multiple of {heads} KV heads, got {tuple(q.shape)}"
+        )
+    if kernel_backend(q) == "torch":
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    from kernels.paged_attention_triton import paged_attention_triton
+
+    return paged_attention_triton(q, k_cache, v_cache, meta, scale)
