@@ -1,0 +1,215 @@
+"""The engine's async front: a dedicated stepping thread and per-request output streams.
+
+Everything that mutates the engine (add, abort) runs on the engine thread between steps,
+handed over as commands with futures, so the engine itself needs no locks and the event
+loop never waits for a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.engine import Engine, EngineStats, RequestOutput
+from scheduler.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (a bug or shutdown); no further requests are served."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full: the client should retry later."""
+
+
+class ShuttingDown(RuntimeError):
+    """The engine is draining and takes no new requests."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+    remaining: int
+
+
+@dataclass
+class _Command:
+    kind: str
+    args: tuple[Any, ...]
+    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future[Any] | None = field(default=None, repr=False)
+
+
+class AsyncEngine:
+    """Runs ``engine.step()`` in its own thread; ``generate`` streams a request's outputs."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        max_queue: int = 256,
+        on_stats: Callable[[EngineStats], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self.on_stats = on_stats
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._stop = threading.Event()
+        self._accepting = True
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="loopserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of all ``params.n`` samples as they come; leaving early aborts the request."""
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down")
+        if self.num_waiting >= self.max_queue:
+            raise EngineOverloaded(f"the request queue is full ({self.max_queue} waiting)")
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue(), params.n)
+        self._streams[request_id] = stream
+        try:
+            await self._call("add", request_id, prompt_ids, params)
+            while stream.remaining:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    stream.remaining -= 1
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if stream.remaining:
+                self._submit(_Command("abort", (request_id,)))
+
+    async def abort(self, request_id: str) -> None:
+        await self._call("abort", request_id)
+
+    async def shutdown(self, grace_seconds: float = 30.0) -> None:
+        """Stop accepting, let in-flight requests finish for up to ``grace_seconds``, abort
+        whatever is left, and stop the engine thread."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_seconds
+        while self._streams and time.monotonic() < deadline and self.alive:
+            await asyncio.sleep(0.05)
+        for rid in list(self._streams):
+            self._submit(_Command("abort", (rid,)))
+            self._deliver(rid, ShuttingDown("the server shut down before the request finished"))
+        self._stop.set()
+        self._wake.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+
+    # -- engine thread ---------------------------------------------------------------------
+
+    async def _call(self, kind: str, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._submit(_Command(kind, args, loop, future))
+        return await future
+
+    def _submit(self, command: _Command) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                if not self.engine.has_work:
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                outputs, stats = self.engine.step()
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+                if self.on_stats is not None:
+                    self.on_stats(stats)
+        except BaseException as e:  # a bug in the engine: fail every waiter, stay dead
+            log.exception("engine thread crashed")
+            self._error = e
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"engine crashed: {e!r}"))
+        finally:
+            self._fail_commands(EngineDeadError("the engine stopped"))
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError("the engine stopped"))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if cmd.kind == "add":
+                    result = self.engine.add_request(*cmd.args)
+                else:
+                    result = self.engine.abort(*cmd.args)
+            except Exception as e:
+                self._resolve(cmd, error=e)
+            else:
+                self._resolve(cmd, result=result)
+
+    def _fail_commands(self, error: BaseException) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            self._resolve(cmd, error=error)
+
+    @staticmethod
+    def _resolve(cmd: _Command, result: Any = None, error: BaseException | None = None) -> None:
+        if cmd.future is None or cmd.loop is None:
+            return
+        fut = cmd.future
+
+        def settle() -> None:
+            if fut.done():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
+        _call_soon(cmd.loop, settle)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            _call_soon(stream.loop, stream.queue.put_nowait, item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    """Hand ``fn`` to an event loop from the engine thread; a closed loop has no listener."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        log.debug("event loop closed; dropping a message for it")

@@ -1,0 +1,114 @@
+"""The async front: concurrent streams, cancellation, overload, rejection, crash, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from transformers import LlamaForCausalLM
+
+from model.checkpoint import load_model
+from model.config import LINEAR_MODULES
+from model.convert import convert
+from model.generate import greedy_generate
+from model.recursive import RecursiveLM
+from scheduler.async_engine import AsyncEngine, EngineDeadError, EngineOverloaded, ShuttingDown
+from scheduler.config import EngineConfig
+from scheduler.engine import Engine
+from scheduler.sampling import SamplingParams
+from scheduler.scheduler import RequestRejected
+
+PARAMS = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def rrt(tiny_hf: tuple[Path, LlamaForCausalLM]) -> RecursiveLM:
+    return convert(
+        load_model(tiny_hf[0]), 2, "average", dict.fromkeys(LINEAR_MODULES, 4), progress=False
+    )[0].eval()
+
+
+def _front(model: RecursiveLM, **kw: object) -> AsyncEngine:
+    cfg = EngineConfig(block_size=4, num_blocks=128, max_model_len=64)
+    return AsyncEngine(Engine(model, cfg), **kw)
+
+
+async def _collect(front: AsyncEngine, rid: str, prompt: list[int]) -> list[int]:
+    return [t async for o in front.generate(rid, prompt, PARAMS) for t in o.token_ids]
+
+
+def test_concurrent_streams_complete_in_order(rrt: RecursiveLM) -> None:
+    prompts = {f"r{i}": [3 + i, 40 - i, 7, 9 + 2 * i][: 1 + i % 4] for i in range(8)}
+
+    async def main() -> dict[str, list[int]]:
+        front = _front(rrt)
+        try:
+            outs = await asyncio.gather(*(_collect(front, r, p) for r, p in prompts.items()))
+        finally:
+            await front.shutdown(grace_seconds=1)
+        return dict(zip(prompts, outs, strict=True))
+
+    got = asyncio.run(main())
+    assert got == {r: greedy_generate(rrt, p, PARAMS.max_tokens) for r, p in prompts.items()}
+
+
+def test_leaving_a_stream_aborts_and_frees_blocks(rrt: RecursiveLM) -> None:
+    async def main() -> tuple[int, int]:
+        front = _front(rrt)
+        long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        stream = front.generate("x", [5, 6, 7, 8, 9], long)
+        async for _ in stream:
+            break
+        await stream.aclose()
+        await front.abort("nothing-here")  # a barrier: the engine thread has run the abort
+        used = front.engine.scheduler.allocator.num_used
+        left = len(front.engine.scheduler.requests)
+        await front.shutdown(grace_seconds=1)
+        return used, left
+
+    assert asyncio.run(main()) == (0, 0)
+
+
+def test_rejected_and_overloaded_requests(rrt: RecursiveLM) -> None:
+    async def main() -> None:
+        front = _front(rrt, max_queue=0)
+        with pytest.raises(EngineOverloaded, match="queue is full"):
+            await _collect(front, "a", [1, 2])
+        front.max_queue = 8
+        with pytest.raises(RequestRejected, match="maximum context length"):
+            await _collect(front, "b", list(range(3, 90)))
+        await front.shutdown(grace_seconds=1)
+        with pytest.raises((ShuttingDown, EngineDeadError)):
+            await _collect(front, "c", [1, 2])
+
+    asyncio.run(main())
+
+
+def test_engine_crash_fails_requests_and_marks_dead(rrt: RecursiveLM) -> None:
+    async def main() -> None:
+        front = _front(rrt)
+
+        def boom() -> None:
+            raise RuntimeError("injected fault")
+
+        front.engine.step = boom  # type: ignore[method-assign]
+        with pytest.raises(EngineDeadError, match="injected fault"):
+            await _collect(front, "a", [1, 2, 3])
+        assert not front.alive
+        with pytest.raises(EngineDeadError):
+            await _collect(front, "b", [1, 2, 3])
+
+    asyncio.run(main())
+
+
+def test_shutdown_lets_in_flight_requests_finish(rrt: RecursiveLM) -> None:
+    async def main() -> list[int]:
+        front = _front(rrt)
+        task = asyncio.create_task(_collect(front, "a", [4, 5, 6]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        await front.shutdown(grace_seconds=30)
+        return await task
+
+    assert asyncio.run(main()) == greedy_generate(rrt, [4, 5, 6], PARAMS.max_tokens)
