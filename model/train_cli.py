@@ -1,0 +1,395 @@
+"""The ``uptrain`` and ``calibrate`` commands: their runs, reports and argparse wiring.
+
+``add_uptrain_parser`` / ``add_calibrate_parser`` add a sub-command to any argparse
+sub-parsers object and set ``func`` to a handler taking the parsed Namespace and returning an
+exit code; errors in the user's input print one line and return 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from model.calibrate import CalibrationError, calibrate_checkpoint
+from model.checkpoint import CheckpointError
+from model.config import ConfigError
+from model.distill_data import DataConfig, DataError
+from model.uptrain import (
+    DEFAULT_GROUPS,
+    RunSummary,
+    UptrainConfig,
+    Uptrainer,
+    UptrainError,
+)
+
+USER_ERRORS = (UptrainError, DataError, CalibrationError, CheckpointError, ConfigError)
+
+
+def plot_curve(log_path: str | Path, png_path: str | Path, title: str = "uptraining") -> Path:
+    """Draw KL, agreement (final and per loop) and perplexity against tokens seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line]
+    if not records:
+        raise UptrainError(f"{log_path} holds no evaluation records")
+    x = [r["tokens_seen"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    axes[0].plot(x, [r["kl"] for r in records], marker="o")
+    axes[0].set(ylabel="KL(teacher ‖ student), nats/token", yscale="log")
+    loops = len(records[0]["loop_agree_teacher"])
+    for b in range(loops):
+        axes[1].plot(
+            x, [100 * r["loop_agree_teacher"][b] for r in records], marker="o", label=f"loop {b}"
+        )
+    for b in range(loops - 1):
+        axes[1].plot(
+            x,
+            [100 * r["loop_agree_final"][b] for r in records],
+            linestyle="--",
+            label=f"loop {b} vs final",
+        )
+    axes[1].set(ylabel="top-1 agreement with teacher, %")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(x, [r["ppl"] for r in records], marker="o", label="student")
+    axes[2].plot(x, [r["teacher_ppl"] for r in records], linestyle=":", label="teacher")
+    axes[2].set(ylabel="perplexity", yscale="log")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("training tokens seen")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(png_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+@dataclass
+class UptrainPaths:
+    """Where a run keeps its files inside ``out``: the final checkpoint at the top level,
+    training state, evaluation log, curve and self-distillation cache under ``uptrain/``."""
+
+    out: Path
+
+    @property
+    def work(self) -> Path:
+        return self.out / "uptrain"
+
+    @property
+    def state(self) -> Path:
+        return self.work / "state.pt"
+
+    @property
+    def log(self) -> Path:
+        return self.work / "eval.jsonl"
+
+    @property
+    def curve(self) -> Path:
+        return self.work / "curve.png"
+
+    @property
+    def data_cache(self) -> Path:
+        return self.work / "self_distill.jsonl"
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop records logged after the resumed state's step (they will be logged again)."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(f"{ln}\n" for ln in keep))
+
+
+def uptrain_checkpoint(
+    student_dir: str | Path,
+    teacher_dir: str | Path,
+    out_dir: str | Path,
+    config: UptrainConfig,
+    data: DataConfig,
+    resume: bool = False,
+    plot: bool = True,
+) -> RunSummary:
+    """What ``loopserve uptrain`` runs: load both models, build the data, train, save.
+
+    The output directory becomes a normal loopserve checkpoint (provenance records the run);
+    stale exit thresholds are dropped because training changes every loop's confidence.
+    """
+    from model.checkpoint import load_model, read_loopserve_meta, save_checkpoint
+    from model.distill_data import build_windows, load_tokenizer
+
+    paths = UptrainPaths(Path(out_dir))
+    if paths.state.exists() and not resume:
+        raise UptrainError(f"{paths.state} exists: pass --resume to continue it, or a new --out")
+    device = config.resolved_device()
+    student = load_model(student_dir)
+    teacher = load_model(teacher_dir)
+    tokenizer = load_tokenizer(teacher_dir)
+    train, held_out = build_windows(
+        data, tokenizer, teacher_dir, paths.data_cache, device, config.progress
+    )
+    trainer = Uptrainer(student, teacher, train, held_out, config, log_path=paths.log)
+    if resume and paths.state.exists():
+        trainer.load_state(paths.state)
+        _trim_log(paths.log, trainer.step)
+    elif paths.log.exists():
+        paths.log.unlink()
+    summary = trainer.run(paths.state)
+    student.config = replace(student.config, exit_thresholds=None)
+    try:
+        base = read_loopserve_meta(student_dir).get("provenance", {})
+    except FileNotFoundError:
+        base = {}
+    provenance = {
+        **base,
+        "uptrain": {
+            "student": str(Path(student_dir).resolve()),
+            "teacher": str(Path(teacher_dir).resolve()),
+            "config": config.to_dict(),
+            "data": asdict(data),
+            "train_windows": list(train.shape),
+            "eval_windows": list(held_out.shape),
+            "device": device,
+            **summary.to_dict(),
+        },
+    }
+    save_checkpoint(student.cpu(), paths.out, provenance=provenance, tokenizer_from=teacher_dir)
+    if plot:
+        plot_curve(paths.log, paths.curve, title=f"uptraining {Path(student_dir).name}")
+    return summary
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {n}")
+    return n
+
+
+def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``uptrain``: distil a teacher into a converted recursive student checkpoint."""
+    d = UptrainConfig()
+    p = subparsers.add_parser(
+        "uptrain",
+        help="knowledge-distil the original model into a recursive conversion",
+        description=(
+            "Train a converted (student) checkpoint to match its original (teacher): forward "
+            "KL on the final loop plus the early-exit term on every intermediate loop. Writes a "
+            "loopserve checkpoint to --out, with the evaluation log and curve in --out/uptrain."
+        ),
+    )
+    p.add_argument("--student", required=True, help="converted loopserve checkpoint directory")
+    p.add_argument("--teacher", required=True, help="original model directory (Hugging Face)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="text or JSONL files ('text' or chat 'messages' per line)",
+    )
+    data.add_argument(
+        "--self-distill",
+        type=int,
+        default=0,
+        metavar="N",
+        help="sample N tokens of continuations of the built-in prompts from the teacher "
+        "(cached under --out/uptrain)",
+    )
+    data.add_argument("--gen-len", type=_positive_int, default=256, help="tokens per sample")
+    data.add_argument("--gen-batch", type=_positive_int, default=32, help="samples per batch")
+    data.add_argument("--gen-temperature", type=float, default=1.0)
+    data.add_argument("--gen-top-p", type=float, default=0.95)
+    data.add_argument("--seq-len", type=_positive_int, default=256, help="packed window length")
+    data.add_argument(
+        "--eval-data", metavar="FILE", help="held-out file (default: built-in evaluation text)"
+    )
+    data.add_argument("--eval-windows", type=_positive_int, default=16)
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=_positive_int, default=d.steps)
+    opt.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    opt.add_argument("--grad-accum", type=_positive_int, default=d.grad_accum)
+    opt.add_argument("--lr", type=float, default=d.lr)
+    opt.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    opt.add_argument("--warmup", type=int, default=d.warmup_steps, help="warm-up steps")
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    opt.add_argument("--clip", type=float, default=d.grad_clip, help="gradient-norm clip")
+    opt.add_argument("--temperature", type=float, default=d.temperature, help="KD temperature")
+    opt.add_argument("--kd-weight", type=float, default=d.kd_weight, help="final-loop KL")
+    opt.add_argument("--ce-weight", type=float, default=d.ce_weight, help="final-loop CE")
+    opt.add_argument(
+        "--exit-weight",
+        type=float,
+        default=None,
+        help="set both intermediate-loop weights (CE and KD)",
+    )
+    opt.add_argument("--exit-kd-weight", type=float, default=d.exit_kd_weight)
+    opt.add_argument("--exit-ce-weight", type=float, default=d.exit_ce_weight)
+    opt.add_argument(
+        "--freeze",
+        action="append",
+        default=[],
+        choices=DEFAULT_GROUPS,
+        help="freeze a parameter group (repeatable)",
+    )
+    opt.add_argument(
+        "--train-embeddings", action="store_true", help="also train embeddings / LM head"
+    )
+    run = p.add_argument_group("run")
+    run.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
+    run.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="0: only at the end"
+    )
+    run.add_argument("--max-minutes", type=float, default=None, help="wall-clock bound")
+    run.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
+    run.add_argument("--seed", type=int, default=d.seed)
+    run.add_argument("--resume", action="store_true", help="continue --out/uptrain/state.pt")
+    run.add_argument("--no-plot", action="store_true", help="skip the curve PNG")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--json", metavar="FILE", help="also write the run summary as JSON")
+    p.set_defaults(func=run_uptrain_command)
+    return p
+
+
+def uptrain_config_from_args(args: argparse.Namespace) -> UptrainConfig:
+    groups = tuple(g for g in DEFAULT_GROUPS if g not in args.freeze)
+    if args.train_embeddings:
+        groups += ("embeddings",)
+    exit_kd, exit_ce = args.exit_kd_weight, args.exit_ce_weight
+    if args.exit_weight is not None:
+        exit_kd = exit_ce = args.exit_weight
+    return UptrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup,
+        weight_decay=args.weight_decay,
+        grad_clip=args.clip,
+        temperature=args.temperature,
+        kd_weight=args.kd_weight,
+        ce_weight=args.ce_weight,
+        exit_kd_weight=exit_kd,
+        exit_ce_weight=exit_ce,
+        train_groups=groups,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+
+
+def run_uptrain_command(args: argparse.Namespace) -> int:
+    """Handler of ``loopserve uptrain``."""
+    try:
+        config = uptrain_config_from_args(args)
+        data = DataConfig(
+            files=tuple(args.data),
+            self_distill_tokens=args.self_distill,
+            gen_len=args.gen_len,
+            gen_batch_size=args.gen_batch,
+            gen_temperature=args.gen_temperature,
+            gen_top_p=args.gen_top_p,
+            seq_len=args.seq_len,
+            eval_file=args.eval_data,
+            eval_windows=args.eval_windows,
+            seed=args.seed,
+        )
+        summary = uptrain_checkpoint(
+            args.student,
+            args.teacher,
+            args.out,
+            config,
+            data,
+            resume=args.resume,
+            plot=not args.no_plot,
+        )
+    except USER_ERRORS as e:
+        print(f"loopserve uptrain: error: {e}", file=sys.stderr)
+        return 2
+    for line in summary_lines(summary, Path(args.out)):
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def summary_lines(summary: RunSummary, out: Path) -> list[str]:
+    lines = [
+        f"trained {summary.step} steps, {summary.tokens_seen:,} tokens in "
+        f"{summary.train_seconds:.0f} s ({summary.tokens_per_second:.0f} tokens/s)"
+        + (" — stopped at the time limit" if summary.stopped_early else "")
+    ]
+    if summary.final_eval is not None:
+        lines.append(f"held-out: {summary.final_eval.summary()}")
+    lines.append(f"wrote {out} (log and curve in {UptrainPaths(out).work})")
+    return lines
+
+
+def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``calibrate``: fit per-depth exit thresholds and write them into the checkpoint."""
+    p = subparsers.add_parser(
+        "calibrate",
+        help="fit early-exit confidence thresholds on held-out text",
+        description=(
+            "Per loop depth and confidence measure (max prob, top-1 minus top-2 margin), find "
+            "the lowest threshold at which tokens exiting there agree with the full-depth "
+            "token at least --target of the time; write them into loopserve.json."
+        ),
+    )
+    p.add_argument("--model", required=True, help="loopserve checkpoint directory")
+    p.add_argument("--target", type=float, default=0.99, help="agreement target (default 0.99)")
+    p.add_argument("--data", metavar="FILE", help="held-out file (default: built-in eval text)")
+    p.add_argument("--seq-len", type=_positive_int, default=256)
+    p.add_argument("--max-windows", type=_positive_int, default=64)
+    p.add_argument("--min-loops", type=_positive_int, default=1, help="loops before any exit")
+    p.add_argument(
+        "--z",
+        type=float,
+        default=1.645,
+        help="one-sided Wilson z for the agreement bound (0: raw fraction; default 1.645)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+    p.add_argument("--dry-run", action="store_true", help="print, do not write the config")
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.set_defaults(func=run_calibrate_command)
+    return p
+
+
+def run_calibrate_command(args: argparse.Namespace) -> int:
+    """Handler of ``loopserve calibrate``."""
+    try:
+        result = calibrate_checkpoint(
+            args.model,
+            target=args.target,
+            data=args.data,
+            seq_len=args.seq_len,
+            max_windows=args.max_windows,
+            min_loops=args.min_loops,
+            z=args.z,
+            write=not args.dry_run,
+            device=args.device,
+        )
+    except USER_ERRORS as e:
+        print(f"loopserve calibrate: error: {e}", file=sys.stderr)
+        return 2
+    for line in result.lines():
+        print(line)
+    if not args.dry_run:
+        print(f"wrote exit thresholds to {Path(args.model) / 'loopserve.json'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0

@@ -1,0 +1,561 @@
+"""Uptraining: knowledge distillation from the original model into its recursive conversion.
+
+Below full rank a conversion is destroyed until trained (DESIGN.md §6). The loss is the
+paper's: forward KL(teacher ‖ student) on the final loop, plus an early-exit term that trains
+every intermediate loop's exit head (final norm + LM head on that loop's hidden state) by CE on
+the next token and by KD against the *detached* final-loop distribution — so the intermediate
+loops learn to predict what the full depth will say, without pulling the final loop back.
+
+The trainer is resumable bit-for-bit: model, optimizer, step (the LR schedule is a pure
+function of it), data position and RNG are saved together, atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.recursive import RecursiveLM
+
+PARAM_GROUPS: dict[str, tuple[str, ...]] = {
+    "shared": ("weights.", "biases."),
+    "lora": ("lora_a.", "lora_b."),
+    "norms": ("input_norm", "post_attn_norm", "final_norm"),
+    "embeddings": ("embed", "lm_head"),
+}
+DEFAULT_GROUPS: tuple[str, ...] = ("shared", "lora", "norms")
+# Fields that change the training math: a resume with different values would not continue
+# the same run, so it is refused.
+_RESUME_FIELDS: tuple[str, ...] = (
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "betas",
+    "temperature",
+    "kd_weight",
+    "ce_weight",
+    "exit_kd_weight",
+    "exit_ce_weight",
+    "train_groups",
+    "seed",
+)
+
+
+class UptrainError(ValueError):
+    """A training configuration or state that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class UptrainConfig:
+    """Hyper-parameters of one uptraining run.
+
+    ``steps`` counts optimizer steps of ``batch_size * grad_accum`` windows. The LR warms up
+    linearly for ``warmup_steps`` then follows a cosine down to ``lr * min_lr_ratio``.
+    ``exit_*_weight`` weight each intermediate loop's CE / KD term (the paper uses ~0.1).
+    """
+
+    steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    exit_kd_weight: float = 0.1
+    exit_ce_weight: float = 0.1
+    train_groups: tuple[str, ...] = DEFAULT_GROUPS
+    eval_every: int = 100
+    eval_batch_size: int = 4
+    checkpoint_every: int = 200
+    max_minutes: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise UptrainError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.checkpoint_every < 0 or self.warmup_steps < 0:
+            raise UptrainError("checkpoint_every and warmup_steps must be >= 0")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise UptrainError(
+                f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}"
+            )
+        if self.temperature <= 0:
+            raise UptrainError(f"temperature must be > 0, got {self.temperature}")
+        weights = (self.kd_weight, self.ce_weight, self.exit_kd_weight, self.exit_ce_weight)
+        if min(weights) < 0 or self.kd_weight + self.ce_weight == 0:
+            raise UptrainError(
+                f"loss weights must be >= 0 with kd_weight + ce_weight > 0, got {weights}"
+            )
+        unknown = set(self.train_groups) - set(PARAM_GROUPS)
+        if unknown or not self.train_groups:
+            raise UptrainError(
+                f"train_groups must be a non-empty subset of {list(PARAM_GROUPS)}, "
+                f"got {list(self.train_groups)}"
+            )
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise UptrainError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise UptrainError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UptrainError(f"device {self.device!r} requested but CUDA is not available")
+        return self.device
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based): linear warm-up, cosine decay."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        floor = self.lr * self.min_lr_ratio
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def param_group_of(name: str) -> str:
+    """The trainable group a RecursiveLM parameter belongs to."""
+    for group, prefixes in PARAM_GROUPS.items():
+        if any(name == p or name.startswith(p) for p in prefixes):
+            return group
+    raise UptrainError(f"parameter {name!r} belongs to no trainable group")
+
+
+def mark_trainable(model: RecursiveLM, groups: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """Set ``requires_grad`` by group; return the trainable parameters in a fixed order."""
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(param_group_of(name) in groups)
+        if p.requires_grad:
+            params.append(p)
+    if not params:
+        raise UptrainError(f"groups {list(groups)} select no parameters of this model")
+    return params
+
+
+def _kl(target_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(target ‖ p), both given as log-probabilities [..., V]."""
+    return (target_logp.exp() * (target_logp - logp)).sum(-1).mean()
+
+
+def distill_loss(
+    student: RecursiveLM,
+    teacher_logits: torch.Tensor,
+    ids: torch.Tensor,
+    config: UptrainConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The uptraining loss on windows ``ids`` [N, S] and its parts (for logging).
+
+    Final loop: ``kd_weight · T² · KL(teacher_T ‖ student_T) + ce_weight · CE``. Each
+    intermediate loop b: ``exit_ce_weight · CE + exit_kd_weight · T² · KL(final_T.detach() ‖
+    loop_b_T)``. KL terms cover every position; CE the S − 1 with a next token.
+    """
+    t = config.temperature
+    labels = ids[:, 1:].reshape(-1)
+    states = student.loop_hidden_states(ids)
+    final = student.logits(states[-1]).float()  # [N, S, V]
+    kd = _kl((teacher_logits.float() / t).log_softmax(-1), (final / t).log_softmax(-1)) * t * t
+    ce = F.cross_entropy(final[:, :-1].flatten(0, 1), labels)
+    loss = config.kd_weight * kd + config.ce_weight * ce
+    names, values = ["kd", "ce"], [kd, ce]
+    if config.exit_kd_weight or config.exit_ce_weight:
+        target = (final.detach() / t).log_softmax(-1)
+        for b, hidden in enumerate(states[:-1]):
+            logits_b = student.logits(hidden).float()
+            exit_ce = F.cross_entropy(logits_b[:, :-1].flatten(0, 1), labels)
+            exit_kd = _kl(target, (logits_b / t).log_softmax(-1)) * t * t
+            loss = loss + config.exit_ce_weight * exit_ce + config.exit_kd_weight * exit_kd
+            names += [f"exit{b}_ce", f"exit{b}_kd"]
+            values += [exit_ce, exit_kd]
+    # One device-to-host copy for all parts, not one sync each.
+    parts = dict(zip([*names, "loss"], torch.stack([*values, loss]).detach().tolist(), strict=True))
+    return loss, parts
+
+
+@dataclass
+class EvalResult:
+    """Held-out quality of the student against the teacher.
+
+    ``kl``/``agreement``/``ppl`` are for the final loop; ``loop_*`` lists have one entry per
+    loop (the last equals the final-loop figures): agreement of that loop's argmax with the
+    final loop's (what an early exit would change) and with the teacher's.
+    """
+
+    tokens: int
+    kl: float
+    agreement: float
+    ppl: float
+    teacher_ppl: float
+    loop_kl: list[float] = field(default_factory=list)
+    loop_agree_final: list[float] = field(default_factory=list)
+    loop_agree_teacher: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        loops = " ".join(f"{100 * a:.1f}%" for a in self.loop_agree_final[:-1])
+        return (
+            f"KL {self.kl:.4f} | top-1 agreement {100 * self.agreement:.1f}% | ppl "
+            f"{self.ppl:.4g} (teacher {self.teacher_ppl:.4g}) | loop->final agreement {loops}"
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    student: RecursiveLM,
+    teacher: RecursiveLM,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    autocast: bool = False,
+) -> EvalResult:
+    """Compare student loops with the teacher on held-out windows [N, S] (float64 metrics)."""
+    loops = student.config.loops
+    kl = [0.0] * loops
+    agree_final = [0.0] * loops
+    agree_teacher = [0.0] * loops
+    nll = nll_teacher = 0.0
+    tokens = predicted = 0
+    device = student.device
+    for ids in windows.split(batch_size):
+        ids = ids.to(device)
+        with _autocast(device, autocast):
+            t_logits = teacher(ids)
+            states = student.loop_hidden_states(ids)
+            logits = [student.logits(h) for h in states]
+        t_logp = t_logits.double().log_softmax(-1)
+        t_top = t_logp.argmax(-1)
+        final_top = logits[-1].argmax(-1)
+        labels = ids[:, 1:].reshape(-1)
+        for b, lg in enumerate(logits):
+            logp = lg.double().log_softmax(-1)
+            kl[b] += float((t_logp.exp() * (t_logp - logp)).sum())
+            top = logp.argmax(-1)
+            agree_final[b] += float((top == final_top).sum())
+            agree_teacher[b] += float((top == t_top).sum())
+        final_logp = logits[-1].double().log_softmax(-1)
+        nll += float(F.nll_loss(final_logp[:, :-1].flatten(0, 1), labels, reduction="sum"))
+        nll_teacher += float(F.nll_loss(t_logp[:, :-1].flatten(0, 1), labels, reduction="sum"))
+        tokens += ids.numel()
+        predicted += labels.numel()
+    return EvalResult(
+        tokens=tokens,
+        kl=kl[-1] / tokens,
+        agreement=agree_teacher[-1] / tokens,
+        ppl=math.exp(min(nll / predicted, 700.0)),
+        teacher_ppl=math.exp(min(nll_teacher / predicted, 700.0)),
+        loop_kl=[v / tokens for v in kl],
+        loop_agree_final=[v / tokens for v in agree_final],
+        loop_agree_teacher=[v / tokens for v in agree_teacher],
+    )
+
+
+def _autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when enabled; fp32 (a no-op context) otherwise."""
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def torch_kernels() -> Iterator[None]:
+    """Run the model's linear maps on the pure-torch path, which autograd can differentiate.
+
+    The Triton kernels are inference-only; training selects the torch twins through the
+    dispatch's environment override for the duration of the run.
+    """
+    old = os.environ.get("LOOPSERVE_KERNELS")
+    os.environ["LOOPSERVE_KERNELS"] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LOOPSERVE_KERNELS", None)
+        else:
+            os.environ["LOOPSERVE_KERNELS"] = old
+
+
+@dataclass
+class StepStats:
+    step: int
+    lr: float
+    tokens: int
+    grad_norm: float
+    parts: dict[str, float]
+
+
+@dataclass
+class RunSummary:
+    """How a ``run`` ended: steps done, tokens seen, throughput and the last evaluation."""
+
+    step: int
+    tokens_seen: int
+    train_seconds: float
+    tokens_per_second: float
+    stopped_early: bool
+    final_eval: EvalResult | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Uptrainer:
+    """Distils ``teacher`` into ``student`` over packed windows; one object per run.
+
+    ``train_windows`` [N, S] are visited in a fresh seeded permutation each epoch; the data
+    position (epoch, cursor) is part of the saved state.
+    """
+
+    def __init__(
+        self,
+        student: RecursiveLM,
+        teacher: RecursiveLM,
+        train_windows: torch.Tensor,
+        eval_windows: torch.Tensor,
+        config: UptrainConfig,
+        log_path: str | Path | None = None,
+    ) -> None:
+        if student.config.arch.vocab_size != teacher.config.arch.vocab_size:
+            raise UptrainError(
+                f"student vocabulary {student.config.arch.vocab_size} differs from the "
+                f"teacher's {teacher.config.arch.vocab_size}"
+            )
+        if train_windows.ndim != 2 or train_windows.shape[0] < config.batch_size:
+            raise UptrainError(
+                f"need at least batch_size={config.batch_size} training windows [N, S], "
+                f"got shape {tuple(train_windows.shape)}"
+            )
+        if eval_windows.ndim != 2 or eval_windows.shape[0] == 0:
+            raise UptrainError(f"need held-out windows [N, S], got {tuple(eval_windows.shape)}")
+        self.config = config
+        self.device = config.resolved_device()
+        self.student = student.to(self.device)
+        self.teacher = teacher.to(self.device)
+        self.teacher.requires_grad_(False)
+        self.train_windows = train_windows
+        self.eval_windows = eval_windows
+        self.log_path = Path(log_path) if log_path else None
+        self.params = mark_trainable(self.student, config.train_groups)
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=config.lr_at(0),
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+            fused=self.device.startswith("cuda"),
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self.epoch = 0
+        self.cursor = 0
+        self.train_seconds = 0.0
+        self._order = self._permutation(0)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+
+    @property
+    def autocast(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        return torch.randperm(self.train_windows.shape[0], generator=gen)
+
+    def _next_batch(self) -> torch.Tensor:
+        n = self.config.batch_size
+        if self.cursor + n > len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        idx = self._order[self.cursor : self.cursor + n]
+        self.cursor += n
+        return self.train_windows[idx].to(self.device)
+
+    def train_step(self) -> StepStats:
+        """One optimizer step over ``grad_accum`` micro-batches."""
+        cfg = self.config
+        lr = cfg.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.student.train()
+        totals: dict[str, float] = {}
+        tokens = 0
+        for _ in range(cfg.grad_accum):
+            ids = self._next_batch()
+            with _autocast(self.device, self.autocast):
+                with torch.no_grad():
+                    teacher_logits = self.teacher(ids)
+                loss, parts = distill_loss(self.student, teacher_logits, ids, cfg)
+            (loss / cfg.grad_accum).backward()
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+            tokens += ids.numel()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += tokens
+        return StepStats(self.step, lr, tokens, float(norm), totals)
+
+    def evaluate(self) -> EvalResult:
+        self.student.eval()
+        return evaluate(
+            self.student,
+            self.teacher,
+            self.eval_windows,
+            self.config.eval_batch_size,
+            self.autocast,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "config": self.config.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "train_seconds": self.train_seconds,
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["config"]
+        diff = {
+            f: (saved.get(f), getattr(self.config, f))
+            for f in _RESUME_FIELDS
+            if _normalise(saved.get(f)) != _normalise(getattr(self.config, f))
+        }
+        if diff:
+            raise UptrainError(
+                "cannot resume: the training settings differ from the saved run "
+                + ", ".join(f"{k}: saved {a!r} now {b!r}" for k, (a, b) in diff.items())
+            )
+        self.student.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.train_seconds = state["train_seconds"]
+        self._order = self._permutation(self.epoch)
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save_state(self, path: str | Path) -> None:
+        """Write the resumable state atomically (a kill mid-write keeps the previous one)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load_state(self, path: str | Path) -> None:
+        try:
+            state = torch.load(Path(path), map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError) as e:
+            raise UptrainError(f"cannot read training state {path}: {e}") from e
+        self.load_state_dict(state)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.log_path is None:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _eval_and_log(self, train_loss: float | None, lr: float) -> EvalResult:
+        result = self.evaluate()
+        self._log(
+            {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "train_seconds": round(self.train_seconds, 3),
+                "lr": lr,
+                "train_loss": train_loss,
+                **asdict(result),
+            }
+        )
+        return result
+
+    def run(self, state_path: str | Path | None = None) -> RunSummary:
+        """Train to ``config.steps`` (or until ``max_minutes``), evaluating and checkpointing.
+
+        With ``state_path`` the state is saved every ``checkpoint_every`` steps and at the end;
+        load it first with ``load_state`` to resume.
+        """
+        cfg = self.config
+        deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
+        result = None
+        if self.step == 0:
+            result = self._eval_and_log(None, 0.0)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="uptrain", disable=not cfg.progress)
+        losses: list[float] = []
+        stats = None
+        stopped_early = False
+        with torch_kernels():
+            while self.step < cfg.steps:
+                start = time.perf_counter()
+                stats = self.train_step()
+                if self.autocast:
+                    torch.cuda.synchronize()
+                self.train_seconds += time.perf_counter() - start
+                losses.append(stats.parts["loss"])
+                bar.update()
+                bar.set_postfix(
+                    loss=f"{stats.parts['loss']:.4f}",
+                    tok_s=f"{self.tokens_seen / max(self.train_seconds, 1e-9):.0f}",
+                )
+                if self.step % cfg.eval_every == 0:
+                    result = self._eval_and_log(sum(losses) / len(losses), stats.lr)
+                    losses = []
+                    bar.write(f"step {self.step}: {result.summary()}")
+                if state_path and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_state(state_path)
+                if time.monotonic() >= deadline:
+                    stopped_early = self.step < cfg.steps
+                    break
+            bar.close()
+            if losses and stats is not None:
+                result = self._eval_and_log(sum(losses) / len(losses), stats.lr)
+            if state_path:
+                self.save_state(state_path)
+        return RunSummary(
+            step=self.step,
+            tokens_seen=self.tokens_seen,
+            train_seconds=self.train_seconds,
+            tokens_per_second=self.tokens_seen / max(self.train_seconds, 1e-9),
+            stopped_early=stopped_early,
+            final_eval=result,
+        )
+
+
+def _normalise(value: Any) -> Any:
+    """Tuples and lists compare equal after a JSON or pickle round trip."""
+    return list(value) if isinstance(value, tuple | list) else value
