@@ -287,9 +287,9 @@ def matmul_config(m: int, dtype: torch.dtype) -> MatmulConfig:
     return MatmulConfig(128, 128, wide_k, 8, 3)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
+def _input_precision(dtype: torch.dtype) -> str | None:
     """IEEE fp32 dots for fp32 inputs, matching torch's default (no TF32) matmul."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "ieee" if dtype == torch.float32 else None
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:

@@ -307,7 +307,7 @@ def paged_attention_triton(
         part_lse.stride(0), part_lse.stride(1),
         BLOCK_Q=block_q, GROUP_PAD=group_pad, BLOCK_N=64 if dim <= 128 else 32, BLOCK_D=block_d,
         SPLIT=splits > 1,
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         DOT_FP32=q.dtype == torch.bfloat16 and interpreter_enabled(),
         num_warps=4, num_stages=2,
     )  # fmt: skip

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The one script for a GPU machine: kernel correctness on the GPU against float64 references,
+# then the kernel benchmark. Installs nothing; run from the repo root. Outputs go to ${OUT}.
+# Each stage has its own time limit so the whole run stays under 8 minutes; a failed stage
+# does not stop the next one, but makes the script exit non-zero at the end.
+set -euo pipefail
+
+OUT="${OUT:-/tmp/out}"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}$(pwd)"
+export LOOPSERVE_KERNELS=auto
+mkdir -p "${OUT}"
+status=0
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nvidia-smi unavailable"
+echo "commit: $(git rev-parse HEAD 2>/dev/null || cat .git/HEAD 2>/dev/null || echo unknown)"
+echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+"${PY}" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__,
+'| cuda', torch.cuda.is_available())"
+
+echo "== kernel correctness on the GPU (float64 goldens)"
+if ! timeout 200 "${PY}" -m pytest -q -p no:cacheprovider tests/test_kernels_lora.py \
+    tests/test_kernels_attention.py 2>&1 | tee "${OUT}/kernel_tests.log"; then
+    echo "KERNEL TESTS FAILED (log: ${OUT}/kernel_tests.log)"
+    status=1
+fi
+
+echo "== kernel benchmark"
+if ! timeout 250 "${PY}" -m benchmarks.kernels --out "${OUT}" > "${OUT}/kernel_bench.log" 2>&1; then
+    tail -n 40 "${OUT}/kernel_bench.log"
+    echo "KERNEL BENCHMARK FAILED (log: ${OUT}/kernel_bench.log)"
+    status=1
+fi
+
+echo "== summary (also in ${OUT}/kernels.md)"
+cat "${OUT}/kernels.md" 2>/dev/null || echo "no summary table written"
+exit "${status}"
