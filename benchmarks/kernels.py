@@ -285,8 +285,23 @@ def markdown(
         cells = [a.model, str(a.seqs), str(a.context), str(a.block_size), fmt(a.paged_ms)]
         cells += [fmt(a.sdpa_ms), fmt(a.paged_gbps), f"{a.ratio:.2f}×"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", NOTE]
+    lines += ["", NOTE, "", targets(linear, attention)]
     return "\n".join(lines) + "\n"
+
+
+def targets(linear: list[LinearResult], attention: list[AttentionResult]) -> str:
+    """The issue's done-when figures: worst case over rank 64, ≥ 128 rows, sorted depth mixes."""
+    sel = [r for r in linear if r.rank == 64 and r.rows >= 128 and not r.mix.endswith("x")]
+    if not sel or not attention:
+        return "targets: no cases"
+    worst_overhead = max(r.overhead for r in sel)
+    worst_speedup = min(r.speedup for r in sel)
+    worst_attn = max(a.ratio for a in attention)
+    return (
+        f"targets (rank 64, rows ≥ 128): fused/base ≤ {worst_overhead:.2f}× (goal 1.2×), "
+        f"unfused/fused ≥ {worst_speedup:.2f}× (goal 1.5×); "
+        f"paged decode/SDPA ≤ {worst_attn:.2f}× (goal 1.5×)"
+    )
 
 
 def plot(linear: list[LinearResult], path: Path) -> None:
