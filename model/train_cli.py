@@ -115,6 +115,7 @@ def uptrain_checkpoint(
     data: DataConfig,
     resume: bool = False,
     plot: bool = True,
+    data_cache: str | Path | None = None,
 ) -> RunSummary:
     """What ``loopserve uptrain`` runs: load both models, build the data, train, save.
 
@@ -132,7 +133,7 @@ def uptrain_checkpoint(
     teacher = load_model(teacher_dir)
     tokenizer = load_tokenizer(teacher_dir)
     train, held_out = build_windows(
-        data, tokenizer, teacher_dir, paths.data_cache, device, config.progress
+        data, tokenizer, teacher_dir, data_cache or paths.data_cache, device, config.progress
     )
     trainer = Uptrainer(student, teacher, train, held_out, config, log_path=paths.log)
     if resume and paths.state.exists():
@@ -205,6 +206,12 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         metavar="N",
         help="sample N tokens of continuations of the built-in prompts from the teacher "
         "(cached under --out/uptrain)",
+    )
+    data.add_argument(
+        "--self-distill-cache",
+        metavar="FILE",
+        help="where generated samples are cached (default: --out/uptrain/self_distill.jsonl); "
+        "runs with the same teacher and settings can share one",
     )
     data.add_argument("--gen-len", type=_positive_int, default=256, help="tokens per sample")
     data.add_argument("--gen-batch", type=_positive_int, default=32, help="samples per batch")
@@ -316,6 +323,7 @@ def run_uptrain_command(args: argparse.Namespace) -> int:
             data,
             resume=args.resume,
             plot=not args.no_plot,
+            data_cache=args.self_distill_cache,
         )
     except USER_ERRORS as e:
         print(f"loopserve uptrain: error: {e}", file=sys.stderr)
@@ -393,3 +401,17 @@ def run_calibrate_command(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m model.train_cli uptrain|calibrate ...``)."""
+    parser = argparse.ArgumentParser(prog="python -m model.train_cli", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_uptrain_parser(sub)
+    add_calibrate_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -512,14 +512,12 @@ class Uptrainer:
         """
         cfg = self.config
         deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
-        result = None
-        if self.step == 0:
-            result = self._eval_and_log(None, 0.0)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="uptrain", disable=not cfg.progress)
-        losses: list[float] = []
-        stats = None
-        stopped_early = False
         with torch_kernels():
+            result = self._eval_and_log(None, 0.0) if self.step == 0 else None
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="uptrain", disable=not cfg.progress)
+            losses: list[float] = []
+            stats = None
+            stopped_early = False
             while self.step < cfg.steps:
                 start = time.perf_counter()
                 stats = self.train_step()
