@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from model.checkpoint import CheckpointError
 from model.config import (
     ATTN_MODULES,
@@ -16,6 +18,8 @@ from model.config import (
     MLP_MODULES,
     ConfigError,
 )
+from scheduler.config import BATCHING_MODES, KV_FILL_MODES
+from server.settings import ServeConfigError
 
 DEFAULT_MODEL = "default"
 
@@ -121,12 +125,62 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from model.default import ensure_default_model
+    import logging
 
-    model_dir = ensure_default_model() if args.model == DEFAULT_MODEL else Path(args.model)
-    print(f"model ready: {model_dir}")
-    print("the HTTP server is not built yet (issue 5); stopping after the model build.")
+    import uvicorn
+
+    from server.app import create_app
+    from server.loader import build_engine
+    from server.settings import ServeSettings
+
+    overrides = {k: v for k, v in vars(args).items() if k != "command"}
+    settings = ServeSettings(**overrides)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    engine, tokenizer, info = build_engine(settings)
+    app = create_app(engine, tokenizer, info, settings)
+    # one line per request comes from loopserve itself; uvicorn's access log would double it
+    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_config=None)
     return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description=(
+            "Serve a model with continuous depth-wise batching behind an OpenAI-compatible API. "
+            "Every option can also be set as an environment variable LOOPSERVE_<OPTION> "
+            "(e.g. LOOPSERVE_PORT=8080); flags win. Early exit stays off unless the "
+            "checkpoint carries calibrated thresholds, --exit-threshold is given, or a "
+            "request asks for it."
+        ),
+        argument_default=argparse.SUPPRESS,
+    )
+    opt = p.add_argument
+    opt("--model", help="model directory, or 'default' (built on first use; the default)")
+    opt("--host", help="address to bind (default: 127.0.0.1)")
+    opt("--port", type=int, help="port (default: 8000)")
+    opt("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    opt("--served-model-name", help="the model's name in the API (default: its directory name)")
+    opt("--batching", choices=BATCHING_MODES, help="depth-wise or sequence-wise (default: depth)")
+    opt("--exit-threshold", type=float, help="early-exit confidence threshold (> 1: off)")
+    opt("--min-loops", type=int, help="loops every token runs before it may exit (default: 1)")
+    opt("--kv-fill", choices=KV_FILL_MODES, help="K/V for skipped depths (default: propagate)")
+    opt("--max-num-seqs", type=int, help="most sequences running at once (default: 64)")
+    opt("--max-num-batched-tokens", type=int, help="token budget of one step (default: 512)")
+    opt("--kv-cache-memory", help="KV cache size, e.g. 512MiB or 2GiB (default: 512MiB)")
+    opt("--block-size", type=int, help="tokens per KV block (default: 16)")
+    opt("--max-model-len", type=int, help="context length (default: the model's)")
+    opt("--max-queue", type=int, help="waiting requests before 429 (default: 256)")
+    opt("--dtype", choices=("float32", "bfloat16", "float16"), help="weights and KV dtype")
+    opt("--device", help="torch device (default: cpu)")
+    opt("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    opt("--max-body-bytes", help="largest request body, e.g. 4MiB (default: 4MiB)")
+    opt("--log-interval", type=float, help="seconds between engine summaries (default: 10)")
+    opt("--shutdown-grace", type=float, help="seconds to drain on shutdown (default: 30)")
+    opt("--seed", type=int, help="seed of unseeded sampling (default: 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,8 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="import the source model only, skip the default conversion",
     )
     _add_convert(sub)
-    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    serve.add_argument("--model", default=DEFAULT_MODEL, help="model directory or 'default'")
+    _add_serve(sub)
     return parser
 
 
@@ -154,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"pull": _cmd_pull, "convert": _cmd_convert, "serve": _cmd_serve}
     try:
         return handlers[args.command](args)
-    except (ConfigError, CheckpointError) as e:  # user-facing: a message, not a traceback
+    except (ConfigError, CheckpointError, ServeConfigError, ValidationError) as e:
+        # user-facing: a message, not a traceback
         print(f"loopserve {args.command}: error: {e}", file=sys.stderr)
         return 2
 

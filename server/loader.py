@@ -1,0 +1,171 @@
+"""From settings to a running engine: load the model and tokenizer, size the KV cache, pick
+the exit rule, and describe the model for ``/v1/models``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from model.checkpoint import LOOPSERVE_CONFIG, load_model, read_loopserve_meta
+from model.config import ModelConfig
+from model.recursive import RecursiveLM
+from scheduler.async_engine import AsyncEngine
+from scheduler.config import EXITS_OFF, EngineConfig
+from scheduler.engine import Engine
+from scheduler.kv_cache import KVCache
+from server.settings import DEFAULT_MODEL, ServeConfigError, ServeSettings
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``/v1/models`` tells users about the served model, and the limits routes check."""
+
+    name: str
+    path: str
+    loops: int
+    ranks: dict[str, int]
+    parameters: int
+    source_parameters: int | None
+    fidelity: dict[str, Any] | None
+    max_model_len: int
+    vocab_size: int
+    exit_threshold: float | None
+    exit_measure: str
+    min_loops: int
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    threshold: float
+    measure: str
+    min_loops: int
+
+
+def exit_rule(config: ModelConfig, settings: ServeSettings) -> ExitRule:
+    """Early exit is on only where a flag asks or the checkpoint carries calibrated thresholds.
+
+    The engine takes one threshold for all depths, so of calibrated per-depth thresholds the
+    strictest usable one is applied from the first depth that may exit (never looser than the
+    calibration at any depth).
+    """
+    measure, threshold, min_loops = "prob", EXITS_OFF, 1
+    calibrated = config.exit_thresholds or {}
+    if calibrated:
+        measure = "prob" if "prob" in calibrated else next(iter(calibrated))
+        usable = [(d, t) for d, t in enumerate(calibrated[measure]) if t <= 1.0]
+        if usable:
+            threshold = max(t for _, t in usable)
+            min_loops = usable[0][0] + 1
+    if settings.exit_threshold is not None:
+        threshold = settings.exit_threshold
+    if settings.min_loops is not None:
+        min_loops = settings.min_loops
+    return ExitRule(threshold, measure, min_loops)
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """A model directory, building the default model first when asked for ``default``."""
+    if spec != DEFAULT_MODEL:
+        return Path(spec)
+    from model.default import default_model_dir, ensure_default_model
+
+    if not (default_model_dir() / LOOPSERVE_CONFIG).exists():
+        log.info("building the default model (first run: import and convert, a few minutes)")
+    return ensure_default_model()
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ServeConfigError(f"cannot load a tokenizer from {model_dir}: {e}") from e
+
+
+def engine_config(model: RecursiveLM, settings: ServeSettings, dtype: torch.dtype) -> EngineConfig:
+    """Engine limits from the settings; the KV pool is as many blocks as the memory holds."""
+    per_block = KVCache.bytes_per_block(model.config, settings.block_size, dtype)
+    num_blocks = settings.kv_cache_memory // per_block
+    max_len = settings.max_model_len or model.config.arch.max_position_embeddings
+    need = model.config.loops * -(-max_len // settings.block_size)
+    if num_blocks < need:
+        raise ServeConfigError(
+            f"kv_cache_memory={settings.kv_cache_memory} bytes holds {num_blocks} blocks of "
+            f"{per_block} bytes; one {max_len}-token sequence over {model.config.loops} loops "
+            f"needs {need}: raise --kv-cache-memory or lower --max-model-len"
+        )
+    rule = exit_rule(model.config, settings)
+    return EngineConfig(
+        batching=settings.batching,
+        exit_threshold=rule.threshold,
+        exit_measure=rule.measure,
+        min_loops=rule.min_loops,
+        kv_fill=settings.kv_fill,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        block_size=settings.block_size,
+        num_blocks=num_blocks,
+        max_model_len=max_len,
+    )
+
+
+def model_info(model: RecursiveLM, model_dir: Path, config: EngineConfig, name: str) -> ModelInfo:
+    provenance: dict[str, Any] = {}
+    if (model_dir / LOOPSERVE_CONFIG).exists():
+        provenance = read_loopserve_meta(model_dir).get("provenance") or {}
+    params = provenance.get("parameters") or {}
+    return ModelInfo(
+        name=name,
+        path=str(model_dir.resolve()),
+        loops=model.config.loops,
+        ranks=dict(provenance.get("ranks") or model.config.recursion.ranks),
+        parameters=sum(p.numel() for p in model.parameters()),
+        source_parameters=params.get("source"),
+        fidelity=provenance.get("fidelity"),
+        max_model_len=config.max_model_len,
+        vocab_size=model.config.arch.vocab_size,
+        exit_threshold=config.exit_threshold if config.exit_threshold <= 1 else None,
+        exit_measure=config.exit_measure,
+        min_loops=config.min_loops,
+    )
+
+
+def build_engine(
+    settings: ServeSettings,
+) -> tuple[AsyncEngine, PreTrainedTokenizerBase, ModelInfo]:
+    """Load everything ``serve`` needs; the engine thread starts stepping at once."""
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    model_dir = resolve_model_dir(settings.model)
+    dtype = DTYPES[settings.dtype]
+    model = load_model(model_dir, dtype=dtype, device=settings.device)
+    tokenizer = load_tokenizer(model_dir)
+    try:
+        config = engine_config(model, settings, dtype)
+    except ValueError as e:
+        raise ServeConfigError(str(e)) from e
+    name = settings.served_model_name or model_dir.resolve().name
+    info = model_info(model, model_dir, config, name)
+    engine = Engine(model, config, tokenizer, seed=settings.seed)
+    log.info(
+        "serving %s (%s): %d loops, %d parameters, %d KV blocks of %d tokens, max_model_len %d, "
+        "early exit %s",
+        name,
+        info.path,
+        info.loops,
+        info.parameters,
+        config.num_blocks,
+        config.block_size,
+        config.max_model_len,
+        "off"
+        if info.exit_threshold is None
+        else f"at {info.exit_measure} >= {info.exit_threshold}",
+    )
+    return AsyncEngine(engine, max_queue=settings.max_queue), tokenizer, info

@@ -1,0 +1,60 @@
+"""Helpers every generation route uses: ids, prompt checks, usage."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import aclosing
+
+from server.errors import bad_request
+from server.generation import Generation
+from server.protocol import Usage
+from server.state import ServerState
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    code: {"description": desc}
+    for code, desc in {
+        400: "invalid request",
+        401: "missing or wrong API key",
+        404: "unknown model",
+        413: "request body too large",
+        429: "request queue full (see Retry-After)",
+        503: "shutting down or engine stopped (see Retry-After)",
+    }.items()
+}
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def checked_ids(state: ServerState, ids: list[int], param: str) -> list[int]:
+    """A prompt the engine can run: not empty, every id inside the model's vocabulary."""
+    if not ids:
+        raise bad_request("the prompt is empty (it encodes to no tokens)", param)
+    vocab = state.info.vocab_size
+    bad = next((t for t in ids if t >= vocab), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is outside the vocabulary (size {vocab})", param)
+    return ids
+
+
+def usage(gen: Generation) -> Usage:
+    prompt, completion = gen.prompt_tokens, gen.completion_tokens
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        mean_loops_per_token=gen.mean_loops,
+    )
+
+
+async def drain(gen: Generation) -> None:
+    """Run a non-streaming request to its end; its choices hold the results."""
+    async with aclosing(gen.outputs()) as outputs:
+        async for _ in outputs:
+            pass

@@ -1,0 +1,68 @@
+"""Server settings: one pydantic-settings model, filled from flags and ``LOOPSERVE_*`` variables.
+
+Flags win over the environment, the environment over the defaults, so a container can be
+configured without touching its command line.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "default"
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_UNITS.update({"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40})
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``512MiB``, ``2G``, ``1.5gib`` or a plain integer (binary and SI units)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        m = _SIZE.match(str(value))
+        if m is None:
+            raise ValueError(f"not a size: {value!r} (examples: 512MiB, 2GiB, 1000000)")
+        size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    if size <= 0:
+        raise ValueError(f"a size must be positive, got {value!r}")
+    return size
+
+
+class ServeConfigError(ValueError):
+    """Settings that cannot serve this model (the message says which and why)."""
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+
+
+class ServeSettings(BaseSettings):
+    """Everything ``loopserve serve`` can be told; each field is also ``LOOPSERVE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOPSERVE_", extra="ignore")
+
+    model: str = DEFAULT_MODEL
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    served_model_name: str | None = None
+    batching: Literal["depth", "sequence"] = "depth"
+    exit_threshold: float | None = Field(None, ge=0)
+    min_loops: int | None = Field(None, ge=1)
+    kv_fill: Literal["propagate", "copy"] = "propagate"
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(512, ge=1)
+    kv_cache_memory: ByteSize = 512 * 2**20
+    block_size: int = Field(16, ge=1)
+    max_model_len: int | None = Field(None, ge=2)
+    max_queue: int = Field(256, ge=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1)
+    max_body_bytes: ByteSize = 4 * 2**20
+    log_interval: float = Field(10.0, gt=0)
+    shutdown_grace: float = Field(30.0, ge=0)
+    seed: int = 0

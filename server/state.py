@@ -1,0 +1,49 @@
+"""What the routes share: the engine, tokenizer, model description, metrics and the API key.
+
+Held in ``app.state`` so several apps (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from fastapi import Request
+from transformers import PreTrainedTokenizerBase
+
+from scheduler.async_engine import AsyncEngine
+from server.errors import APIError
+from server.loader import ModelInfo
+from server.metrics import Metrics
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    tokenizer: PreTrainedTokenizerBase
+    info: ModelInfo
+    metrics: Metrics
+    api_key: str | None
+
+    def check_model(self, name: str) -> None:
+        if name != self.info.name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.info.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.loopserve
+
+
+async def require_api_key(request: Request) -> None:
+    """401 unless the request carries ``Authorization: Bearer <key>`` (when a key is set)."""
+    key = get_state(request).api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip(), key):
+        raise APIError(401, "a valid API key is required", code="invalid_api_key")
