@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import lora_linear
+from kernels import dense_per_depth_linear, lora_linear
 from model.attention import AttentionBackend, CausalAttention
 from model.config import LINEAR_MODULES, ModelConfig
 from model.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -73,6 +73,9 @@ class RecursiveLM(nn.Module):
             }
         )
         self.register_buffer("inv_freq", rope_inv_freq(a).to(device), persistent=False)
+        # module -> per-position dense weights [K, B, out, in], set by model.serving for
+        # high-rank deltas; not part of the checkpoint.
+        self.dense: dict[str, torch.Tensor] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -85,9 +88,12 @@ class RecursiveLM(nn.Module):
     def _linear(
         self, module: str, layer: int, x: torch.Tensor, depth: torch.Tensor | int
     ) -> torch.Tensor:
-        a = self.lora_a[module][layer] if module in self.lora_a else None
-        b = self.lora_b[module][layer] if module in self.lora_b else None
-        y = lora_linear(x, self.weights[module][layer], a, b, depth)
+        if module in self.dense:
+            y = dense_per_depth_linear(x, self.dense[module][layer], depth)
+        else:
+            a = self.lora_a[module][layer] if module in self.lora_a else None
+            b = self.lora_b[module][layer] if module in self.lora_b else None
+            y = lora_linear(x, self.weights[module][layer], a, b, depth)
         if module in self.biases:
             y = y + self.biases[module][layer][depth]
         return y

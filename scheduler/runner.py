@@ -62,7 +62,8 @@ class ModelRunner:
         results = {i.request_id: ItemResult() for i in out.items}
         if not out.items:
             return results, counts
-        batch = self._build(out.items)
+        # rows sorted by depth: one depth segment per tile in the fused LoRA kernels
+        batch = self._build(sorted(out.items, key=lambda i: i.depth))
         passes = self.loops if sequence_mode else 1
         for _ in range(passes):
             self._pass(batch, counts)

@@ -14,6 +14,7 @@ from model.checkpoint import load_model, save_checkpoint
 from model.config import FULL_RANK, INIT_METHODS, LINEAR_MODULES
 from model.convert import convert, stepwise_indices
 from model.recursive import RecursiveLM
+from model.serving import materialise_high_rank
 from tests.conftest import tiny_llama_config, write_hf_model
 
 torch.set_grad_enabled(False)
@@ -205,3 +206,20 @@ def test_save_load_round_trip_is_bit_exact(tmp_path: Path, relaxed: RecursiveLM)
         assert torch.equal(loaded.state_dict()[name], t), name
     ids = _ids(101)
     assert torch.equal(loaded(ids), relaxed(ids))
+
+
+def test_dense_materialisation_keeps_logits(tiny_hf: tuple[Path, LlamaForCausalLM]) -> None:
+    d, hf = tiny_hf
+    ranks = {"q": FULL_RANK, "k": 2, "gate": FULL_RANK, "down": 40}
+    converted, _ = convert(load_model(d), 3, "average", ranks, progress=False)
+    ids = _ids(101)
+    before = converted(ids)
+    assert sorted(materialise_high_rank(converted)) == ["down", "gate", "q"]
+    assert converted.dense["q"].shape == (2, 3, 48, 48)
+    torch.testing.assert_close(converted(ids), before, atol=1e-5, rtol=1e-5)
+    full, _ = convert(
+        load_model(d), 3, "lower", dict.fromkeys(LINEAR_MODULES, FULL_RANK), progress=False
+    )
+    materialise_high_rank(full)
+    assert set(full.dense) == set(LINEAR_MODULES)
+    torch.testing.assert_close(full(ids), hf(ids).logits, atol=1e-4, rtol=0)
