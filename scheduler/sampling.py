@@ -82,6 +82,7 @@ def _filtered_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p.top_p
+        drop[0] = False  # a top_p that rounds to 0 in float32 would otherwise drop every token
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits
 
