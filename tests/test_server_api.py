@@ -147,6 +147,21 @@ def test_logprobs_and_echo(client: openai.OpenAI) -> None:
     assert echoed.choices[0].text == "blue sun" + out.text
 
 
+@pytest.mark.parametrize(
+    "extreme",
+    [{"top_p": 1e-100}, {"temperature": 1e-7}, {"temperature": 1e300}, {"top_k": 10**30}],
+)
+def test_extreme_sampling_values_keep_the_engine_alive(
+    live: LiveServer, client: openai.OpenAI, extreme: dict
+) -> None:
+    kw = {"temperature": 1.0, "top_p": 1.0, **extreme}
+    top_k = kw.pop("top_k", 0)
+    out = client.completions.create(
+        model="tiny", prompt="hello", max_tokens=3, extra_body={"top_k": top_k, "min_p": 0.5}, **kw
+    )
+    assert out.usage.completion_tokens >= 1 and live.engine.alive
+
+
 # -- chat --------------------------------------------------------------------------------
 
 
@@ -303,6 +318,19 @@ def test_disconnect_aborts_and_frees_kv(live: LiveServer) -> None:
     assert sample(live, "loopserve:kv_cache_usage_perc") == 0
     assert sample(live, "loopserve:num_requests_running") == 0
     assert not live.engine.engine.scheduler.requests
+
+
+def test_disconnect_while_waiting_for_a_whole_response_aborts(live: LiveServer) -> None:
+    done = sample(live, "loopserve:request_success_total", finished_reason="length")
+    body = {"model": "tiny", "prompt": ["the sun"] * 8, "n": 4, "max_tokens": 120}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live.url}/v1/completions", json={**body, "ignore_eos": True}, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while live.engine.engine.scheduler.requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not live.engine.engine.scheduler.requests
+    assert sample(live, "loopserve:kv_cache_usage_perc") == 0
+    assert sample(live, "loopserve:request_success_total", finished_reason="length") == done
 
 
 def test_32_concurrent_streams_complete_in_order(live: LiveServer) -> None:

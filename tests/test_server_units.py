@@ -1,0 +1,87 @@
+"""Server pieces without a live server: sizes, settings from the environment, the exit
+rule, KV sizing, and the ``serve`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from transformers import LlamaForCausalLM
+
+from model.checkpoint import load_model
+from model.config import ArchConfig, ModelConfig, RecursionConfig
+from scheduler.config import EXITS_OFF
+from server.cli import build_parser, main
+from server.loader import engine_config, exit_rule
+from server.settings import ServeConfigError, ServeSettings, parse_size
+
+ARCH = ArchConfig(
+    vocab_size=11, hidden_size=8, intermediate_size=8, num_layers=6, num_heads=2, num_kv_heads=1
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("512MiB", 512 * 2**20), ("2G", 2 * 10**9), ("1.5gib", 3 * 2**29), ("4096", 4096), (7, 7)],
+)
+def test_parse_size(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1", "0", "5 parsecs"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text)
+
+
+def test_settings_from_environment_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOOPSERVE_PORT", "9001")
+    monkeypatch.setenv("LOOPSERVE_KV_CACHE_MEMORY", "1GiB")
+    monkeypatch.setenv("LOOPSERVE_BATCHING", "sequence")
+    monkeypatch.setenv("LOOPSERVE_API_KEY", "k")
+    s = ServeSettings(port=9002)  # a flag wins over the environment
+    assert (s.port, s.kv_cache_memory, s.batching, s.api_key) == (9002, 2**30, "sequence", "k")
+    monkeypatch.setenv("LOOPSERVE_BATCHING", "sideways")
+    with pytest.raises(ValidationError, match="batching"):
+        ServeSettings()
+
+
+def test_exit_rule_off_unless_calibrated_or_asked() -> None:
+    plain = ModelConfig(ARCH, RecursionConfig(loops=3))
+    assert exit_rule(plain, ServeSettings()).threshold == EXITS_OFF
+    calibrated = ModelConfig(
+        ARCH, RecursionConfig(loops=3), {"margin": [0.5, 0.4], "prob": [1.01, 0.9]}
+    )
+    rule = exit_rule(calibrated, ServeSettings())
+    assert (rule.threshold, rule.measure, rule.min_loops) == (0.9, "prob", 2)
+    asked = exit_rule(plain, ServeSettings(exit_threshold=0.8, min_loops=2))
+    assert (asked.threshold, asked.min_loops) == (0.8, 2)
+
+
+def test_kv_memory_must_hold_one_full_sequence(tiny_hf: tuple[Path, LlamaForCausalLM]) -> None:
+    model = load_model(tiny_hf[0])
+    cfg = engine_config(model, ServeSettings(kv_cache_memory="1MiB", block_size=4), model.dtype)
+    assert cfg.num_blocks == 2**20 // (2 * 4 * 2 * 12 * 4 * 6) and cfg.max_model_len == 128
+    with pytest.raises(ServeConfigError, match="kv-cache-memory"):
+        engine_config(model, ServeSettings(kv_cache_memory="4KiB"), model.dtype)
+
+
+def test_serve_lists_every_option() -> None:
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    for flag in (
+        "--model", "--host", "--port", "--api-key", "--served-model-name", "--batching",
+        "--exit-threshold", "--min-loops", "--kv-fill", "--max-num-seqs",
+        "--max-num-batched-tokens", "--kv-cache-memory", "--max-model-len", "--max-queue",
+        "--dtype",
+    ):  # fmt: skip
+        assert flag in help_text
+
+
+def test_serve_reports_bad_input_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path), "--kv-cache-memory", "lots"]) == 2
+    assert "kv_cache_memory" in capsys.readouterr().err
