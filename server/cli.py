@@ -19,9 +19,7 @@ from model.config import (
     ConfigError,
 )
 from scheduler.config import BATCHING_MODES, KV_FILL_MODES
-from server.settings import ServeConfigError
-
-DEFAULT_MODEL = "default"
+from server.settings import DEFAULT_MODEL, ServeConfigError
 
 
 def _rank(value: str) -> int:

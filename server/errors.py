@@ -67,15 +67,13 @@ def bad_request(message: str, param: str | None = None) -> APIError:
 
 
 def from_engine(error: Exception) -> APIError:
-    """Map the engine's typed refusals to HTTP; anything else is re-raised as a bug."""
+    """Map one of the engine's typed refusals (``ENGINE_ERRORS``) to HTTP."""
     retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     if isinstance(error, RequestRejected):
         return bad_request(str(error), param="prompt")
     if isinstance(error, EngineOverloaded):
         return APIError(429, str(error), code="queue_full", headers=retry)
-    if isinstance(error, ShuttingDown | EngineDeadError):
-        return APIError(503, str(error), code="unavailable", headers=retry)
-    raise error
+    return APIError(503, str(error), code="unavailable", headers=retry)  # shutting down, dead
 
 
 ENGINE_ERRORS = (RequestRejected, EngineOverloaded, ShuttingDown, EngineDeadError)

@@ -91,8 +91,8 @@ class Generation:
                     raise from_engine(item)
                 elif isinstance(item, Exception):
                     raise item
-                else:
-                    index, out = item  # type: ignore[misc]
+                elif isinstance(item, tuple):
+                    index, out = item
                     self._record(index, out)
                     yield index, out
         finally:

@@ -46,8 +46,11 @@ def check_chat(req: ChatCompletionRequest) -> None:
         )
 
 
-def max_tokens_for(requested: int | None, prompt_len: int, max_model_len: int) -> int:
-    """The request's token budget: what it asked for, or the rest of the context."""
+def max_tokens_for(
+    requested: int | None, prompt_len: int, max_model_len: int, explicit: bool = True
+) -> int:
+    """The request's token budget: what it asked for, or the rest of the context. A default
+    it did not send itself is clamped to the context instead of refused."""
     room = max_model_len - prompt_len
     if room < 1:
         raise bad_request(
@@ -57,13 +60,13 @@ def max_tokens_for(requested: int | None, prompt_len: int, max_model_len: int) -
         )
     if requested is None:
         return room
-    if requested > room:
+    if requested > room and explicit:
         raise bad_request(
             f"max_tokens={requested} plus the prompt's {prompt_len} tokens exceeds this "
             f"model's maximum context length of {max_model_len} tokens",
             "max_tokens",
         )
-    return requested
+    return min(requested, room)
 
 
 def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:

@@ -100,6 +100,11 @@ def test_prompt_forms_and_n(live: LiveServer, client: openai.OpenAI) -> None:
     assert nested.usage.completion_tokens == 10
 
 
+def test_default_max_tokens_is_clamped_to_the_context(client: openai.OpenAI) -> None:
+    out = client.completions.create(model="tiny", prompt="the " * 124, **GREEDY)  # 16 by default
+    assert out.usage.completion_tokens == 4 and out.choices[0].finish_reason == "length"
+
+
 def test_streaming_matches_whole(client: openai.OpenAI) -> None:
     kw = {"model": "tiny", "prompt": "a big red dog", "max_tokens": 10, **GREEDY}
     whole = client.completions.create(**kw)

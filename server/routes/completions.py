@@ -39,8 +39,11 @@ async def create_completion(
     state.check_model(body.model)
     prompts = encode_prompts(state, body.prompt)
     limit = state.info.max_model_len
+    explicit = "max_tokens" in body.model_fields_set
     params = [
-        sampling_params(body, max_tokens_for(body.max_tokens, len(p), limit), body.logprobs)
+        sampling_params(
+            body, max_tokens_for(body.max_tokens, len(p), limit, explicit), body.logprobs
+        )
         for p in prompts
     ]
     gen = Generation(state.engine, state.metrics, new_request_id("cmpl"), prompts, params)
