@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one script for a GPU machine: kernel correctness on the GPU against float64 references,
-# then the kernel benchmark. Installs nothing; run from the repo root. Outputs go to ${OUT}.
+# then the kernel and engine benchmarks. Installs nothing; run from the repo root.
+# Outputs go to ${OUT}: the tables and plots, and the logs, CSV and JSON in results.tgz.
 # Each stage has its own time limit so the whole run stays under 8 minutes; a failed stage
 # does not stop the next one, but makes the script exit non-zero at the end.
 set -euo pipefail
@@ -20,18 +21,29 @@ echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 '| cuda', torch.cuda.is_available())"
 
 echo "== kernel correctness on the GPU (float64 goldens)"
-if ! timeout 200 "${PY}" -m pytest -q -p no:cacheprovider tests/test_kernels_lora.py \
+if ! timeout 150 "${PY}" -m pytest -q -p no:cacheprovider tests/test_kernels_lora.py \
     tests/test_kernels_attention.py 2>&1 | tee "${OUT}/kernel_tests.log"; then
     echo "KERNEL TESTS FAILED (log: ${OUT}/kernel_tests.log)"
     status=1
 fi
 
 echo "== kernel benchmark"
-if ! timeout 250 "${PY}" -m benchmarks.kernels --out "${OUT}" > "${OUT}/kernel_bench.log" 2>&1; then
+if ! timeout 170 "${PY}" -m benchmarks.kernels --out "${OUT}" > "${OUT}/kernel_bench.log" 2>&1; then
     tail -n 40 "${OUT}/kernel_bench.log"
     echo "KERNEL BENCHMARK FAILED (log: ${OUT}/kernel_bench.log)"
     status=1
 fi
+
+echo "== engine throughput (SmolLM2 shapes, random weights, bf16; exits off)"
+if ! timeout 170 "${PY}" -m benchmarks.throughput --random-weights --concurrency 1 8 64 \
+    --output-len 32 --out "${OUT}" > "${OUT}/throughput.log" 2>&1; then
+    tail -n 40 "${OUT}/throughput.log"
+    echo "ENGINE BENCHMARK FAILED (log: ${OUT}/throughput.log)"
+    status=1
+fi
+cat "${OUT}/throughput.md" 2>/dev/null || echo "no engine table written"
+
+(cd "${OUT}" && tar czf results.tgz --remove-files ./*.log ./*.csv ./*.json 2>/dev/null) || true
 
 echo "== summary (also in ${OUT}/kernels.md)"
 cat "${OUT}/kernels.md" 2>/dev/null || echo "no summary table written"

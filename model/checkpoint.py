@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 
 from model.config import LINEAR_MODULES, ArchConfig, ConfigError, ModelConfig
 from model.recursive import RecursiveLM
-from model.rope import rope_inv_freq
 
 LOOPSERVE_CONFIG = "loopserve.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -161,7 +160,6 @@ def _materialize(
     model.load_state_dict(
         {k: v.to(dtype=dtype, device=device or "cpu") for k, v in state.items()}, assign=True
     )
-    model.inv_freq = rope_inv_freq(model.config.arch).to(device or "cpu")
     return model
 
 

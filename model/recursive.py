@@ -72,7 +72,9 @@ class RecursiveLM(nn.Module):
                 if r > 0
             }
         )
-        self.register_buffer("inv_freq", rope_inv_freq(a).to(device), persistent=False)
+        # float32 on the CPU on purpose: not a buffer, so .to(bfloat16) cannot round it;
+        # rope_cos_sin moves the 64 values to the positions' device.
+        self.inv_freq = rope_inv_freq(a)
         # module -> per-position dense weights [K, B, out, in], set by model.serving for
         # high-rank deltas; not part of the checkpoint.
         self.dense: dict[str, torch.Tensor] = {}

@@ -35,7 +35,8 @@ def rope_cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, head_dim] for integer positions [T]; computed in float32 then cast."""
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    inv_freq = inv_freq.to(positions.device, torch.float32, non_blocking=True)
+    freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from model.checkpoint import LOOPSERVE_CONFIG, load_model, read_loopserve_meta
 from model.config import ModelConfig
 from model.recursive import RecursiveLM
+from model.serving import materialise_high_rank
 from scheduler.async_engine import AsyncEngine
 from scheduler.config import EXITS_OFF, EngineConfig
 from scheduler.engine import Engine
@@ -146,6 +147,9 @@ def build_engine(
     model_dir = resolve_model_dir(settings.model)
     dtype = DTYPES[settings.dtype]
     model = load_model(model_dir, dtype=dtype, device=settings.device)
+    dense = materialise_high_rank(model)
+    if dense:
+        log.info("high-rank deltas served as per-position dense weights: %s", ", ".join(dense))
     tokenizer = load_tokenizer(model_dir)
     try:
         config = engine_config(model, settings, dtype)
