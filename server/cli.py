@@ -1,4 +1,4 @@
-"""The ``loopserve`` command line: model preparation now, serving and benchmarks as they land."""
+"""The ``loopserve`` command line: pull, convert, uptrain, calibrate and serve."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from model.calibrate import CalibrationError
 from model.checkpoint import CheckpointError
 from model.config import (
     ATTN_MODULES,
@@ -18,6 +19,10 @@ from model.config import (
     MLP_MODULES,
     ConfigError,
 )
+from model.distill_data import DataError
+from model.pull import PullError
+from model.train_cli import add_calibrate_parser, add_uptrain_parser
+from model.uptrain import UptrainError
 from scheduler.config import BATCHING_MODES, KV_FILL_MODES
 from server.settings import DEFAULT_MODEL, ServeConfigError
 
@@ -197,15 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_convert(sub)
     _add_serve(sub)
+    add_uptrain_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"pull": _cmd_pull, "convert": _cmd_convert, "serve": _cmd_serve}
+    handler = handlers.get(args.command) or args.func
     try:
-        return handlers[args.command](args)
-    except (ConfigError, CheckpointError, ServeConfigError, ValidationError) as e:
+        return handler(args)
+    except (
+        ConfigError,
+        CheckpointError,
+        ServeConfigError,
+        ValidationError,
+        PullError,
+        UptrainError,
+        CalibrationError,
+        DataError,
+    ) as e:
         # user-facing: a message, not a traceback
         print(f"loopserve {args.command}: error: {e}", file=sys.stderr)
         return 2
