@@ -282,16 +282,22 @@ def _autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractC
 
 
 @contextlib.contextmanager
-def torch_kernels() -> Iterator[None]:
-    """Run the model's linear maps on the pure-torch path, which autograd can differentiate.
+def training_kernels() -> Iterator[None]:
+    """Kernels that autograd can differentiate, and differentiates correctly.
 
-    The Triton kernels are inference-only; training selects the torch twins through the
-    dispatch's environment override for the duration of the run.
+    The Triton kernels are inference-only: the dispatch's environment override selects the
+    torch twins for the run. On CUDA, cuDNN's SDPA backward is left out (flash, memory-efficient
+    and math remain): on H100/H200 with torch >= 2.11 it has returned NaN query gradients
+    (pytorch/pytorch#196678, huggingface/trl#7181).
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     old = os.environ.get("LOOPSERVE_KERNELS")
     os.environ["LOOPSERVE_KERNELS"] = "torch"
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     try:
-        yield
+        with sdpa_kernel(backends):
+            yield
     finally:
         if old is None:
             os.environ.pop("LOOPSERVE_KERNELS", None)
@@ -413,6 +419,12 @@ class Uptrainer:
                 totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
             tokens += ids.numel()
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        if not math.isfinite(float(norm)):
+            # Stepping would turn every weight into NaN; stop with the evidence instead.
+            raise UptrainError(
+                f"non-finite gradient norm at step {self.step + 1} (loss parts {totals}); "
+                "the last saved state is intact"
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -512,7 +524,7 @@ class Uptrainer:
         """
         cfg = self.config
         deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
-        with torch_kernels():
+        with training_kernels():
             result = self._eval_and_log(None, 0.0) if self.step == 0 else None
             bar = tqdm(total=cfg.steps, initial=self.step, desc="uptrain", disable=not cfg.progress)
             losses: list[float] = []

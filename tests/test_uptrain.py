@@ -160,6 +160,18 @@ def test_full_rank_conversion_stays_exact(setup: tuple) -> None:
         assert after.agreement > 0.97
 
 
+def test_non_finite_gradient_stops_before_the_step(setup: tuple) -> None:
+    teacher, train, held_out = setup
+    student = _student(teacher)
+    with torch.no_grad():
+        student.lora_a["q"][0, 0, 0, 0] = float("inf")
+    trainer = Uptrainer(student, teacher, train, held_out, _config(steps=2))
+    before = student.weights["q"].detach().clone()
+    with pytest.raises(UptrainError, match="non-finite gradient"):
+        trainer.train_step()
+    assert torch.equal(student.weights["q"], before)  # no optimizer step was taken
+
+
 def test_trainable_groups(setup: tuple) -> None:
     student = _student(setup[0])
     mark_trainable(student, ("shared", "lora", "norms"))
