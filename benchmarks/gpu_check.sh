@@ -21,21 +21,21 @@ echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
 '| cuda', torch.cuda.is_available())"
 
 echo "== kernel correctness on the GPU (float64 goldens)"
-if ! timeout 150 "${PY}" -m pytest -q -p no:cacheprovider tests/test_kernels_lora.py \
+if ! timeout 120 "${PY}" -m pytest -q -p no:cacheprovider tests/test_kernels_lora.py \
     tests/test_kernels_attention.py 2>&1 | tee "${OUT}/kernel_tests.log"; then
     echo "KERNEL TESTS FAILED (log: ${OUT}/kernel_tests.log)"
     status=1
 fi
 
 echo "== kernel benchmark"
-if ! timeout 170 "${PY}" -m benchmarks.kernels --out "${OUT}" > "${OUT}/kernel_bench.log" 2>&1; then
+if ! timeout 150 "${PY}" -m benchmarks.kernels --out "${OUT}" > "${OUT}/kernel_bench.log" 2>&1; then
     tail -n 40 "${OUT}/kernel_bench.log"
     echo "KERNEL BENCHMARK FAILED (log: ${OUT}/kernel_bench.log)"
     status=1
 fi
 
 echo "== engine throughput (SmolLM2 shapes, random weights, bf16; exits off)"
-if ! timeout 170 "${PY}" -m benchmarks.throughput --random-weights --concurrency 1 8 64 \
+if ! timeout 150 "${PY}" -m benchmarks.throughput --random-weights --concurrency 1 8 64 \
     --output-len 32 --out "${OUT}" > "${OUT}/throughput.log" 2>&1; then
     tail -n 40 "${OUT}/throughput.log"
     echo "ENGINE BENCHMARK FAILED (log: ${OUT}/throughput.log)"

@@ -23,8 +23,7 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import load_model
-from model.config import LINEAR_MODULES, ArchConfig, ModelConfig
-from model.convert import convert
+from model.config import LINEAR_MODULES, ArchConfig, ModelConfig, RecursionConfig
 from model.recursive import RecursiveLM
 from model.serving import materialise_high_rank
 from scheduler.config import EXITS_OFF, EngineConfig
@@ -86,15 +85,26 @@ def git_commit() -> str:
 
 
 def random_models() -> dict[str, RecursiveLM]:
-    """SmolLM2-shaped random models (speed only; exits are meaningless on random weights)."""
+    """SmolLM2-shaped models with random weights and deltas: speed only (no conversion, whose
+    SVDs would only shape values; exits are meaningless on random weights)."""
     torch.manual_seed(0)
-    vanilla = RecursiveLM(ModelConfig(arch=SMOLLM2_ARCH), dtype=torch.float32)
-    with torch.no_grad():
-        for p in vanilla.parameters():
-            p.normal_(0, 0.02)
-    full, _ = convert(vanilla, 3, "average", dict.fromkeys(LINEAR_MODULES, -1), progress=False)
-    r64, _ = convert(vanilla, 3, "average", dict.fromkeys(LINEAR_MODULES, 64), progress=False)
-    return {"vanilla": vanilla, "rrt3-exact": full, "rrt3-r64": r64}
+    base = ModelConfig(arch=SMOLLM2_ARCH)
+    full = {m: base.full_rank(m) for m in LINEAR_MODULES}
+    specs = {
+        "vanilla": RecursionConfig(),
+        "rrt3-exact": RecursionConfig(loops=3, init="average", ranks=full),
+        "rrt3-r64": RecursionConfig(
+            loops=3, init="average", ranks=dict.fromkeys(LINEAR_MODULES, 64)
+        ),
+    }
+    models = {}
+    for name, recursion in specs.items():
+        model = RecursiveLM(base.with_recursion(recursion))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        models[name] = model
+    return models
 
 
 def default_models(r64_dir: Path | None) -> dict[str, RecursiveLM]:
