@@ -111,9 +111,11 @@ class ModelRunner:
         )
         slot_mapping = torch.tensor(slots, device=self.device, dtype=torch.int64)
         attention = PagedAttention(self.cache, meta, slot_mapping, self.scale)
-        batch.hidden = self.model.block_forward(
-            batch.hidden, batch.depth_rows, batch.positions, attention
-        )
+        # one depth for the whole batch (always in sequence mode): the int fast path skips the
+        # per-depth row segmentation in every linear layer
+        uniform = len(set(batch.depths)) == 1
+        depth = batch.depths[0] if uniform else batch.depth_rows
+        batch.hidden = self.model.block_forward(batch.hidden, depth, batch.positions, attention)
         counts.passes += 1
 
     def _decide(

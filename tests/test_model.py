@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,12 @@ from model.recursive import RecursiveLM
 from model.serving import materialise_high_rank
 from tests.conftest import tiny_llama_config, write_hf_model
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad() -> Iterator[None]:
+    """Inference only here; scoped so other test modules keep autograd."""
+    with torch.no_grad():
+        yield
 
 
 def _ids(vocab: int, n: int = 2, s: int = 24, seed: int = 1) -> torch.Tensor:
