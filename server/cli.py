@@ -1,4 +1,4 @@
-"""The ``loopserve`` command line: pull, convert, uptrain, calibrate and serve."""
+"""The ``loopserve`` command line: pull, convert, uptrain, calibrate, serve and bench."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from benchmarks.client.datasets import BenchError
 from model.calibrate import CalibrationError
 from model.checkpoint import CheckpointError
 from model.config import (
@@ -133,6 +134,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.drain import DrainingServer
     from server.loader import build_engine
     from server.settings import ServeSettings
 
@@ -144,8 +146,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     engine, tokenizer, info = build_engine(settings)
     app = create_app(engine, tokenizer, info, settings)
     # one line per request comes from loopserve itself; uvicorn's access log would double it
-    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_config=None)
-    return 0
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, access_log=False, log_config=None
+    )
+    server = DrainingServer(config, engine, settings.shutdown_grace)
+    server.run()
+    return 0 if server.started else 1
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -186,6 +192,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     opt("--seed", type=int, help="seed of unseeded sampling (default: 0)")
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from benchmarks.client.cli import add_serve_parser
+    from benchmarks.compare import add_compare_parser
+
+    p = sub.add_parser("bench", help="load-test servers: one (serve) or side by side (compare)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    add_serve_parser(bench)
+    add_compare_parser(bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     add_uptrain_parser(sub)
     add_calibrate_parser(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -222,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         UptrainError,
         CalibrationError,
         DataError,
+        BenchError,
     ) as e:
         # user-facing: a message, not a traceback
         print(f"loopserve {args.command}: error: {e}", file=sys.stderr)
