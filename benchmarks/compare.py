@@ -19,11 +19,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.client.cli import add_load_arguments, build_requests
-from benchmarks.client.datasets import BenchError, load_tokenizer
-from benchmarks.client.metrics import compute_metrics
+from benchmarks.client.cli import add_load_arguments, build_requests, endpoint_for
+from benchmarks.client.datasets import BenchError, SampleRequest, load_tokenizer
+from benchmarks.client.metrics import BenchmarkMetrics, compute_metrics
 from benchmarks.client.runner import LoadConfig, run_load
-from benchmarks.client.streaming import Endpoint, first_model
+from benchmarks.client.streaming import Endpoint
 from benchmarks.compare_report import agreement, plot_sweep, sweep_table
 from benchmarks.server_process import ServerProcess, free_port
 
@@ -87,32 +87,22 @@ def targets_from(args: argparse.Namespace) -> list[Target]:
 
 
 def measure(
-    target: Target, args: argparse.Namespace, tokenizer: Any, log_dir: Path
+    target: Target,
+    args: argparse.Namespace,
+    requests: list[SampleRequest],
+    tokenizer: Any,
+    log_dir: Path,
 ) -> TargetResult:
     """Start the target if it has a command, then run the quality pass and the sweep."""
     result = TargetResult(target.name, target.url, shlex.join(target.command or []) or None)
     log = log_dir / f"{target.name}.log"
     server = ServerProcess(target.command, target.url, log) if target.command else None
     with server or nullcontext():
-        if server:
+        if server is not None:
             server.wait_ready(args.startup_timeout)
-        model = asyncio.run(first_model(target.url, args.api_key))
-        endpoint = Endpoint(
-            base_url=target.url,
-            model=model,
-            api=args.api,
-            api_key=args.api_key,
-            ignore_eos=args.ignore_eos,
-            timeout=args.timeout,
-        )
-        requests = build_requests(args, tokenizer)
-        greedy = replace(endpoint, temperature=0.0)
-        quality = [
-            replace(r, output_len=args.quality_len) for r in requests[: args.quality_prompts]
-        ]
-        load = LoadConfig(max_concurrency=QUALITY_CONCURRENCY, progress=False)
-        outcome = asyncio.run(run_load(greedy, quality, load, tokenizer))
-        result.quality_texts = [r.generated_text if r.success else "" for r in outcome.results]
+        endpoint = endpoint_for(args, target.url, model=None)
+        # first, so it also warms the server up (first-call allocations, lazy init)
+        result.quality_texts = _greedy_texts(endpoint, requests, args, tokenizer)
         for c in args.concurrency:
             load = LoadConfig(
                 max_concurrency=c,
@@ -131,7 +121,18 @@ def measure(
     return result
 
 
-def _row(m: Any) -> dict[str, Any]:
+def _greedy_texts(
+    endpoint: Endpoint, requests: list[SampleRequest], args: argparse.Namespace, tokenizer: Any
+) -> list[str]:
+    """Temperature-0 outputs on the first ``--quality-prompts`` prompts ("" where one failed)."""
+    prompts = [replace(r, output_len=args.quality_len) for r in requests[: args.quality_prompts]]
+    load = LoadConfig(max_concurrency=QUALITY_CONCURRENCY, progress=False)
+    greedy = replace(endpoint, temperature=0.0)
+    outcome = asyncio.run(run_load(greedy, prompts, load, tokenizer))
+    return [r.generated_text if r.success else "" for r in outcome.results]
+
+
+def _row(m: BenchmarkMetrics) -> dict[str, Any]:
     lat = m.latency
     return {
         "completed": m.completed,
@@ -153,10 +154,12 @@ def run_compare(args: argparse.Namespace) -> int:
         from model.pull import default_model_dir
 
         args.vanilla_model = str(default_model_dir())
+    targets = targets_from(args)  # bad peer specs fail before anything is loaded
     tokenizer = load_tokenizer(args.tokenizer or args.vanilla_model)
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    results = [measure(t, args, tokenizer, out / "logs") for t in targets_from(args)]
+    requests = build_requests(args, tokenizer)  # the same prompts for every server
+    results = [measure(t, args, requests, tokenizer, out / "logs") for t in targets]
     reference = results[0].quality_texts
     for r in results:
         for row in r.rows:

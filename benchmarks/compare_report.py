@@ -68,6 +68,7 @@ def plot_sweep(results: list[SweepResult], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, (tput, tpot) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in results:
@@ -75,9 +76,14 @@ def plot_sweep(results: list[SweepResult], path: str | Path) -> None:
         tput.plot(cs, [row["output_throughput"] for row in r.rows], marker="o", label=r.name)
         (line,) = tpot.plot(cs, [row["tpot_p50_ms"] for row in r.rows], marker="o", label=r.name)
         tpot.plot(cs, [row["tpot_p99_ms"] for row in r.rows], ls="--", color=line.get_color())
-    tput.set(xscale="log", xlabel="concurrency", ylabel="output tok/s", title="throughput")
-    tpot.set(xscale="log", xlabel="concurrency", ylabel="ms", title="TPOT p50 (—) / p99 (--)")
+    tput.set(xlabel="concurrency", ylabel="output tok/s", title="throughput")
+    tpot.set(xlabel="concurrency", ylabel="ms", title="TPOT p50 (—) / p99 (--)")
+    levels = sorted({row["concurrency"] for r in results for row in r.rows})
     for ax in (tput, tpot):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
