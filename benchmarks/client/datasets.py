@@ -12,6 +12,7 @@ import numpy as np
 
 # ShareGPT filter, as vLLM applies it: drop tiny turns and anything a 2k context cannot hold
 SHAREGPT_MIN_LEN, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048
+_LENGTH_FIXES = 4
 
 
 class BenchError(Exception):
@@ -58,7 +59,11 @@ def random_requests(
     range_ratio: float,
     seed: int,
 ) -> list[SampleRequest]:
-    """Random non-special token ids decoded to text; ``prompt_len`` is the re-encoded count."""
+    """Random non-special token ids decoded to text; ``prompt_len`` is the re-encoded count.
+
+    Decoding then encoding merges or splits tokens (BPE), so the ids are re-encoded and cut
+    or topped up a few times to land on the drawn length.
+    """
     rng = np.random.default_rng(seed)
     special = set(tokenizer.all_special_ids)
     vocab = np.array([i for i in range(len(tokenizer)) if i not in special])
@@ -66,7 +71,13 @@ def random_requests(
     outs = _lengths(output_len, range_ratio, n, rng)
     requests = []
     for in_len, out_len in zip(ins, outs, strict=True):
-        text = tokenizer.decode(rng.choice(vocab, size=int(in_len)).tolist())
+        ids = rng.choice(vocab, size=int(in_len)).tolist()
+        for _ in range(_LENGTH_FIXES):
+            ids = tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False)
+            if len(ids) == in_len:
+                break
+            ids = ids[:in_len] + rng.choice(vocab, size=max(0, in_len - len(ids))).tolist()
+        text = tokenizer.decode(ids)
         requests.append(SampleRequest(text, _count(tokenizer, text), int(out_len)))
     return requests
 
