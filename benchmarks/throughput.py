@@ -120,9 +120,31 @@ def default_models(r64_dir: Path | None) -> dict[str, RecursiveLM]:
     return models
 
 
-def make_prompts(n: int, vocab: int, lengths: tuple[int, int], seed: int) -> list[list[int]]:
+def make_prompts(
+    n: int, lengths: tuple[int, int], seed: int, vocab: int, text_ids: list[int] | None
+) -> list[list[int]]:
+    """``n`` prompts of random lengths: windows of real text when given, else random ids."""
     rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(rng.randint(*lengths))] for _ in range(n)]
+    out = []
+    for _ in range(n):
+        length = rng.randint(*lengths)
+        if text_ids is None:
+            out.append([rng.randrange(3, vocab) for _ in range(length)])
+        else:
+            start = rng.randrange(0, len(text_ids) - length)
+            out.append(text_ids[start : start + length])
+    return out
+
+
+def eval_text_ids() -> list[int]:
+    """The built-in evaluation text, tokenised with the default model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from model.fidelity import eval_text
+    from model.pull import pull_default
+
+    tok = AutoTokenizer.from_pretrained(str(pull_default()), local_files_only=True)
+    return tok(eval_text())["input_ids"]
 
 
 def run_once(
@@ -254,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         m.to(device=device, dtype=dtype)
         materialise_high_rank(m)
     vocab = next(iter(models.values())).config.arch.vocab_size
+    text_ids = None if args.random_weights else eval_text_ids()
     plan = [("vanilla", "sequence", EXITS_OFF)]
     for name in (n for n in models if n != "vanilla"):
         plan += [(name, "sequence", EXITS_OFF), (name, "depth", EXITS_OFF)]
@@ -263,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs: dict[tuple, list[list[int]]] = {}
     bar = tqdm(total=len(plan) * len(conc), desc="throughput runs")
     for c in conc:
-        prompts = make_prompts(max(c, 8) * 2, vocab, (16, 96), args.seed + c)
+        prompts = make_prompts(max(c, 16), (16, 96), args.seed + c, vocab, text_ids)
         run_once(models["vanilla"], prompts[:2], "sequence", EXITS_OFF, c, 4)  # warm-up
         for name, batching, thr in plan:
             r, outs = run_once(models[name], prompts, batching, thr, c, out_len)
