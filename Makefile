@@ -25,6 +25,7 @@ lint: venv
 
 test: lint
 	$(BIN)/loopserve pull
+	bash deploy/tools.sh
 	$(BIN)/python -m pytest -q
 
 format: venv
