@@ -1,12 +1,11 @@
-"""When a decode token may leave the loop early, and how confident it is.
+"""When a token may leave the loop early.
 
-Confidence is read from the exit head (final norm + LM head) at the token's current depth:
-the max softmax probability, or the margin between the top two probabilities.
+Confidence is read from the exit head (final norm + LM head) at the token's current depth
+with ``model.calibrate.confidence`` — the same function calibration fits thresholds with, so
+a calibrated threshold means the same thing here.
 """
 
 from __future__ import annotations
-
-import torch
 
 
 def may_exit(depth: int, threshold: float, min_loops: int, last_depth: int) -> bool:
@@ -16,14 +15,3 @@ def may_exit(depth: int, threshold: float, min_loops: int, last_depth: int) -> b
     spare the LM-head cost; ``min_loops`` forces at least that many loops.
     """
     return depth < last_depth and depth >= min_loops - 1 and threshold <= 1.0
-
-
-def confidence(logits: torch.Tensor, measure: str) -> torch.Tensor:
-    """logits [N, V] -> confidence [N] in [0, 1]."""
-    probs = logits.float().softmax(-1)
-    if measure == "prob":
-        return probs.max(-1).values
-    if measure == "margin":
-        top = probs.topk(2, dim=-1).values
-        return top[:, 0] - top[:, 1]
-    raise ValueError(f"unknown confidence measure {measure!r} (expected 'prob' or 'margin')")

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels.paged_attention import write_kv
+from model.calibrate import confidence
 from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
-from scheduler.exit_policy import confidence, may_exit
+from scheduler.exit_policy import may_exit
 from scheduler.kv_cache import KVCache, PagedAttention, attention_metadata
 from scheduler.sampling import sample_row
 from scheduler.scheduler import ItemResult, ScheduledItem, SchedulerOutput
