@@ -36,6 +36,7 @@ def create_app(
         running=lambda: engine.num_running,
         waiting=lambda: engine.num_waiting,
         kv_usage=lambda: scheduler.allocator.usage,
+        engine_alive=lambda: float(engine.alive),
     )
     observer = EngineObserver(engine.engine, metrics)
     engine.on_stats = observer

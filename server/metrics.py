@@ -35,6 +35,7 @@ class Metrics:
         running: Callable[[], float],
         waiting: Callable[[], float],
         kv_usage: Callable[[], float],
+        engine_alive: Callable[[], float],
     ) -> None:
         self.registry = CollectorRegistry()
         label = {"model_name": model_name}
@@ -57,6 +58,11 @@ class Metrics:
         gauge("loopserve:num_requests_running", "Requests being computed.", running)
         gauge("loopserve:num_requests_waiting", "Requests waiting to be scheduled.", waiting)
         gauge("loopserve:kv_cache_usage_perc", "KV-cache usage (1 = full).", kv_usage)
+        gauge(
+            "loopserve:engine_alive",
+            "1 while the engine thread steps, 0 once it died.",
+            engine_alive,
+        )
         self.prompt_tokens = counter("loopserve:prompt_tokens", "Prefill tokens.").labels(**label)
         self.generation_tokens = counter("loopserve:generation_tokens", "Generated tokens.").labels(
             **label

@@ -287,9 +287,12 @@ def test_api_key_and_dead_engine(tiny_dir: Path) -> None:
         good = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sesame", max_retries=0)
         assert good.completions.create(**body).usage.completion_tokens >= 1
         assert httpx.get(f"{server.url}/health").status_code == 200  # open without a key
-        assert httpx.get(f"{server.url}/metrics").status_code == 200
+        alive = 'loopserve:engine_alive{model_name="tiny"} 1.0'
+        assert alive in httpx.get(f"{server.url}/metrics").text
         asyncio.run(server.engine.shutdown(grace_seconds=0))
         assert_error(httpx.get(f"{server.url}/health"), 503)
+        dead = 'loopserve:engine_alive{model_name="tiny"} 0.0'
+        assert dead in httpx.get(f"{server.url}/metrics").text
         resp = httpx.post(
             f"{server.url}/v1/completions", json=body, headers={"Authorization": "Bearer sesame"}
         )
