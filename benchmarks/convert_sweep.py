@@ -27,6 +27,15 @@ def _rank(value: str) -> int:
     return FULL_RANK if value == "full" else int(value)
 
 
+def _rank_label(ranks: dict[str, int]) -> str:
+    """'64', or '256 (k, v: 192)' where some modules were capped at their full rank."""
+    top = max(ranks.values())
+    capped = [m for m, r in ranks.items() if r < top]
+    if not capped:
+        return str(top)
+    return f"{top} ({', '.join(capped)}: {min(ranks.values())})"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--loops", type=int, nargs="+", default=[2, 3])
@@ -40,15 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     plan = [(b, r) for b in args.loops for r in args.ranks]
     for loops, rank in tqdm(plan, desc="conversions"):
-        model, report = convert(
-            source, loops, args.init, dict.fromkeys(LINEAR_MODULES, rank), progress=False
-        )
+        # a rank above a module's full rank (k, v: 192 here) means that module at full rank
+        ranks = {
+            m: FULL_RANK if rank == FULL_RANK else min(rank, source.config.full_rank(m))
+            for m in LINEAR_MODULES
+        }
+        model, report = convert(source, loops, args.init, ranks, progress=False)
         fid = measure_fidelity(source, model, windows)
         rows.append(
             {
                 "loops": loops,
                 "init": args.init,
-                "rank": "full" if rank == FULL_RANK else rank,
+                "rank": "full" if rank == FULL_RANK else _rank_label(report.ranks),
                 "params": report.converted_params,
                 "source_params": report.source_params,
                 "saved": report.saved_fraction,
