@@ -68,6 +68,14 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_ids(self, start: int, n: int) -> list[int]:
+        """Tokens at positions [start, start + n) without building prompt + output (hot path:
+        a decode step needs one token of a possibly long sequence)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p : start - p + n]
+        return self.prompt_ids[start : start + n] + self.output_ids[: max(0, start + n - p)]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

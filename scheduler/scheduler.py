@@ -199,7 +199,7 @@ class Scheduler:
         threshold = self.config.exit_threshold if p.exit_threshold is None else p.exit_threshold
         return ScheduledItem(
             request_id=req.request_id,
-            token_ids=req.all_ids[item.start : item.start + item.num_tokens],
+            token_ids=req.token_ids(item.start, item.num_tokens),
             start=item.start,
             depth=item.depth,
             decode=item.decode,
