@@ -223,30 +223,42 @@ def markdown(results: list[RunResult], header: str) -> str:
 
 
 def plot(results: list[RunResult], path: Path) -> None:
+    """Throughput vs concurrency: colour = model and batching, line style = exit threshold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    keys = sorted({(r.model, r.batching, r.threshold) for r in results})
-    for key in keys:
-        rs = sorted(
-            (r for r in results if (r.model, r.batching, r.threshold) == key),
-            key=lambda r: r.concurrency,
-        )
-        thr = "off" if key[2] > 1 else f"{key[2]:g}"
-        ax.plot(
-            [r.concurrency for r in rs],
-            [r.tok_per_s for r in rs],
-            marker="o",
-            label=f"{key[0]} {key[1]} exit={thr}",
-        )
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    series = sorted({(r.model, r.batching) for r in results})
+    thresholds = sorted({r.threshold for r in results}, reverse=True)
+    styles = ["-", "--", "-.", ":", (0, (1, 3))]
+    for i, (model, batching) in enumerate(series):
+        for j, thr in enumerate(thresholds):
+            rs = sorted(
+                (
+                    r
+                    for r in results
+                    if (r.model, r.batching, r.threshold) == (model, batching, thr)
+                ),
+                key=lambda r: r.concurrency,
+            )
+            if not rs:
+                continue
+            label = f"{model} {batching} exit={'off' if thr > 1 else f'{thr:g}'}"
+            ax.plot(
+                [r.concurrency for r in rs],
+                [r.tok_per_s for r in rs],
+                color=f"C{i}",
+                linestyle=styles[j % len(styles)],
+                marker="o",
+                label=label,
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrency (max_num_seqs)")
     ax.set_ylabel("output tokens/s")
     ax.set_title(f"loopserve engine throughput — {machine_name()}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
