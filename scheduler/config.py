@@ -16,11 +16,13 @@ class EngineConfig:
 
     ``batching="depth"`` runs one loop of the block per step for rows at mixed depths;
     ``"sequence"`` runs all loops per step (vLLM/Orca-style iteration-level batching), the
-    baseline. ``exit_threshold`` > 1 disables early exit unless a request asks for it.
+    baseline. ``exit_threshold`` > 1 disables early exit unless a request asks for it;
+    ``exit_thresholds`` (per depth, from calibration) replace it where given.
     """
 
     batching: str = "depth"
     exit_threshold: float = EXITS_OFF
+    exit_thresholds: tuple[float, ...] = ()
     exit_measure: str = "prob"
     min_loops: int = 1
     kv_fill: str = "propagate"
@@ -37,8 +39,10 @@ class EngineConfig:
             raise ValueError(f"kv_fill must be one of {KV_FILL_MODES}, got {self.kv_fill!r}")
         if self.exit_measure not in EXIT_MEASURES:
             raise ValueError(f"exit_measure must be one of {EXIT_MEASURES}")
-        if self.exit_threshold < 0:
-            raise ValueError(f"exit_threshold must be >= 0, got {self.exit_threshold}")
+        if self.exit_threshold < 0 or any(t < 0 for t in self.exit_thresholds):
+            raise ValueError(
+                f"exit thresholds must be >= 0, got {self.exit_threshold}, {self.exit_thresholds}"
+            )
         for name in ("min_loops", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -46,3 +50,11 @@ class EngineConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    def thresholds_for(self, loops: int) -> tuple[float, ...]:
+        """The exit threshold at each depth: the calibrated ones where given (a depth they do
+        not cover never exits), else ``exit_threshold`` everywhere."""
+        if not self.exit_thresholds:
+            return (self.exit_threshold,) * loops
+        given = self.exit_thresholds[:loops]
+        return given + (EXITS_OFF,) * (loops - len(given))

@@ -133,7 +133,7 @@ class ModelRunner:
             if results[it.request_id].sample is not None:
                 continue  # sequence mode: already exited, riding along
             if it.needs_logits and (
-                d == last or may_exit(d, it.exit_threshold, it.min_loops, last)
+                d == last or may_exit(d, it.exit_thresholds[d], it.min_loops, last)
             ):
                 cand.append((it, d, hi - 1))
         if not cand:
@@ -145,7 +145,7 @@ class ModelRunner:
         conf = confidence(logits, measure).tolist()
         fills: list[tuple[ScheduledItem, int, int]] = []
         for j, (it, d, row) in enumerate(cand):
-            if d < last and conf[j] < it.exit_threshold:
+            if d < last and conf[j] < it.exit_thresholds[d]:
                 continue
             sample = sample_row(logits[j], it.params, it.output_index, self.generator)
             results[it.request_id] = ItemResult(sample=sample, exit_depth=d)

@@ -37,7 +37,7 @@ class ScheduledItem:
     block_tables: list[list[int]]
     params: SamplingParams
     output_index: int
-    exit_threshold: float
+    exit_thresholds: tuple[float, ...]  # per depth
     min_loops: int
 
     @property
@@ -80,6 +80,7 @@ class Scheduler:
         self.config = config
         self.loops = loops
         self.eos_token_ids = set(eos_token_ids)
+        self.exit_thresholds = config.thresholds_for(loops)
         self.allocator = BlockAllocator(config.num_blocks)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -196,7 +197,9 @@ class Scheduler:
         item = req.item
         assert item is not None
         p = req.params
-        threshold = self.config.exit_threshold if p.exit_threshold is None else p.exit_threshold
+        thresholds = (
+            self.exit_thresholds if p.exit_threshold is None else (p.exit_threshold,) * self.loops
+        )
         return ScheduledItem(
             request_id=req.request_id,
             token_ids=req.token_ids(item.start, item.num_tokens),
@@ -207,7 +210,7 @@ class Scheduler:
             block_tables=req.block_tables,
             params=p,
             output_index=len(req.output_ids),
-            exit_threshold=threshold,
+            exit_thresholds=thresholds,
             min_loops=self.config.min_loops if p.min_loops is None else p.min_loops,
         )
 

@@ -38,7 +38,7 @@ class ModelInfo:
     fidelity: dict[str, Any] | None
     max_model_len: int
     vocab_size: int
-    exit_threshold: float | None
+    exit_thresholds: list[float] | None  # per depth; None: early exit off
     exit_measure: str
     min_loops: int
 
@@ -46,6 +46,7 @@ class ModelInfo:
 @dataclass(frozen=True)
 class ExitRule:
     threshold: float
+    thresholds: tuple[float, ...]  # calibrated, per depth; empty: ``threshold`` everywhere
     measure: str
     min_loops: int
 
@@ -53,23 +54,19 @@ class ExitRule:
 def exit_rule(config: ModelConfig, settings: ServeSettings) -> ExitRule:
     """Early exit is on only where a flag asks or the checkpoint carries calibrated thresholds.
 
-    The engine takes one threshold for all depths, so of calibrated per-depth thresholds the
-    strictest usable one is applied from the first depth that may exit (never looser than the
-    calibration at any depth).
+    Calibrated thresholds apply per depth, as they were fitted (a depth calibrated at > 1 never
+    exits); ``--exit-threshold`` replaces them with one threshold for every depth.
     """
-    measure, threshold, min_loops = "prob", EXITS_OFF, 1
+    measure, thresholds = "prob", ()
     calibrated = config.exit_thresholds or {}
     if calibrated:
         measure = "prob" if "prob" in calibrated else next(iter(calibrated))
-        usable = [(d, t) for d, t in enumerate(calibrated[measure]) if t <= 1.0]
-        if usable:
-            threshold = max(t for _, t in usable)
-            min_loops = usable[0][0] + 1
+        thresholds = tuple(float(t) for t in calibrated[measure])
     if settings.exit_threshold is not None:
-        threshold = settings.exit_threshold
-    if settings.min_loops is not None:
-        min_loops = settings.min_loops
-    return ExitRule(threshold, measure, min_loops)
+        thresholds = ()
+    threshold = EXITS_OFF if settings.exit_threshold is None else settings.exit_threshold
+    min_loops = 1 if settings.min_loops is None else settings.min_loops
+    return ExitRule(threshold, thresholds, measure, min_loops)
 
 
 def resolve_model_dir(spec: str) -> Path:
@@ -106,6 +103,7 @@ def engine_config(model: RecursiveLM, settings: ServeSettings, dtype: torch.dtyp
     return EngineConfig(
         batching=settings.batching,
         exit_threshold=rule.threshold,
+        exit_thresholds=rule.thresholds,
         exit_measure=rule.measure,
         min_loops=rule.min_loops,
         kv_fill=settings.kv_fill,
@@ -115,6 +113,12 @@ def engine_config(model: RecursiveLM, settings: ServeSettings, dtype: torch.dtyp
         num_blocks=num_blocks,
         max_model_len=max_len,
     )
+
+
+def _active_thresholds(config: EngineConfig, loops: int) -> list[float] | None:
+    """Per-depth thresholds of the depths that can exit, or None when none can."""
+    per_depth = list(config.thresholds_for(loops)[: loops - 1])
+    return per_depth if any(t <= 1.0 for t in per_depth) else None
 
 
 def model_info(model: RecursiveLM, model_dir: Path, config: EngineConfig, name: str) -> ModelInfo:
@@ -132,7 +136,7 @@ def model_info(model: RecursiveLM, model_dir: Path, config: EngineConfig, name: 
         fidelity=provenance.get("fidelity"),
         max_model_len=config.max_model_len,
         vocab_size=model.config.arch.vocab_size,
-        exit_threshold=config.exit_threshold if config.exit_threshold <= 1 else None,
+        exit_thresholds=_active_thresholds(config, model.config.loops),
         exit_measure=config.exit_measure,
         min_loops=config.min_loops,
     )
@@ -169,7 +173,7 @@ def build_engine(
         config.block_size,
         config.max_model_len,
         "off"
-        if info.exit_threshold is None
-        else f"at {info.exit_measure} >= {info.exit_threshold}",
+        if info.exit_thresholds is None
+        else f"at {info.exit_measure} >= {info.exit_thresholds} per depth",
     )
     return AsyncEngine(engine, max_queue=settings.max_queue), tokenizer, info

@@ -289,3 +289,25 @@ def test_preempted_requests_recompute_to_the_same_output(rrt: RecursiveLM, batch
     assert engine.scheduler.num_preemptions > 0
     assert got == _reference(rrt, prompts, params.max_tokens)
     assert engine.scheduler.allocator.num_used == 0
+
+
+def test_per_depth_thresholds_and_request_override(rrt: RecursiveLM) -> None:
+    """Calibrated per-depth thresholds: depth 0 never (2.0), depth 1 always (0.0) — every
+    token leaves after two loops; a request's own threshold replaces them at every depth."""
+    prompts = _prompts(4, seed=13)
+    engine = _engine(rrt, exit_thresholds=(2.0, 0.0))
+    depths: list[int] = []
+    got: dict[str, list[int]] = {rid: [] for rid in prompts}
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, GREEDY)
+    while engine.has_work:
+        for o in engine.step()[0]:
+            got[o.request_id].extend(o.token_ids)
+            depths.extend(o.exit_depths)
+    assert set(depths) == {1}
+    assert got == _reference(rrt, prompts, GREEDY.max_tokens, loops=2)
+    override = replace(GREEDY, exit_threshold=0.0)
+    out = _engine(rrt, exit_thresholds=(2.0, 0.0)).generate({"a": prompts["r0"]}, override)
+    assert out["a"][0] == greedy_generate(rrt, prompts["r0"], GREEDY.max_tokens, num_loops=1)
+    assert EngineConfig(exit_thresholds=(0.5,)).thresholds_for(3) == (0.5, 2.0, 2.0)
+    assert EngineConfig(exit_threshold=0.7).thresholds_for(2) == (0.7, 0.7)

@@ -3,6 +3,7 @@ rule, KV sizing, and the ``serve`` command line."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,10 @@ from transformers import LlamaForCausalLM
 
 from model.checkpoint import load_model
 from model.config import ArchConfig, ModelConfig, RecursionConfig
+from model.convert import convert
 from scheduler.config import EXITS_OFF
 from server.cli import build_parser, main
-from server.loader import engine_config, exit_rule
+from server.loader import engine_config, exit_rule, model_info
 from server.settings import ServeConfigError, ServeSettings, parse_size
 
 ARCH = ArchConfig(
@@ -49,14 +51,15 @@ def test_settings_from_environment_and_flags(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_exit_rule_off_unless_calibrated_or_asked() -> None:
     plain = ModelConfig(ARCH, RecursionConfig(loops=3))
-    assert exit_rule(plain, ServeSettings()).threshold == EXITS_OFF
+    off = exit_rule(plain, ServeSettings())
+    assert (off.threshold, off.thresholds) == (EXITS_OFF, ())
     calibrated = ModelConfig(
         ARCH, RecursionConfig(loops=3), {"margin": [0.5, 0.4], "prob": [1.01, 0.9]}
     )
     rule = exit_rule(calibrated, ServeSettings())
-    assert (rule.threshold, rule.measure, rule.min_loops) == (0.9, "prob", 2)
-    asked = exit_rule(plain, ServeSettings(exit_threshold=0.8, min_loops=2))
-    assert (asked.threshold, asked.min_loops) == (0.8, 2)
+    assert (rule.thresholds, rule.measure, rule.min_loops) == ((1.01, 0.9), "prob", 1)
+    asked = exit_rule(calibrated, ServeSettings(exit_threshold=0.8, min_loops=2))
+    assert (asked.threshold, asked.thresholds, asked.min_loops) == (0.8, (), 2)
 
 
 def test_kv_memory_must_hold_one_full_sequence(tiny_hf: tuple[Path, LlamaForCausalLM]) -> None:
@@ -85,3 +88,18 @@ def test_serve_reports_bad_input_without_a_traceback(
     assert "does not exist" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path), "--kv-cache-memory", "lots"]) == 2
     assert "kv_cache_memory" in capsys.readouterr().err
+
+
+def test_calibrated_thresholds_reach_the_engine_per_depth(
+    tiny_hf: tuple[Path, LlamaForCausalLM], tmp_path: Path
+) -> None:
+    model, _ = convert(load_model(tiny_hf[0]), 3, "average", {"q": 4}, progress=False)
+    model.config = dataclasses.replace(model.config, exit_thresholds={"prob": [1.01, 0.9]})
+    cfg = engine_config(model, ServeSettings(kv_cache_memory="1MiB", block_size=4), model.dtype)
+    assert cfg.thresholds_for(3) == (1.01, 0.9, EXITS_OFF)
+    info = model_info(model, tmp_path, cfg, "tiny")
+    assert info.exit_thresholds == [1.01, 0.9] and info.exit_measure == "prob"
+    flat = engine_config(
+        model, ServeSettings(kv_cache_memory="1MiB", block_size=4, exit_threshold=2.0), model.dtype
+    )
+    assert model_info(model, tmp_path, flat, "tiny").exit_thresholds is None

@@ -30,8 +30,8 @@ def _card(state: ServerState) -> ModelCard:
         source_parameters=info.source_parameters,
         fidelity=info.fidelity,
         early_exit={
-            "enabled": info.exit_threshold is not None,
-            "threshold": info.exit_threshold,
+            "enabled": info.exit_thresholds is not None,
+            "thresholds": info.exit_thresholds,
             "measure": info.exit_measure,
             "min_loops": info.min_loops,
         },
