@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -49,7 +49,6 @@ class EngineStats:
     kv_usage: float
     preemptions: int
     tokens_emitted: int
-    finished: list[str] = field(default_factory=list)
 
 
 def _sample_id(request_id: str, index: int) -> str:
@@ -135,7 +134,6 @@ class Engine:
             kv_usage=s.allocator.usage,
             preemptions=s.num_preemptions,
             tokens_emitted=len(events),
-            finished=[o.request_id for o in outputs if o.finished],
         )
         return outputs, stats
 

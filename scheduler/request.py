@@ -64,10 +64,6 @@ class Request:
         if not self.block_tables:
             self.block_tables = [[] for _ in range(self.loops)]
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
     def token_ids(self, start: int, n: int) -> list[int]:
         """Tokens at positions [start, start + n) without building prompt + output (hot path:
         a decode step needs one token of a possibly long sequence)."""

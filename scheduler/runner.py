@@ -28,8 +28,6 @@ class StepCounts:
     rows: list[int]
     exits: list[int]
     fills: list[int]
-    passes: int = 0
-    logits_rows: int = 0
 
 
 @dataclass
@@ -117,7 +115,6 @@ class ModelRunner:
         uniform = len(set(batch.depths)) == 1
         depth = batch.depths[0] if uniform else batch.depth_rows
         batch.hidden = self.model.block_forward(batch.hidden, depth, batch.positions, attention)
-        counts.passes += 1
 
     def _decide(
         self,
@@ -140,7 +137,6 @@ class ModelRunner:
             return
         rows = torch.tensor([r for _, _, r in cand], device=self.device)
         logits = self.model.logits(batch.hidden.index_select(0, rows)).float()
-        counts.logits_rows += len(cand)
         measure = self.config.exit_measure
         conf = confidence(logits, measure).tolist()
         fills: list[tuple[ScheduledItem, int, int]] = []

@@ -141,7 +141,7 @@ def test_propagate_fill_is_kv_projection_of_exit_state(rrt: RecursiveLM) -> None
         engine.step()
     req = engine.scheduler.requests["a#0"]
     pos = len(prompt)  # the first generated token, exited at depth 1
-    ids = torch.tensor([req.all_ids[: pos + 1]])
+    ids = torch.tensor([req.token_ids(0, pos + 1)])
     exit_hidden = rrt.loop_hidden_states(ids, num_loops=2)[-1][0, pos : pos + 1]
     cache = engine.runner.cache
     for layer in range(rrt.config.block_size):
