@@ -113,6 +113,39 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     return cache.index_select(0, blocks).flatten(0, 1)[:length]
 
 
+def _decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One batched attention for sequences with a single query row each.
+
+    q: [S, Hq, D]; tables: [S, W] block ids; lengths: [S] KV lengths. Every table is gathered
+    to the same width and the tail past each length is masked, so a decode batch costs a few
+    large ops instead of a handful of small ones per sequence. Scores past a length are
+    overwritten and values there zeroed: stale or NaN cache contents never reach the output.
+    """
+    s, heads_q, dim = q.shape
+    block_size, heads_kv = k_cache.shape[1], k_cache.shape[2]
+    width = -(-int(lengths.max()) // block_size)
+    blocks = tables[:, :width].long().clamp_min(0).flatten()
+    valid = torch.arange(width * block_size, device=q.device)[None, :] < lengths[:, None].long()
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # [S, L, Hkv, D], a fresh copy
+        return cache.index_select(0, blocks).view(s, width * block_size, heads_kv, dim)
+
+    k = gather(k_cache).to(q.dtype).permute(0, 2, 1, 3)  # [S, Hkv, L, D]
+    v = gather(v_cache).masked_fill_(~valid[:, :, None, None], 0).to(q.dtype).permute(0, 2, 1, 3)
+    qg = q.view(s, heads_kv, heads_q // heads_kv, dim)  # query heads grouped by their KV head
+    scores = (qg @ k.transpose(2, 3)).float() * scale  # [S, Hkv, G, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return (probs @ v).reshape(s, heads_q, dim)
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -120,15 +153,23 @@ def paged_attention_ref(
     meta: PagedAttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Torch twin: gather each sequence's K/V, then causal-offset SDPA (GQA by repeating heads)."""
+    """Torch twin: decode rows in one batched call; each prefill chunk gathers its K/V and runs
+    causal-offset SDPA (GQA by repeating heads)."""
     out = torch.empty_like(q)
     qsl = meta.query_start_loc.tolist()
     ctx = meta.context_lens.tolist()
     group = q.shape[1] // k_cache.shape[2]
+    decode = [s for s in range(meta.num_seqs) if qsl[s + 1] - qsl[s] == 1]
+    if decode:
+        seqs = torch.tensor(decode, device=q.device)
+        rows = meta.query_start_loc[:-1].long()[seqs]
+        out[rows] = _decode_attention(
+            q[rows], k_cache, v_cache, meta.block_tables[seqs], meta.context_lens[seqs], scale
+        )
     for s in range(meta.num_seqs):
         q_s = q[qsl[s] : qsl[s + 1]].transpose(0, 1)  # [Hq, q_len, D]
         q_len, length = q_s.shape[1], ctx[s]
-        if q_len == 0:
+        if q_len <= 1:
             continue
         k = gather_kv(k_cache, meta.block_tables[s], length).transpose(0, 1)  # [Hkv, L, D]
         v = gather_kv(v_cache, meta.block_tables[s], length).transpose(0, 1)
