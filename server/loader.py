@@ -145,10 +145,39 @@ def model_info(model: RecursiveLM, model_dir: Path, config: EngineConfig, name: 
 def build_engine(
     settings: ServeSettings,
 ) -> tuple[AsyncEngine, PreTrainedTokenizerBase, ModelInfo]:
-    """Load everything ``serve`` needs; the engine thread starts stepping at once."""
+    """Load everything ``serve`` needs; the engine thread starts stepping at once.
+
+    The model is loaded on the engine thread (see ``AsyncEngine``); this thread only reads
+    files and metadata.
+    """
+    model_dir = resolve_model_dir(settings.model)
+    front = AsyncEngine(lambda: load_engine(settings, model_dir), max_queue=settings.max_queue)
+    engine = front.engine
+    tokenizer = engine.tokenizer
+    assert isinstance(tokenizer, PreTrainedTokenizerBase)
+    name = settings.served_model_name or model_dir.resolve().name
+    info = model_info(engine.model, model_dir, engine.config, name)
+    log.info(
+        "serving %s (%s): %d loops, %d parameters, %d KV blocks of %d tokens, max_model_len %d, "
+        "early exit %s",
+        name,
+        info.path,
+        info.loops,
+        info.parameters,
+        engine.config.num_blocks,
+        engine.config.block_size,
+        engine.config.max_model_len,
+        "off"
+        if info.exit_thresholds is None
+        else f"at {info.exit_measure} >= {info.exit_thresholds} per depth",
+    )
+    return front, tokenizer, info
+
+
+def load_engine(settings: ServeSettings, model_dir: Path) -> Engine:
+    """Model, dense high-rank deltas, tokenizer and engine limits; runs on the engine thread."""
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    model_dir = resolve_model_dir(settings.model)
     dtype = DTYPES[settings.dtype]
     model = load_model(model_dir, dtype=dtype, device=settings.device)
     dense = materialise_high_rank(model)
@@ -159,21 +188,4 @@ def build_engine(
         config = engine_config(model, settings, dtype)
     except ValueError as e:
         raise ServeConfigError(str(e)) from e
-    name = settings.served_model_name or model_dir.resolve().name
-    info = model_info(model, model_dir, config, name)
-    engine = Engine(model, config, tokenizer, seed=settings.seed)
-    log.info(
-        "serving %s (%s): %d loops, %d parameters, %d KV blocks of %d tokens, max_model_len %d, "
-        "early exit %s",
-        name,
-        info.path,
-        info.loops,
-        info.parameters,
-        config.num_blocks,
-        config.block_size,
-        config.max_model_len,
-        "off"
-        if info.exit_thresholds is None
-        else f"at {info.exit_measure} >= {info.exit_thresholds} per depth",
-    )
-    return AsyncEngine(engine, max_queue=settings.max_queue), tokenizer, info
+    return Engine(model, config, tokenizer, seed=settings.seed)

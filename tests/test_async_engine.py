@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def rrt(tiny_hf: tuple[Path, LlamaForCausalLM]) -> RecursiveLM:
 
 def _front(model: RecursiveLM, **kw: object) -> AsyncEngine:
     cfg = EngineConfig(block_size=4, num_blocks=128, max_model_len=64)
-    return AsyncEngine(Engine(model, cfg), **kw)
+    return AsyncEngine(lambda: Engine(model, cfg), **kw)
 
 
 async def _collect(front: AsyncEngine, rid: str, prompt: list[int]) -> list[int]:
@@ -51,6 +52,33 @@ def test_concurrent_streams_complete_in_order(rrt: RecursiveLM) -> None:
 
     got = asyncio.run(main())
     assert got == {r: greedy_generate(rrt, p, PARAMS.max_tokens) for r, p in prompts.items()}
+
+
+def test_engine_is_built_and_stepped_on_its_own_thread(rrt: RecursiveLM) -> None:
+    threads: list[str] = []
+    cfg = EngineConfig(block_size=4, num_blocks=128, max_model_len=64)
+
+    def build() -> Engine:
+        threads.append(threading.current_thread().name)
+        return Engine(rrt, cfg)
+
+    async def main() -> list[int]:
+        front = AsyncEngine(build)
+        try:
+            return await _collect(front, "r", [4, 5, 6])
+        finally:
+            await front.shutdown(grace_seconds=1)
+
+    assert asyncio.run(main()) == greedy_generate(rrt, [4, 5, 6], PARAMS.max_tokens)
+    assert threads == ["loopserve-engine"]
+
+
+def test_a_failing_build_raises_from_the_constructor() -> None:
+    def build() -> Engine:
+        raise ValueError("no such checkpoint")
+
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        AsyncEngine(build)
 
 
 def test_leaving_a_stream_aborts_and_frees_blocks(rrt: RecursiveLM) -> None:

@@ -139,7 +139,7 @@ def test_rank64_conversion_prints_fidelity(
 def _serve_all(model: RecursiveLM, prompts: list[list[int]], batching: str) -> list[list[int]]:
     async def run() -> list[list[int]]:
         cfg = EngineConfig(batching=batching, num_blocks=512, max_num_batched_tokens=256)
-        front = AsyncEngine(Engine(model, cfg))
+        front = AsyncEngine(lambda: Engine(model, cfg))
         params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
 
         async def one(i: int, ids: list[int]) -> list[int]:
