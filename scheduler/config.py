@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 BATCHING_MODES: tuple[str, ...] = ("depth", "sequence")
 KV_FILL_MODES: tuple[str, ...] = ("propagate", "copy")
+DEPTH_ALIGNMENTS: tuple[str, ...] = ("auto", "mixed", "aligned")
 EXIT_MEASURES: tuple[str, ...] = ("prob", "margin")
 EXITS_OFF = 2.0  # any threshold > 1 disables early exit (confidence never exceeds 1)
 
@@ -18,9 +19,16 @@ class EngineConfig:
     ``"sequence"`` runs all loops per step (vLLM/Orca-style iteration-level batching), the
     baseline. ``exit_threshold`` > 1 disables early exit unless a request asks for it;
     ``exit_thresholds`` (per depth, from calibration) replace it where given.
+
+    ``depth_alignment`` (depth mode): ``"mixed"`` runs every in-flight item each step, whatever
+    its depth; ``"aligned"`` runs the depth most items are at and holds the others (at most
+    ``loops - 1`` steps), so rows fall into step; ``"auto"`` aligns when the model serves some
+    module as dense per-depth weights, where each extra depth in a step is another full weight
+    read, and mixes when the depths share one weight plus small deltas.
     """
 
     batching: str = "depth"
+    depth_alignment: str = "auto"
     exit_threshold: float = EXITS_OFF
     exit_thresholds: tuple[float, ...] = ()
     exit_measure: str = "prob"
@@ -35,6 +43,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
+        if self.depth_alignment not in DEPTH_ALIGNMENTS:
+            raise ValueError(
+                f"depth_alignment must be one of {DEPTH_ALIGNMENTS}, got {self.depth_alignment!r}"
+            )
         if self.kv_fill not in KV_FILL_MODES:
             raise ValueError(f"kv_fill must be one of {KV_FILL_MODES}, got {self.kv_fill!r}")
         if self.exit_measure not in EXIT_MEASURES:

@@ -70,7 +70,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.loops = model.config.loops
         self.sequence_mode = config.batching == "sequence" or self.loops == 1
-        self.scheduler = Scheduler(config, self.loops, model.config.arch.eos_token_id)
+        aligned = config.depth_alignment == "aligned" or (
+            config.depth_alignment == "auto" and bool(model.dense)
+        )
+        self.scheduler = Scheduler(config, self.loops, model.config.arch.eos_token_id, aligned)
         cache = KVCache(
             model.config, config.num_blocks, config.block_size, model.dtype, model.device
         )

@@ -36,6 +36,7 @@ class WorkItem:
     decode: bool
     needs_logits: bool
     sampled: bool = False
+    held: int = 0  # consecutive steps an aligned schedule has left this item waiting
 
 
 @dataclass

@@ -2,16 +2,17 @@
 
 Each running request has at most one in-flight work item (a prefill chunk or a decode
 token) that advances one loop per step in depth mode, or all loops in one step in sequence
-mode. Continuing items always run; freed capacity is refilled at once by next tokens and new
-prefill chunks, FCFS, within ``max_num_batched_tokens`` and ``max_num_seqs``. When KV blocks
-run out the newest running request is preempted and later recomputed.
+mode. Continuing items always run (or, aligned, the largest depth group plus anything held
+``loops - 1`` steps); freed capacity is refilled at once by next tokens and new prefill chunks,
+FCFS, within ``max_num_batched_tokens`` and ``max_num_seqs``. When KV blocks run out the newest
+running request is preempted and later recomputed.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from scheduler.block_allocator import BlockAllocator
@@ -76,9 +77,16 @@ class TokenEvent:
 class Scheduler:
     """Owns the request queues and the KV block allocator; knows no tensors."""
 
-    def __init__(self, config: EngineConfig, loops: int, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        loops: int,
+        eos_token_ids: tuple[int, ...],
+        aligned: bool = False,
+    ) -> None:
         self.config = config
         self.loops = loops
+        self.aligned = aligned and loops > 1 and config.batching == "depth"
         self.eos_token_ids = set(eos_token_ids)
         self.exit_thresholds = config.thresholds_for(loops)
         self.allocator = BlockAllocator(config.num_blocks)
@@ -146,9 +154,31 @@ class Scheduler:
             req.first_scheduled = req.first_scheduled or time.monotonic()
             self.running.append(req)
             budget -= req.item.num_tokens
-        items = [self._describe(r) for r in self.running if r.item is not None]
+        ready = [r for r in self.running if r.item is not None]
+        if self.aligned and ready:
+            ready = self._align(ready)
+        items = [self._describe(r) for r in ready]
         dropped, self._dropped = self._dropped, []
         return SchedulerOutput(items=items, dropped=dropped)
+
+    def _align(self, ready: list[Request]) -> list[Request]:
+        """The items at the depth most items are at (ties: the deepest, whose tokens are
+        nearest), plus any item already held ``loops - 1`` steps; the rest wait a step.
+
+        Staggered rows merge within ``loops - 1`` steps: the group that runs moves onto the
+        next depth and collects the rows waiting there.
+        """
+        sizes = Counter(r.item.depth for r in ready if r.item is not None)
+        depth = max(sizes, key=lambda d: (sizes[d], d))
+        chosen = []
+        for r in ready:
+            assert r.item is not None
+            if r.item.depth == depth or r.item.held >= self.loops - 1:
+                r.item.held = 0
+                chosen.append(r)
+            else:
+                r.item.held += 1
+        return chosen
 
     def _start_item(self, req: Request, budget: int) -> int:
         """Give ``req`` its next work item if KV blocks allow; returns its size (0: none)."""

@@ -24,7 +24,7 @@ from model.distill_data import DataError
 from model.pull import PullError
 from model.train_cli import add_calibrate_parser, add_uptrain_parser
 from model.uptrain import UptrainError
-from scheduler.config import BATCHING_MODES, KV_FILL_MODES
+from scheduler.config import BATCHING_MODES, DEPTH_ALIGNMENTS, KV_FILL_MODES
 from server.settings import DEFAULT_MODEL, ServeConfigError
 
 
@@ -174,6 +174,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     opt("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     opt("--served-model-name", help="the model's name in the API (default: its directory name)")
     opt("--batching", choices=BATCHING_MODES, help="depth-wise or sequence-wise (default: depth)")
+    opt(
+        "--depth-alignment",
+        choices=DEPTH_ALIGNMENTS,
+        help="depth mode: run rows at mixed depths, or hold rows so a step runs one depth "
+        "(default: auto = aligned for dense per-depth weights)",
+    )
     opt("--exit-threshold", type=float, help="early-exit confidence threshold (> 1: off)")
     opt("--min-loops", type=int, help="loops every token runs before it may exit (default: 1)")
     opt("--kv-fill", choices=KV_FILL_MODES, help="K/V for skipped depths (default: propagate)")

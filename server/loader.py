@@ -102,6 +102,7 @@ def engine_config(model: RecursiveLM, settings: ServeSettings, dtype: torch.dtyp
     rule = exit_rule(model.config, settings)
     return EngineConfig(
         batching=settings.batching,
+        depth_alignment=settings.depth_alignment,
         exit_threshold=rule.threshold,
         exit_thresholds=rule.thresholds,
         exit_measure=rule.measure,

@@ -50,6 +50,7 @@ class ServeSettings(BaseSettings):
     api_key: str | None = None
     served_model_name: str | None = None
     batching: Literal["depth", "sequence"] = "depth"
+    depth_alignment: Literal["auto", "mixed", "aligned"] = "auto"
     exit_threshold: float | None = Field(None, ge=0)
     min_loops: int | None = Field(None, ge=1)
     kv_fill: Literal["propagate", "copy"] = "propagate"

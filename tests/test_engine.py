@@ -17,6 +17,7 @@ from model.config import LINEAR_MODULES
 from model.convert import convert
 from model.generate import greedy_generate
 from model.recursive import RecursiveLM
+from model.serving import materialise_high_rank
 from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.sampling import SamplingParams
@@ -31,6 +32,16 @@ def rrt(tiny_hf: tuple[Path, LlamaForCausalLM]) -> RecursiveLM:
     model, _ = convert(
         load_model(tiny_hf[0]), 3, "average", dict.fromkeys(LINEAR_MODULES, 8), progress=False
     )
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def dense_rrt(tiny_hf: tuple[Path, LlamaForCausalLM]) -> RecursiveLM:
+    """The same conversion served as dense per-depth weights (as high-rank models are)."""
+    model, _ = convert(
+        load_model(tiny_hf[0]), 3, "average", dict.fromkeys(LINEAR_MODULES, 8), progress=False
+    )
+    assert len(materialise_high_rank(model, force=True)) == len(LINEAR_MODULES)
     return model.eval()
 
 
@@ -53,14 +64,20 @@ def _run(engine: Engine, prompts: dict[str, list[int]], params: SamplingParams) 
     return {rid: outs[0] for rid, outs in engine.generate(prompts, params).items()}
 
 
-@pytest.mark.parametrize("batching", ["depth", "sequence"])
-def test_greedy_matches_full_forward_exits_off(rrt: RecursiveLM, batching: str) -> None:
+MODES = [("depth", "mixed"), ("depth", "aligned"), ("sequence", "auto")]
+
+
+@pytest.mark.parametrize(("batching", "alignment"), MODES)
+def test_greedy_matches_full_forward_exits_off(
+    rrt: RecursiveLM, batching: str, alignment: str
+) -> None:
     prompts = _prompts(16)
     want = _reference(rrt, prompts, GREEDY.max_tokens)
-    got = _run(_engine(rrt, batching=batching), prompts, GREEDY)
+    mode = {"batching": batching, "depth_alignment": alignment}
+    got = _run(_engine(rrt, **mode), prompts, GREEDY)
     assert got == want
     one_at_a_time = {
-        rid: _run(_engine(rrt, batching=batching), {rid: ids}, GREEDY)[rid]
+        rid: _run(_engine(rrt, **mode), {rid: ids}, GREEDY)[rid]
         for rid, ids in list(prompts.items())[:4]
     }
     assert one_at_a_time == {rid: want[rid] for rid in one_at_a_time}
@@ -224,7 +241,7 @@ def test_rejects_requests_that_can_never_fit(rrt: RecursiveLM) -> None:
     aborts=st.lists(st.integers(0, 12), min_size=8, max_size=8),
     num_blocks=st.integers(30, 60),
     budget=st.integers(4, 40),
-    batching=st.sampled_from(["depth", "sequence"]),
+    mode=st.sampled_from(MODES),
 )
 def test_random_schedules_end_cleanly(
     rrt: RecursiveLM,
@@ -234,14 +251,16 @@ def test_random_schedules_end_cleanly(
     aborts: list[int],
     num_blocks: int,
     budget: int,
-    batching: str,
+    mode: tuple[str, str],
 ) -> None:
     """Random arrivals/lengths/aborts on a small pool: every request ends, nothing leaks,
     budgets hold, and requests that were preempted still give the unpreempted output."""
     rng = random.Random(sum(lens))
     prompts = {f"q{i}": [rng.randrange(3, 101) for _ in range(n)] for i, n in enumerate(lens)}
+    batching, alignment = mode
     cfg = EngineConfig(
         batching=batching,
+        depth_alignment=alignment,
         block_size=4,
         num_blocks=num_blocks,
         max_num_batched_tokens=budget,
@@ -278,6 +297,49 @@ def test_random_schedules_end_cleanly(
     for i, rid in enumerate(prompts):
         if rid not in aborted:
             assert got[rid] == greedy_generate(rrt, prompts[rid], max_tokens[i]), rid
+
+
+def _staggered_run(model: RecursiveLM, alignment: str) -> tuple[dict, list[int], list[int]]:
+    """Requests arriving one step apart; per step, how many depths ran and the longest hold."""
+    prompts = _prompts(6, seed=5)
+    engine = _engine(model, depth_alignment=alignment, max_num_batched_tokens=256)
+    params = replace(GREEDY, max_tokens=10)
+    pending = list(prompts.items())
+    got: dict[str, list[int]] = {rid: [] for rid in prompts}
+    depths_per_step, longest_hold = [], []
+    while pending or engine.has_work:
+        if pending:
+            engine.add_request(*pending.pop(0), params)
+        outputs, stats = engine.step()
+        depths_per_step.append(sum(1 for n in stats.rows_per_depth if n))
+        held = [r.item.held for r in engine.scheduler.running if r.item is not None]
+        longest_hold.append(max(held, default=0))
+        for o in outputs:
+            got[o.request_id].extend(o.token_ids)
+    assert got == _reference(model, prompts, params.max_tokens)
+    return got, depths_per_step, longest_hold
+
+
+def test_aligned_schedule_runs_one_depth_per_step_and_holds_briefly(
+    dense_rrt: RecursiveLM,
+) -> None:
+    """Staggered arrivals put rows at every depth; mixed steps run up to three depths (three
+    full weight reads for dense per-depth weights), aligned steps fall into one depth."""
+    _, mixed, _ = _staggered_run(dense_rrt, "mixed")
+    _, aligned, holds = _staggered_run(dense_rrt, "aligned")
+    assert max(mixed) == 3
+    assert max(holds) <= 2  # loops - 1: nothing waits longer
+    assert sum(d > 1 for d in aligned) <= 2  # only where a held row is forced in
+    assert sum(aligned) < sum(mixed)
+
+
+def test_auto_alignment_follows_the_weight_layout(rrt: RecursiveLM, dense_rrt: RecursiveLM) -> None:
+    assert not _engine(rrt).scheduler.aligned  # shared weights + rank-8 deltas: mix depths
+    assert _engine(dense_rrt).scheduler.aligned  # dense per-depth weights: align
+    assert not _engine(dense_rrt, depth_alignment="mixed").scheduler.aligned
+    assert not _engine(dense_rrt, batching="sequence").scheduler.aligned
+    with pytest.raises(ValueError, match="depth_alignment"):
+        EngineConfig(depth_alignment="sometimes")
 
 
 @pytest.mark.parametrize("batching", ["depth", "sequence"])

@@ -47,6 +47,10 @@ def test_settings_from_environment_and_flags(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("LOOPSERVE_BATCHING", "sideways")
     with pytest.raises(ValidationError, match="batching"):
         ServeSettings()
+    monkeypatch.setenv("LOOPSERVE_BATCHING", "depth")
+    monkeypatch.setenv("LOOPSERVE_DEPTH_ALIGNMENT", "sometimes")
+    with pytest.raises(ValidationError, match="depth_alignment"):
+        ServeSettings()
 
 
 def test_exit_rule_off_unless_calibrated_or_asked() -> None:
@@ -66,6 +70,9 @@ def test_kv_memory_must_hold_one_full_sequence(tiny_hf: tuple[Path, LlamaForCaus
     model = load_model(tiny_hf[0])
     cfg = engine_config(model, ServeSettings(kv_cache_memory="1MiB", block_size=4), model.dtype)
     assert cfg.num_blocks == 2**20 // (2 * 4 * 2 * 12 * 4 * 6) and cfg.max_model_len == 128
+    assert cfg.depth_alignment == "auto"
+    mixed = ServeSettings(kv_cache_memory="1MiB", depth_alignment="mixed")
+    assert engine_config(model, mixed, model.dtype).depth_alignment == "mixed"
     with pytest.raises(ServeConfigError, match="kv-cache-memory"):
         engine_config(model, ServeSettings(kv_cache_memory="4KiB"), model.dtype)
 
@@ -74,6 +81,7 @@ def test_serve_lists_every_option() -> None:
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     for flag in (
         "--model", "--host", "--port", "--api-key", "--served-model-name", "--batching",
+        "--depth-alignment",
         "--exit-threshold", "--min-loops", "--kv-fill", "--max-num-seqs",
         "--max-num-batched-tokens", "--kv-cache-memory", "--max-model-len", "--max-queue",
         "--dtype",
