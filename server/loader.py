@@ -159,12 +159,13 @@ def build_engine(
     name = settings.served_model_name or model_dir.resolve().name
     info = model_info(engine.model, model_dir, engine.config, name)
     log.info(
-        "serving %s (%s): %d loops, %d parameters, %d KV blocks of %d tokens, max_model_len %d, "
-        "early exit %s",
+        "serving %s (%s): %d loops, %d parameters, %s batching, %d KV blocks of %d tokens, "
+        "max_model_len %d, early exit %s",
         name,
         info.path,
         info.loops,
         info.parameters,
+        batching_label(engine),
         engine.config.num_blocks,
         engine.config.block_size,
         engine.config.max_model_len,
@@ -173,6 +174,13 @@ def build_engine(
         else f"at {info.exit_measure} >= {info.exit_thresholds} per depth",
     )
     return front, tokenizer, info
+
+
+def batching_label(engine: Engine) -> str:
+    """How steps are formed, as the startup log says it: what ``auto`` resolved to."""
+    if engine.sequence_mode:
+        return "sequence-wise"
+    return "depth-wise (aligned)" if engine.scheduler.aligned else "depth-wise (mixed depths)"
 
 
 def load_engine(settings: ServeSettings, model_dir: Path) -> Engine:

@@ -13,9 +13,11 @@ from transformers import LlamaForCausalLM
 from model.checkpoint import load_model
 from model.config import ArchConfig, ModelConfig, RecursionConfig
 from model.convert import convert
-from scheduler.config import EXITS_OFF
+from model.serving import materialise_high_rank
+from scheduler.config import EXITS_OFF, EngineConfig
+from scheduler.engine import Engine
 from server.cli import build_parser, main
-from server.loader import engine_config, exit_rule, model_info
+from server.loader import batching_label, engine_config, exit_rule, model_info
 from server.settings import ServeConfigError, ServeSettings, parse_size
 
 ARCH = ArchConfig(
@@ -111,3 +113,13 @@ def test_calibrated_thresholds_reach_the_engine_per_depth(
         model, ServeSettings(kv_cache_memory="1MiB", block_size=4, exit_threshold=2.0), model.dtype
     )
     assert model_info(model, tmp_path, flat, "tiny").exit_thresholds is None
+
+
+def test_startup_log_names_the_resolved_batching(tiny_hf: tuple[Path, LlamaForCausalLM]) -> None:
+    cfg = EngineConfig(block_size=4, num_blocks=64, max_model_len=32)
+    lora, _ = convert(load_model(tiny_hf[0]), 3, "average", {"q": 4}, progress=False)
+    assert batching_label(Engine(lora, cfg)) == "depth-wise (mixed depths)"
+    seq = dataclasses.replace(cfg, batching="sequence")
+    assert batching_label(Engine(lora, seq)) == "sequence-wise"
+    materialise_high_rank(lora, force=True)
+    assert batching_label(Engine(lora, cfg)) == "depth-wise (aligned)"
