@@ -73,7 +73,7 @@ class DecodeGather:
     rows: torch.Tensor  # [S_dec] query rows
     blocks: torch.Tensor  # [S_dec · width] block ids, padded entries clamped to 0
     span: int  # width · block_size keys per sequence
-    valid: torch.Tensor  # [S_dec, span] key position < length
+    past: torch.Tensor  # [S_dec, span] key position >= length (masked)
     past_end: torch.Tensor  # flat [S_dec · span] indices of the keys past each length
 
 
@@ -96,7 +96,7 @@ class TwinPlan:
         span = width * block_size
         index = torch.tensor(seqs, device=device)
         tables = meta.block_tables.index_select(0, index)[:, :width]
-        valid = torch.arange(span, device=device)[None, :] < meta.context_lens[index, None]
+        past = torch.arange(span, device=device)[None, :] >= meta.context_lens[index, None]
         return TwinPlan(
             starts,
             lengths,
@@ -104,8 +104,8 @@ class TwinPlan:
                 rows=meta.query_start_loc[:-1].long()[index],
                 blocks=tables.long().clamp_min(0).flatten(),
                 span=span,
-                valid=valid,
-                past_end=(~valid).flatten().nonzero().squeeze(1),
+                past=past,
+                past_end=past.flatten().nonzero().squeeze(1),
             ),
         )
 
@@ -204,7 +204,7 @@ def _decode_attention(
     group = heads_q // heads_kv
     qg = q.reshape(s * heads_kv, group, dim).to(dtype)  # query heads grouped by their KV head
     scores = torch.bmm(qg, k.transpose(1, 2)).float().view(s, heads_kv, group, span) * scale
-    scores = scores.masked_fill(~plan.valid[:, None, None, :], float("-inf"))
+    scores = scores.masked_fill(plan.past[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(dtype).view(s * heads_kv, group, span)
     return torch.bmm(probs, v).reshape(s, heads_q, dim).to(q.dtype)
 

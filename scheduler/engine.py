@@ -70,8 +70,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.loops = model.config.loops
         self.sequence_mode = config.batching == "sequence" or self.loops == 1
-        aligned = config.depth_alignment == "aligned" or (
-            config.depth_alignment == "auto" and bool(model.dense)
+        aligned = not self.sequence_mode and (
+            config.depth_alignment == "aligned"
+            or (config.depth_alignment == "auto" and bool(model.dense))
         )
         self.scheduler = Scheduler(config, self.loops, model.config.arch.eos_token_id, aligned)
         cache = KVCache(

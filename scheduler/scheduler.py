@@ -86,7 +86,7 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.loops = loops
-        self.aligned = aligned and loops > 1 and config.batching == "depth"
+        self.aligned = aligned
         self.eos_token_ids = set(eos_token_ids)
         self.exit_thresholds = config.thresholds_for(loops)
         self.allocator = BlockAllocator(config.num_blocks)
