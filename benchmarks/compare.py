@@ -54,7 +54,7 @@ class TargetResult:
 
 def loopserve_target(name: str, model: str, batching: str, args: argparse.Namespace) -> Target:
     port = free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--model", model]
+    command = [sys.executable, "-m", "loopserve.cli", "serve", "--model", model]
     command += ["--batching", batching, "--port", str(port), "--shutdown-grace", "1"]
     if args.threads:
         command += ["--threads", str(args.threads)]
@@ -151,9 +151,9 @@ def _row(m: BenchmarkMetrics) -> dict[str, Any]:
 
 def run_compare(args: argparse.Namespace) -> int:
     if args.vanilla_model is None:
-        from model.pull import default_model_dir
+        from model.pull import source_model_dir
 
-        args.vanilla_model = str(default_model_dir())
+        args.vanilla_model = str(source_model_dir())
     targets = targets_from(args)  # bad peer specs fail before anything is loaded
     tokenizer = load_tokenizer(args.tokenizer or args.vanilla_model)
     out = Path(args.out)

@@ -9,7 +9,6 @@ set -euo pipefail
 OUT="${OUT:-/tmp/out}"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="${PYTHONPATH:+${PYTHONPATH}:}$(pwd)"
-export LOOPSERVE_KERNELS=auto
 mkdir -p "${OUT}"
 status=0
 

@@ -33,9 +33,6 @@ DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
 
 export PYTHONPATH=.
-# Training needs autograd, which only the torch twins of the kernels have; calibration is
-# small, so it uses them too and does not depend on the Triton build.
-export LOOPSERVE_KERNELS=torch
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 mkdir -p "$OUT" "$WORK"
@@ -55,7 +52,7 @@ for cfg in $CONFIGS; do
     name="b${loops}_r${rank}"
     mkdir -p "$OUT/$name"
     echo "=== $name: convert"
-    # Library call, not `server.cli`: the server's imports (pydantic, fastapi) are not needed.
+    # Library call, not `loopserve serve`: the server's imports (pydantic, fastapi) are not needed.
     "$PYTHON" -c "
 import json, sys
 from model.build import convert_checkpoint, result_dict
@@ -69,7 +66,7 @@ open(sys.argv[5], 'w').write(json.dumps(result_dict(r), indent=2))
     # Cosine schedule sized to end near MINUTES at TOKENS_PER_S; the time bound stops it anyway.
     steps=$(awk -v m="$MINUTES" -v t="$TOKENS_PER_S" -v s="$SEQ_LEN" -v b="$BATCH" \
         'BEGIN { print int(m * 60 * t / (s * b)) + 1 }')
-    "$PYTHON" -m model.train_cli uptrain \
+    "$PYTHON" -m training.cli uptrain \
         --student "$WORK/$name/student" --teacher "$SRC" --out "$WORK/$name/out" \
         --self-distill "$GEN_TOKENS" --self-distill-cache "$WORK/self_distill.jsonl" \
         --gen-len 256 --gen-batch "$GEN_BATCH" --seq-len "$SEQ_LEN" --batch-size "$BATCH" \
@@ -79,7 +76,7 @@ open(sys.argv[5], 'w').write(json.dumps(result_dict(r), indent=2))
     cp "$WORK/$name/out/uptrain/eval.jsonl" "$OUT/$name/eval.jsonl"
     cp "$WORK/$name/out/uptrain/curve.png" "$OUT/$name/curve.png"
     echo "=== $name: calibrate"
-    "$PYTHON" -m model.train_cli calibrate --model "$WORK/$name/out" --target 0.99 \
+    "$PYTHON" -m training.cli calibrate --model "$WORK/$name/out" --target 0.99 \
         --device "$DEVICE" --json "$OUT/$name/calibrate.json"
 done
 echo "results in $OUT"

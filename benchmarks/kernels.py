@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernels import PagedAttentionMetadata, paged_attention
 from kernels.dense_lora import dense_per_depth_linear, materialise_dense, prefer_dense
 from kernels.lora_linear import lora_linear
-from kernels.paged_attention import PagedAttentionMetadata, paged_attention
 
 MODELS = {  # name: (hidden, mlp, q_heads, kv_heads, head_dim)
     "smollm2-135m": (576, 1536, 9, 3, 64),

@@ -26,8 +26,9 @@ from model.checkpoint import load_model
 from model.config import LINEAR_MODULES, ArchConfig, ModelConfig, RecursionConfig
 from model.recursive import RecursiveLM
 from model.serving import materialise_high_rank
-from scheduler.config import EXITS_OFF, EngineConfig
+from scheduler.config import EngineConfig
 from scheduler.engine import Engine
+from scheduler.exit_policy import EXITS_OFF
 from scheduler.sampling import SamplingParams
 
 SMOLLM2_ARCH = ArchConfig(

@@ -1,6 +1,10 @@
-"""Compute kernels: Triton implementations, their pure-torch twins, and the dispatch."""
+"""Compute kernels: Triton implementations, their pure-torch twins, and the dispatch.
+
+Callers use the names below; ``kernels.dispatch`` picks the implementation per call.
+"""
 
 from kernels.dense_lora import dense_per_depth_linear, materialise_dense, prefer_dense
+from kernels.dispatch import use_backend
 from kernels.lora_linear import (
     FusedLoRA,
     fuse_lora,
@@ -8,6 +12,8 @@ from kernels.lora_linear import (
     lora_linear,
     lora_linear_ref,
 )
+from kernels.paged_attention import paged_attention, write_kv
+from kernels.paged_metadata import PagedAttentionMetadata
 
 __all__ = [
     "FusedLoRA",
@@ -20,5 +26,6 @@ __all__ = [
     "materialise_dense",
     "paged_attention",
     "prefer_dense",
+    "use_backend",
     "write_kv",
 ]

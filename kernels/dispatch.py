@@ -1,23 +1,28 @@
 """The one place that decides which implementation a kernel call runs.
 
 Callers never branch on the device: they call the entry points in ``kernels`` and this module
-picks Triton for CUDA tensors and the pure-torch twin otherwise. ``LOOPSERVE_KERNELS`` forces
-a backend (``triton`` | ``torch`` | ``auto``, default ``auto``); forcing ``triton`` on CPU
-tensors only works under ``TRITON_INTERPRET=1`` (how the tests run the kernels on a CPU).
+picks Triton for CUDA tensors and the pure-torch twin otherwise. ``use_backend`` forces a
+backend for the code it wraps — in this thread or task only (a context variable, not a
+process-wide switch), so a trainer forcing the torch twins (they have autograd) never changes
+what an engine thread beside it runs. Forcing ``triton`` on CPU tensors only works under
+``TRITON_INTERPRET=1`` (how the tests run the kernels on a CPU).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 from typing import Literal
 
 import torch
 
 Backend = Literal["triton", "torch"]
-ENV_VAR = "LOOPSERVE_KERNELS"
-_MODES = ("auto", "triton", "torch")
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+_forced: ContextVar[str] = ContextVar("loopserve_kernel_backend", default="auto")
 
 
 @cache
@@ -31,19 +36,29 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@contextmanager
+def use_backend(mode: str) -> Iterator[None]:
+    """Run the kernel calls inside the ``with`` block on ``mode`` (auto | triton | torch)."""
+    if mode not in BACKENDS:
+        raise ValueError(f"kernel backend {mode!r}; expected one of {', '.join(BACKENDS)}")
+    token = _forced.set(mode)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
 def kernel_backend(x: torch.Tensor) -> Backend:
-    """Backend for a call whose main input is ``x``: the env override, else by device."""
-    mode = os.environ.get(ENV_VAR, "auto").lower()
-    if mode not in _MODES:
-        raise ValueError(f"{ENV_VAR}={mode!r}; expected one of {', '.join(_MODES)}")
+    """Backend for a call whose main input is ``x``: the forced one, else by device."""
+    mode = _forced.get()
     if mode == "torch":
         return "torch"
     if mode == "triton":
         if not triton_available():
-            raise RuntimeError(f"{ENV_VAR}=triton but the triton package is not installed")
+            raise RuntimeError("kernel backend 'triton' forced but triton is not installed")
         if not x.is_cuda and not interpreter_enabled():
             raise RuntimeError(
-                f"{ENV_VAR}=triton on {x.device} tensors needs TRITON_INTERPRET=1 (or CUDA)"
+                f"kernel backend 'triton' on {x.device} tensors needs TRITON_INTERPRET=1 (or CUDA)"
             )
         return "triton"
     return "triton" if x.is_cuda and triton_available() else "torch"

@@ -12,58 +12,13 @@ at offset ``p % block_size`` (flat slot ``block * block_size + offset``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import kernel_backend
-
-
-@dataclass
-class PagedAttentionMetadata:
-    """Where each sequence's queries and keys live for one attention call.
-
-    block_tables: [S, max_blocks] int32 — physical block ids of sequence s, in position order
-        (entries past the sequence's last block are ignored).
-    context_lens: [S] int32 — KV length of sequence s *including* this step's new tokens, which
-        must already be written (``write_kv``). Query row j of a chunk of q_len rows sits at
-        position ``context_len - q_len + j`` and sees keys at positions ≤ that.
-    query_start_loc: [S + 1] int32 — cu_seqlens: rows ``[qsl[s], qsl[s+1])`` of q belong to s.
-    max_query_len / max_context_len: host-side maxima (size the grid without a device sync).
-    """
-
-    block_tables: torch.Tensor
-    context_lens: torch.Tensor
-    query_start_loc: torch.Tensor
-    max_query_len: int
-    max_context_len: int
-    # the torch twin's plan per block size: one step calls attention once per block layer
-    _plans: dict[int, TwinPlan] = field(default_factory=dict, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.block_tables.dim() != 2:
-            raise ValueError(f"block_tables must be [S, max_blocks], got {self.block_tables.shape}")
-        s = self.block_tables.shape[0]
-        if self.context_lens.shape != (s,):
-            raise ValueError(f"context_lens shape {tuple(self.context_lens.shape)} != ({s},)")
-        if self.query_start_loc.shape != (s + 1,):
-            raise ValueError(
-                f"query_start_loc shape {tuple(self.query_start_loc.shape)} != ({s + 1},)"
-            )
-        if self.max_query_len < 0 or self.max_context_len < 0:
-            raise ValueError("max_query_len and max_context_len must be ≥ 0")
-
-    @property
-    def num_seqs(self) -> int:
-        """Number of sequences (block tables) in the batch."""
-        return self.block_tables.shape[0]
-
-    def twin_plan(self, block_size: int) -> TwinPlan:
-        """The torch twin's host-side work, done once per metadata (= once per step)."""
-        if block_size not in self._plans:
-            self._plans[block_size] = TwinPlan.build(self, block_size)
-        return self._plans[block_size]
+from kernels.paged_metadata import PagedAttentionMetadata, check_cache
 
 
 @dataclass(frozen=True)
@@ -110,16 +65,12 @@ class TwinPlan:
         )
 
 
-def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
-    """(block_size, num_kv_heads, head_dim) of a K/V cache pair, or ValueError."""
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], "
-            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    if k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"cache dtypes differ: {k_cache.dtype} vs {v_cache.dtype}")
-    return k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+def twin_plan(meta: PagedAttentionMetadata, block_size: int) -> TwinPlan:
+    """The torch twin's host-side work, done once per metadata (= once per step)."""
+    key = ("twin_plan", block_size)
+    if key not in meta.derived:
+        meta.derived[key] = TwinPlan.build(meta, block_size)
+    return meta.derived[key]
 
 
 def write_kv_ref(
@@ -219,7 +170,7 @@ def paged_attention_ref(
     """Torch twin: decode rows in one batched call; each prefill chunk gathers its K/V and runs
     causal-offset SDPA (GQA by repeating heads)."""
     out = torch.empty_like(q)
-    plan = meta.twin_plan(k_cache.shape[1])
+    plan = twin_plan(meta, k_cache.shape[1])
     qsl, ctx = plan.starts, plan.lengths
     group = q.shape[1] // k_cache.shape[2]
     if plan.decode is not None:

@@ -187,7 +187,7 @@ class RecursionConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture + recursion. ``block_size`` (K) is derived: L / loops."""
+    """Architecture + recursion; ``block_layers`` (K, the shared block's layers) = L / loops."""
 
     arch: ArchConfig
     recursion: RecursionConfig = field(default_factory=RecursionConfig)
@@ -210,7 +210,7 @@ class ModelConfig:
         return self.recursion.loops
 
     @property
-    def block_size(self) -> int:
+    def block_layers(self) -> int:
         return self.arch.num_layers // self.recursion.loops
 
     @property

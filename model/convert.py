@@ -39,9 +39,9 @@ def resolve_ranks(config: ModelConfig, ranks: dict[str, int]) -> dict[str, int]:
     return {m: config.full_rank(m) if r == FULL_RANK else r for m, r in ranks.items()}
 
 
-def stepwise_indices(num_layers: int, block_size: int) -> list[int]:
+def stepwise_indices(num_layers: int, block_layers: int) -> list[int]:
     """round(linspace(0, L−1, K)): evenly spaced, first and last layer kept."""
-    return torch.linspace(0, num_layers - 1, block_size).round().long().tolist()
+    return torch.linspace(0, num_layers - 1, block_layers).round().long().tolist()
 
 
 def shared_block_init(
@@ -87,7 +87,7 @@ def convert(
     ranks = resolve_ranks(config, {m: ranks.get(m, 0) for m in LINEAR_MODULES})
     config = config.with_recursion(RecursionConfig(loops=loops, init=init, ranks=ranks))
     target = RecursiveLM(config, dtype=source.dtype, device=source.device)
-    k_size = config.block_size
+    k_size = config.block_layers
     gen = torch.Generator().manual_seed(seed)
     report = ConversionReport(init=init, loops=loops, ranks=ranks)
     src = source.state_dict()

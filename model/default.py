@@ -14,6 +14,7 @@ from model.checkpoint import LOOPSERVE_CONFIG
 from model.config import FULL_RANK, LINEAR_MODULES
 from model.pull import loopserve_home, pull_default
 
+DEFAULT_SPEC = "default"  # what a user types for this model: `--model default`
 DEFAULT_MODEL_NAME = "smollm2-135m-rrt3-exact"
 DEFAULT_LOOPS = 3
 DEFAULT_INIT = "average"

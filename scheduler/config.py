@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduler.exit_policy import EXIT_MEASURES, EXITS_OFF
+
 BATCHING_MODES: tuple[str, ...] = ("depth", "sequence")
 KV_FILL_MODES: tuple[str, ...] = ("propagate", "copy")
 DEPTH_ALIGNMENTS: tuple[str, ...] = ("auto", "mixed", "aligned")
-EXIT_MEASURES: tuple[str, ...] = ("prob", "margin")
-EXITS_OFF = 2.0  # any threshold > 1 disables early exit (confidence never exceeds 1)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.paged_attention import PagedAttentionMetadata, paged_attention, write_kv
+from kernels import PagedAttentionMetadata, paged_attention, write_kv
 from model.config import ModelConfig
 
 
@@ -29,14 +29,15 @@ class KVCache:
         a = config.arch
         shape = (num_blocks, block_size, a.num_kv_heads, a.head_dim)
         self.block_size = block_size
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.block_size)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.block_size)]
+        layers = range(config.block_layers)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         a = config.arch
         per_layer = 2 * block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
-        return per_layer * config.block_size
+        return per_layer * config.block_layers
 
     def slots(self, table: list[int], start: int, n: int) -> list[int]:
         """Flat slot ids of positions [start, start + n) under ``table``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from scheduler.sampling import SampleResult, SamplingParams
+from scheduler.sampling import SamplingParams
 
 
 class Status(enum.Enum):
@@ -51,14 +51,11 @@ class Request:
     loops: int
     status: Status = Status.WAITING
     output_ids: list[int] = field(default_factory=list)
-    samples: list[SampleResult] = field(default_factory=list)
-    exit_depths: list[int] = field(default_factory=list)
     block_tables: list[list[int]] = field(default_factory=list)
     num_computed: int = 0
     prefilled: bool = False
     item: WorkItem | None = None
     finish_reason: FinishReason | None = None
-    num_preemptions: int = 0
     first_scheduled: float | None = None
 
     def __post_init__(self) -> None:

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.paged_attention import write_kv
-from model.calibrate import confidence
+from kernels import write_kv
 from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
-from scheduler.exit_policy import may_exit
+from scheduler.exit_policy import confidence, may_exit
 from scheduler.kv_cache import KVCache, PagedAttention, attention_metadata
 from scheduler.sampling import sample_row
 from scheduler.scheduler import ItemResult, ScheduledItem, SchedulerOutput
@@ -176,7 +175,7 @@ class ModelRunner:
         hidden = batch.hidden.index_select(0, torch.tensor(rows, device=self.device))
         depth_t = torch.tensor(depths, device=self.device)
         positions = batch.positions.index_select(0, torch.tensor(rows, device=self.device))
-        for layer in range(self.model.config.block_size):
+        for layer in range(self.model.config.block_layers):
             k, v = self.model.kv_projection(layer, hidden, depth_t, positions)
             write_kv(k, v, self.cache.k[layer], self.cache.v[layer], slot_t)
 

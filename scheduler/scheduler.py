@@ -218,7 +218,6 @@ class Scheduler:
         self.allocator.free(req.release_blocks())
         self.running.remove(req)
         req.status = Status.WAITING
-        req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
         self._dropped.append(req.request_id)
@@ -273,8 +272,6 @@ class Scheduler:
 
     def _emit(self, req: Request, sample: SampleResult, exit_depth: int) -> TokenEvent:
         req.output_ids.append(sample.token)
-        req.samples.append(sample)
-        req.exit_depths.append(exit_depth)
         reason = self._stop_reason(req, sample.token)
         if reason is not None:
             self._finish(req, reason)

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from benchmarks.client.datasets import BenchError
 from benchmarks.server_process import ServerProcess
-from server.cli import main
+from loopserve.cli import main
 from server.settings import ServeSettings
 
 WORDS = ["the", " cat", " is", " red"]

@@ -8,19 +8,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.calibrate import (
-    NEVER_EXIT,
-    CalibrationError,
-    calibrate,
-    collect_depth_stats,
-    confidence,
-    exit_depths,
-    fit_thresholds,
-    lowest_threshold,
-)
 from model.checkpoint import load_model
 from model.config import LINEAR_MODULES
 from model.convert import convert
+from scheduler.exit_policy import EXITS_OFF, confidence, exit_depths
+from training.calibrate import (
+    CalibrationError,
+    calibrate,
+    collect_depth_stats,
+    fit_thresholds,
+    lowest_threshold,
+)
 
 
 def _synthetic(tokens: int, loops: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,9 +44,9 @@ def test_exit_depths_examples() -> None:
     conf = torch.tensor([[0.9, 0.1, 0.0], [0.5, 0.95, 0.0], [0.2, 0.3, 0.0], [0.8, 0.8, 0.0]])
     assert exit_depths(conf, [0.8, 0.9]).tolist() == [0, 1, 2, 0]
     assert exit_depths(conf, [0.8, 0.9], min_loops=2).tolist() == [2, 1, 2, 2]
-    assert exit_depths(conf, [NEVER_EXIT, 0.75]).tolist() == [2, 1, 2, 1]
+    assert exit_depths(conf, [EXITS_OFF, 0.75]).tolist() == [2, 1, 2, 1]
     assert exit_depths(conf, [0.8, 0.9], min_loops=3).tolist() == [2, 2, 2, 2]
-    with pytest.raises(CalibrationError):
+    with pytest.raises(ValueError, match="thresholds"):
         exit_depths(conf, [0.5])
 
 
@@ -69,7 +67,7 @@ def test_confidence_measures() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.25, 0.25, 0.5]]))
     torch.testing.assert_close(confidence(logits, "prob"), torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(confidence(logits, "margin"), torch.tensor([0.2, 0.25]))
-    with pytest.raises(CalibrationError):
+    with pytest.raises(ValueError, match="entropy"):
         confidence(logits, "entropy")
 
 
@@ -80,8 +78,8 @@ def test_lowest_threshold_is_lowest_and_handles_ties() -> None:
     assert lowest_threshold(conf, agree, 1.0, z=0) == pytest.approx(0.9)
     assert lowest_threshold(conf, agree, 0.75, z=0) == pytest.approx(0.6)  # 4/5
     assert lowest_threshold(conf, agree, 0.7, z=0) == pytest.approx(0.6)
-    assert lowest_threshold(conf, ~agree, 0.5, z=0) == NEVER_EXIT
-    assert lowest_threshold(conf[:0], agree[:0], 0.5, z=0) == NEVER_EXIT
+    assert lowest_threshold(conf, ~agree, 0.5, z=0) == EXITS_OFF
+    assert lowest_threshold(conf[:0], agree[:0], 0.5, z=0) == EXITS_OFF
 
 
 def test_thresholds_meet_target_on_held_out_split() -> None:
@@ -126,7 +124,7 @@ def test_reported_rates_match_the_exit_rule(min_loops: int) -> None:
         float(agree[torch.arange(len(depth)), depth].double().mean())
     )
     if min_loops == 2:
-        assert thresholds[0] == NEVER_EXIT and rates.rate[0] == 0
+        assert thresholds[0] == EXITS_OFF and rates.rate[0] == 0
 
 
 def test_fit_rejects_bad_input() -> None:

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
+from loopserve.cli import main
 from model.checkpoint import CheckpointError, load_model, save_checkpoint
 from model.config import LINEAR_MODULES, ConfigError
 from model.convert import convert
-from server.cli import main
 
 
 def _copy(src: Path, dst: Path) -> Path:

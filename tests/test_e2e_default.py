@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from loopserve.cli import main
 from model.checkpoint import load_model
 from model.default import ensure_default_model
 from model.generate import greedy_generate
@@ -20,7 +21,6 @@ from scheduler.async_engine import AsyncEngine
 from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.sampling import SamplingParams
-from server.cli import main
 
 pytestmark = pytest.mark.e2e
 NEW_TOKENS = 20
@@ -98,7 +98,7 @@ def test_exact_default_equals_transformers_generate(
     path: str, default_dir: Path, prompts: list[list[int]], hf_reference: list[list[int]]
 ) -> None:
     rrt = load_model(default_dir)
-    assert rrt.config.loops == 3 and rrt.config.block_size == 10
+    assert rrt.config.loops == 3 and rrt.config.block_layers == 10
     meta = json.loads((default_dir / "loopserve.json").read_text())
     fidelity = meta["provenance"]["fidelity"]
     assert fidelity["agreement"] == 1.0 and fidelity["kl"] < 1e-6

@@ -9,13 +9,14 @@ from types import ModuleType
 import pytest
 import torch
 
+from kernels import use_backend
 from kernels.paged_attention import (
-    PagedAttentionMetadata,
     paged_attention,
     paged_attention_ref,
     write_kv,
     write_kv_ref,
 )
+from kernels.paged_metadata import PagedAttentionMetadata
 from kernels.testing import (
     assert_close_verbose,
     check_device,
@@ -171,14 +172,12 @@ def test_twin_matches_naive_attention(case: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_entry_points_follow_env(
-    tri: ModuleType, monkeypatch: pytest.MonkeyPatch, backend: str
-) -> None:
-    monkeypatch.setenv("LOOPSERVE_KERNELS", backend)
+def test_entry_points_follow_the_forced_backend(tri: ModuleType, backend: str) -> None:
     p = make_paged(MIXED, 8, (6, 2), 32, torch.float32, seed=1)
     empty = [torch.full_like(p.k_cache, float("nan")) for _ in range(2)]
-    write_kv(torch.cat(p.keys), torch.cat(p.values), *empty, p.slots)
-    out = paged_attention(p.q, *empty, p.meta, 0.2)
+    with use_backend(backend):
+        write_kv(torch.cat(p.keys), torch.cat(p.values), *empty, p.slots)
+        out = paged_attention(p.q, *empty, p.meta, 0.2)
     golden = naive_attention(p, 0.2)
     assert_close_verbose(out, golden, fp32_bound(golden))
 

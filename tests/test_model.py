@@ -101,7 +101,7 @@ def test_full_rank_reproduces_source(
     converted, report = convert(
         load_model(d), loops, init, dict.fromkeys(LINEAR_MODULES, FULL_RANK), progress=False
     )
-    assert converted.config.loops == loops and converted.config.block_size == 6 // loops
+    assert converted.config.loops == loops and converted.config.block_layers == 6 // loops
     assert all(abs(e - 1.0) < 1e-9 for e in report.energy_kept.values())
     ids = _ids(101)
     diff = (converted(ids) - hf(ids).logits).abs().max()
@@ -194,12 +194,31 @@ def test_per_row_depth_block_forward_equals_rows_alone(relaxed: RecursiveLM) -> 
     torch.testing.assert_close(alone[1], same, atol=1e-5, rtol=1e-5)
 
 
-def test_truncated_loops_use_their_own_deltas(relaxed: RecursiveLM) -> None:
+def test_truncated_loops_use_their_own_deltas(
+    relaxed: RecursiveLM, tiny_hf: tuple[Path, LlamaForCausalLM]
+) -> None:
+    """Independent reference: a transformers Llama of 2·K layers whose layer p = k + b·K holds
+    ``W[k] + B[k, b] A[k, b]`` and the norms of position p — what two loops must compute."""
+    _, hf = tiny_hf
+    k_layers, loops = relaxed.config.block_layers, 2
+    ref = copy.deepcopy(hf)
+    ref.model.layers = ref.model.layers[: k_layers * loops]
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"}
+    names |= {"o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj"}
+    names |= {"down": "mlp.down_proj"}
+    for p, layer in enumerate(ref.model.layers):
+        k, b = p % k_layers, p // k_layers
+        for m, name in names.items():
+            w = relaxed.weights[m][k] + relaxed.lora_b[m][k, b] @ relaxed.lora_a[m][k, b]
+            layer.get_submodule(name).weight.copy_(w)
+        layer.input_layernorm.weight.copy_(relaxed.input_norm[k, b])
+        layer.post_attention_layernorm.weight.copy_(relaxed.post_attn_norm[k, b])
+    ref.model.embed_tokens.weight.copy_(relaxed.embed)
+    ref.model.norm.weight.copy_(relaxed.final_norm)
     ids = _ids(101)
+    torch.testing.assert_close(relaxed(ids, num_loops=loops), ref(ids).logits, atol=1e-4, rtol=0)
     states = relaxed.loop_hidden_states(ids)
-    assert len(states) == 3
-    torch.testing.assert_close(relaxed(ids, num_loops=2), relaxed.logits(states[1]))
-    assert not torch.allclose(states[1], states[2])
+    assert len(states) == 3 and not torch.allclose(states[1], states[2])
     with pytest.raises(ValueError, match="num_loops"):
         relaxed(ids, num_loops=4)
 

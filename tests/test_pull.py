@@ -52,7 +52,7 @@ def _forbid_convert(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_loopserve_home_reads_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LOOPSERVE_HOME", str(tmp_path))
     assert pull.loopserve_home() == tmp_path
-    assert pull.default_model_dir() == tmp_path / "models" / pull.DEFAULT_MODEL_NAME
+    assert pull.source_model_dir() == tmp_path / "models" / pull.SOURCE_MODEL_NAME
     monkeypatch.delenv("LOOPSERVE_HOME")
     assert pull.loopserve_home() == Path.home() / ".cache" / "loopserve"
 
@@ -61,7 +61,7 @@ def test_pull_writes_manifest_then_returns_without_converting(
     fake_convert: list[Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     out = pull.pull_default(tmp_path)
-    assert out == pull.default_model_dir(tmp_path)
+    assert out == pull.source_model_dir(tmp_path)
     assert len(fake_convert) == 1 and fake_convert[0] != out  # built elsewhere, then renamed
     manifest = pull.read_manifest(out)
     assert manifest is not None
@@ -119,7 +119,7 @@ def test_incomplete_dir_is_rebuilt(
 
 
 def test_dir_without_manifest_is_not_trusted(fake_convert: list[Path], tmp_path: Path) -> None:
-    out = pull.default_model_dir(tmp_path)
+    out = pull.source_model_dir(tmp_path)
     out.mkdir(parents=True)
     (out / "config.json").write_text("{}")
     assert pull.pull_default(tmp_path) == out
@@ -150,8 +150,8 @@ def test_failed_conversion_leaves_nothing_behind(
     monkeypatch.setattr(pull, "convert", convert)
     with pytest.raises(pull.PullError, match="logits differ"):
         pull.pull_default(tmp_path)
-    models = pull.default_model_dir(tmp_path).parent
-    assert [p.name for p in models.iterdir()] == [f".{pull.DEFAULT_MODEL_NAME}.lock"]
+    models = pull.source_model_dir(tmp_path).parent
+    assert [p.name for p in models.iterdir()] == [f".{pull.SOURCE_MODEL_NAME}.lock"]
 
 
 def test_concurrent_pulls_convert_once(
@@ -173,7 +173,7 @@ def test_concurrent_pulls_convert_once(
         t.start()
     for t in threads:
         t.join()
-    assert results == [pull.default_model_dir(tmp_path)] * 3
+    assert results == [pull.source_model_dir(tmp_path)] * 3
     assert len(fake_convert) == 1
 
 
@@ -231,7 +231,7 @@ def pulled(
 @pytest.mark.e2e
 def test_pull_writes_plain_hf_dir(pulled: tuple[Path, Path]) -> None:
     home, out = pulled
-    assert out == home / "models" / pull.DEFAULT_MODEL_NAME
+    assert out == home / "models" / pull.SOURCE_MODEL_NAME
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
     config = json.loads((out / "config.json").read_text())

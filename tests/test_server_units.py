@@ -10,13 +10,14 @@ import pytest
 from pydantic import ValidationError
 from transformers import LlamaForCausalLM
 
+from loopserve.cli import build_parser, main
 from model.checkpoint import load_model
 from model.config import ArchConfig, ModelConfig, RecursionConfig
 from model.convert import convert
 from model.serving import materialise_high_rank
-from scheduler.config import EXITS_OFF, EngineConfig
+from scheduler.config import EngineConfig
 from scheduler.engine import Engine
-from server.cli import build_parser, main
+from scheduler.exit_policy import EXITS_OFF
 from server.loader import batching_label, engine_config, exit_rule, model_info
 from server.settings import ServeConfigError, ServeSettings, parse_size
 
@@ -80,7 +81,9 @@ def test_kv_memory_must_hold_one_full_sequence(tiny_hf: tuple[Path, LlamaForCaus
 
 
 def test_serve_lists_every_option() -> None:
-    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    help_text = (
+        build_parser(["serve"])[0]._subparsers._group_actions[0].choices["serve"].format_help()
+    )
     for flag in (
         "--model", "--host", "--port", "--api-key", "--served-model-name", "--batching",
         "--depth-alignment",

@@ -17,9 +17,9 @@ from model.checkpoint import load_model, save_checkpoint
 from model.config import FULL_RANK, LINEAR_MODULES
 from model.convert import convert
 from model.recursive import RecursiveLM
-from model.train_cli import add_calibrate_parser, add_uptrain_parser
-from model.uptrain import EvalResult, UptrainConfig, Uptrainer, UptrainError, mark_trainable
 from tests.conftest import tiny_llama_config, write_hf_model
+from training.cli import add_calibrate_parser, add_uptrain_parser
+from training.uptrain import EvalResult, UptrainConfig, Uptrainer, UptrainError, mark_trainable
 
 VOCAB = 101
 

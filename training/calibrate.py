@@ -1,64 +1,29 @@
 """Exit calibration: per-depth confidence thresholds that keep early exits faithful.
 
 A decode token exits at the first depth b (``b >= min_loops - 1``, ``b < B - 1``) whose exit-
-head confidence is at or above ``threshold[b]``; otherwise it runs all B loops
-(``exit_depths`` is that rule, shared with the engine). Thresholds are fitted *sequentially*,
+head confidence is at or above ``threshold[b]``; otherwise it runs all B loops — the rule of
+``scheduler.exit_policy``, which the engine applies. Thresholds are fitted *sequentially*,
 on the tokens still running at each depth — the ones that actually exit there — so that exited
 tokens agree with the full-depth argmax at least ``target`` of the time at every depth, judged
 by a one-sided Wilson lower bound rather than the raw fraction so the thresholds hold on
-unseen text too. A threshold above 1 (``NEVER_EXIT``) disables a depth.
+unseen text too. A threshold above 1 (``EXITS_OFF``) disables a depth.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from kernels.dispatch import use_backend
 from model.recursive import RecursiveLM
-
-MEASURES: tuple[str, ...] = ("prob", "margin")
-NEVER_EXIT = 1.01  # above any probability: no token exits at this depth
+from scheduler.exit_policy import EXIT_MEASURES, EXITS_OFF, confidence, exits
 
 
 class CalibrationError(ValueError):
     """Calibration input that cannot give thresholds; the message says what is wrong."""
-
-
-def confidence(logits: torch.Tensor, measure: str) -> torch.Tensor:
-    """Exit confidence in [0, 1] from logits [..., V]: max softmax prob or top-1 − top-2."""
-    probs = logits.float().softmax(-1)
-    if measure == "prob":
-        return probs.max(-1).values
-    if measure == "margin":
-        top = probs.topk(2, dim=-1).values
-        return top[..., 0] - top[..., 1]
-    raise CalibrationError(f"unknown confidence measure {measure!r} (expected one of {MEASURES})")
-
-
-def exit_depths(
-    confidences: torch.Tensor, thresholds: Sequence[float], min_loops: int = 1
-) -> torch.Tensor:
-    """The depth each token exits at under the engine's rule.
-
-    confidences: [T, B] (column b = confidence after loop b; the last is unused);
-    thresholds: >= B − 1 per-depth values -> [T] int64 exit depth in [0, B − 1].
-    """
-    t, loops = confidences.shape
-    if len(thresholds) < loops - 1:
-        raise CalibrationError(f"need {loops - 1} thresholds for {loops} loops, got {thresholds}")
-    if min_loops < 1:
-        raise CalibrationError(f"min_loops must be >= 1, got {min_loops}")
-    depth = torch.full((t,), loops - 1, dtype=torch.long)
-    running = torch.ones(t, dtype=torch.bool)
-    for b in range(min_loops - 1, loops - 1):
-        leaving = running & (confidences[:, b] >= thresholds[b])
-        depth[leaving] = b
-        running &= ~leaving
-    return depth
 
 
 def wilson_lower(agree: torch.Tensor, count: torch.Tensor, z: float) -> torch.Tensor:
@@ -73,9 +38,9 @@ def wilson_lower(agree: torch.Tensor, count: torch.Tensor, z: float) -> torch.Te
 
 def lowest_threshold(conf: torch.Tensor, agree: torch.Tensor, target: float, z: float) -> float:
     """The lowest threshold θ such that tokens with ``conf >= θ`` agree ≥ ``target`` (lower
-    bound); ``NEVER_EXIT`` if none does. conf: [T] float, agree: [T] bool."""
+    bound); ``EXITS_OFF`` if none does. conf: [T] float, agree: [T] bool."""
     if conf.numel() == 0:
-        return NEVER_EXIT
+        return EXITS_OFF
     order = conf.double().argsort(descending=True)
     c = conf.double()[order]
     hits = agree[order].long().cumsum(0)
@@ -85,7 +50,7 @@ def lowest_threshold(conf: torch.Tensor, agree: torch.Tensor, target: float, z: 
     boundary[:-1] = c[:-1] != c[1:]
     ok = boundary & (wilson_lower(hits, count, z) >= target)
     if not ok.any():
-        return NEVER_EXIT
+        return EXITS_OFF
     return float(c[ok.nonzero()[-1, 0]])
 
 
@@ -106,7 +71,7 @@ def fit_thresholds(
     """Sequential per-depth thresholds for one measure and the exit rates they give.
 
     conf: [T, B] confidence after each loop; agree: [T, B] whether that loop's argmax equals the
-    final loop's. Returns B − 1 thresholds (depths < min_loops − 1 get ``NEVER_EXIT``).
+    final loop's. Returns B − 1 thresholds (depths < min_loops − 1 get ``EXITS_OFF``).
     """
     if not 0 < target <= 1:
         raise CalibrationError(f"target must be in (0, 1], got {target}")
@@ -117,13 +82,15 @@ def fit_thresholds(
         )
     t, loops = conf.shape
     running = torch.ones(t, dtype=torch.bool)
-    thresholds = [NEVER_EXIT] * (loops - 1)
+    thresholds = [EXITS_OFF] * (loops - 1)
     rate = [0.0] * loops
     agreement = [1.0] * loops
     agreed = 0
     for b in range(max(0, min_loops - 1), loops - 1):
         thresholds[b] = lowest_threshold(conf[running, b], agree[running, b], target, z)
-        leaving = running & (conf[:, b] >= thresholds[b])
+        at_b = torch.full((t,), b, dtype=torch.long)
+        thr = torch.full((t,), thresholds[b], dtype=conf.dtype)
+        leaving = running & exits(conf[:, b], at_b, thr, min_loops, loops - 1)
         n = int(leaving.sum())
         rate[b] = n / t
         agreement[b] = float(agree[leaving, b].double().mean()) if n else 1.0
@@ -149,13 +116,13 @@ def collect_depth_stats(
     model: RecursiveLM, windows: torch.Tensor, batch_size: int = 4
 ) -> DepthStats:
     """Run every loop's exit head over windows [N, S] (all positions are tokens)."""
-    conf: dict[str, list[torch.Tensor]] = {m: [] for m in MEASURES}
+    conf: dict[str, list[torch.Tensor]] = {m: [] for m in EXIT_MEASURES}
     agree = []
     for ids in windows.split(batch_size):
         states = model.loop_hidden_states(ids.to(model.device))
         logits = torch.stack([model.logits(h).flatten(0, 1) for h in states], 1)  # [T, B, V]
         agree.append((logits.argmax(-1) == logits[:, -1:].argmax(-1)).cpu())
-        for m in MEASURES:
+        for m in EXIT_MEASURES:
             conf[m].append(confidence(logits, m).cpu())
     return DepthStats({m: torch.cat(v) for m, v in conf.items()}, torch.cat(agree))
 
@@ -198,7 +165,7 @@ def calibrate(
         raise CalibrationError("a model with one loop has no early exits to calibrate")
     stats = collect_depth_stats(model, windows)
     thresholds, rates = {}, {}
-    for m in MEASURES:
+    for m in EXIT_MEASURES:
         thresholds[m], rates[m] = fit_thresholds(
             stats.confidences[m], stats.agree, target, min_loops, z
         )
@@ -220,17 +187,19 @@ def calibrate_checkpoint(
     evaluation text) and write the thresholds into the checkpoint's ``loopserve.json``."""
     from model.checkpoint import LOOPSERVE_CONFIG, load_model, read_loopserve_meta
     from model.config import ModelConfig
-    from model.distill_data import load_tokenizer, pack_windows, read_documents
     from model.fidelity import eval_text
+    from training.distill_data import load_tokenizer, pack_windows, read_documents
 
     d = Path(model_dir)
     if write and not (d / LOOPSERVE_CONFIG).exists():
         raise CalibrationError(f"{d} is not a loopserve checkpoint (no {LOOPSERVE_CONFIG})")
     model = load_model(d, device=device)
     tokenizer = load_tokenizer(d)
+    # the torch twins, as in training: calibration must not depend on the Triton build
     docs = read_documents([data], tokenizer) if data else [tokenizer(eval_text())["input_ids"]]
     windows = pack_windows(docs, seq_len, tokenizer.eos_token_id)[:max_windows]
-    result = calibrate(model, windows, target, min_loops, z)
+    with use_backend("torch"):
+        result = calibrate(model, windows, target, min_loops, z)
     if write:
         meta = read_loopserve_meta(d)
         meta["config"]["exit_thresholds"] = result.thresholds

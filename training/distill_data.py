@@ -29,7 +29,7 @@ class DataError(ValueError):
 
 def builtin_prompts() -> list[str]:
     """The shipped prompt set: one instruction per line, varied in topic and form."""
-    text = resources.files("model").joinpath("data/prompts.txt").read_text(encoding="utf-8")
+    text = resources.files("training").joinpath("data/prompts.txt").read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

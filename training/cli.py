@@ -13,11 +13,11 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from model.calibrate import CalibrationError, calibrate_checkpoint
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
-from model.distill_data import DataConfig, DataError
-from model.uptrain import (
+from training.calibrate import CalibrationError, calibrate_checkpoint
+from training.distill_data import DataConfig, DataError
+from training.uptrain import (
     DEFAULT_GROUPS,
     RunSummary,
     UptrainConfig,
@@ -123,7 +123,7 @@ def uptrain_checkpoint(
     stale exit thresholds are dropped because training changes every loop's confidence.
     """
     from model.checkpoint import load_model, read_loopserve_meta, save_checkpoint
-    from model.distill_data import build_windows, load_tokenizer
+    from training.distill_data import build_windows, load_tokenizer
 
     paths = UptrainPaths(Path(out_dir))
     if paths.state.exists() and not resume:
@@ -403,9 +403,14 @@ def run_calibrate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_parser(subparsers: argparse._SubParsersAction, name: str) -> None:
+    """Add ``uptrain`` or ``calibrate`` to the root's sub-commands."""
+    {"uptrain": add_uptrain_parser, "calibrate": add_calibrate_parser}[name](subparsers)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m model.train_cli uptrain|calibrate ...``)."""
-    parser = argparse.ArgumentParser(prog="python -m model.train_cli", description=__doc__)
+    """Stand-alone entry (``python -m training.cli uptrain|calibrate ...``)."""
+    parser = argparse.ArgumentParser(prog="python -m training.cli", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_uptrain_parser(sub)
     add_calibrate_parser(sub)

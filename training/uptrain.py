@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kernels.dispatch import use_backend
 from model.recursive import RecursiveLM
 
 PARAM_GROUPS: dict[str, tuple[str, ...]] = {
@@ -285,24 +286,16 @@ def _autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractC
 def training_kernels() -> Iterator[None]:
     """Kernels that autograd can differentiate, and differentiates correctly.
 
-    The Triton kernels are inference-only: the dispatch's environment override selects the
-    torch twins for the run. On CUDA, cuDNN's SDPA backward is left out (flash, memory-efficient
+    The Triton kernels are inference-only: ``use_backend`` selects the torch twins for the run
+    (in this thread only). On CUDA, cuDNN's SDPA backward is left out (flash, memory-efficient
     and math remain): on H100/H200 with torch >= 2.11 it has returned NaN query gradients
     (pytorch/pytorch#196678, huggingface/trl#7181).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    old = os.environ.get("LOOPSERVE_KERNELS")
-    os.environ["LOOPSERVE_KERNELS"] = "torch"
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    try:
-        with sdpa_kernel(backends):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("LOOPSERVE_KERNELS", None)
-        else:
-            os.environ["LOOPSERVE_KERNELS"] = old
+    with use_backend("torch"), sdpa_kernel(backends):
+        yield
 
 
 @dataclass

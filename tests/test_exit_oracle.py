@@ -1,0 +1,195 @@
+"""Mixed early exits against a per-token oracle with explicit per-depth K/V lists.
+
+The oracle decodes one token at a time, keeps every (depth, block layer) K/V as a Python list,
+applies the exit rule after every loop and, when a token leaves at depth b, gives the depths it
+skipped K/V by the fill policy: ``propagate`` (the K/V projections of its exit hidden state),
+``copy`` (depth b's K/V) or ``ride`` (sequence-wise batching: the token keeps running every
+loop, its sample taken at the exit depth). Later tokens attend to those K/V at every depth, so
+the engine's tokens equal the oracle's only if the fills are right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from model.checkpoint import load_model
+from model.config import LINEAR_MODULES
+from model.convert import convert
+from model.recursive import RecursiveLM
+from scheduler.config import EngineConfig
+from scheduler.engine import Engine
+from scheduler.exit_policy import confidence
+from scheduler.sampling import SamplingParams
+
+MAX_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def rrt64(tiny_hf: tuple[Path, LlamaForCausalLM]) -> RecursiveLM:
+    """3 loops x 2 block layers, rank-8 deltas, float64 so that no confidence sits within
+    rounding of a threshold."""
+    model, _ = convert(
+        load_model(tiny_hf[0]), 3, "average", dict.fromkeys(LINEAR_MODULES, 8), progress=False
+    )
+    return model.to(torch.float64).eval()
+
+
+@dataclass
+class OracleOutput:
+    tokens: list[int]
+    exit_depths: list[int]
+    logprobs: list[float]
+    fills_read: int  # attention reads of a filled (not computed) K/V entry by later tokens
+
+
+class ListAttention:
+    """Attention of one token at depth ``depth`` over that depth's K/V lists."""
+
+    def __init__(self, kv: list[list[list[tuple]]], depth: int, filled: list[list[set]]) -> None:
+        self.kv, self.depth, self.filled = kv, depth, filled
+        self.reads = 0
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        entries = self.kv[self.depth][layer]
+        self.reads += len(self.filled[self.depth][layer])
+        entries.append((k, v))
+        keys = torch.cat([e[0] for e in entries]).transpose(0, 1)[None]  # [1, Hkv, P, D]
+        values = torch.cat([e[1] for e in entries]).transpose(0, 1)[None]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, enable_gqa=True)
+        return out[0].transpose(0, 1).flatten(1)
+
+
+@torch.no_grad()
+def oracle_decode(
+    model: RecursiveLM, prompt: list[int], thresholds: tuple[float, ...], fill: str
+) -> OracleOutput:
+    loops, layers = model.config.loops, model.config.block_layers
+    kv: list[list[list[tuple]]] = [[[] for _ in range(layers)] for _ in range(loops)]
+    filled: list[list[set]] = [[set() for _ in range(layers)] for _ in range(loops)]
+    out = OracleOutput([], [], [], 0)
+    tokens = list(prompt)
+    for pos in range(len(prompt) + MAX_TOKENS - 1):
+        decode = pos >= len(prompt)
+        needs_logits = pos >= len(prompt) - 1
+        h = model.embed_tokens(torch.tensor([tokens[pos]]))
+        positions = torch.tensor([pos])
+        sampled = None
+        for b in range(loops):
+            attention = ListAttention(kv, b, filled)
+            h = model.block_forward(h, b, positions, attention)
+            out.fills_read += attention.reads
+            if not needs_logits or sampled is not None:
+                continue
+            logits = model.logits(h).float()
+            if b < loops - 1 and float(confidence(logits, "prob")) < thresholds[b]:
+                continue
+            sampled = int(logits.argmax())
+            out.tokens.append(sampled)
+            out.logprobs.append(float(logits.log_softmax(-1)[0, sampled]))
+            out.exit_depths.append(b)
+            if not decode or fill == "ride" or b == loops - 1:
+                continue  # prefill (and ride) compute every loop for real
+            for d in range(b + 1, loops):
+                for layer in range(layers):
+                    if fill == "copy":
+                        kv[d][layer].append(kv[b][layer][-1])
+                    else:
+                        kv[d][layer].append(model.kv_projection(layer, h, d, positions))
+                    filled[d][layer].add(pos)
+            break
+        if needs_logits:
+            tokens.append(sampled)
+    return out
+
+
+def _prompts() -> dict[str, list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return {
+        f"r{i}": torch.randint(3, 101, (int(n),), generator=g).tolist()
+        for i, n in enumerate([5, 17, 9, 30, 1, 12])
+    }
+
+
+def _thresholds(model: RecursiveLM) -> tuple[float, float]:
+    """Thresholds near the median confidence at depths 0 and 1 (of a run with exits off), so
+    that tokens leave at every depth."""
+    conf: list[list[float]] = [[], []]
+    ids = torch.tensor([p[:9] for p in _prompts().values() if len(p) >= 9])
+    for b, h in enumerate(model.loop_hidden_states(ids)[:2]):
+        conf[b] = confidence(model.logits(h).float(), "prob").flatten().tolist()
+    return tuple(float(torch.tensor(c).median()) for c in conf)  # type: ignore[return-value]
+
+
+MODES = [
+    ("depth", "mixed", "propagate"),
+    ("depth", "mixed", "copy"),
+    ("depth", "aligned", "propagate"),
+    ("depth", "aligned", "copy"),
+    ("sequence", "auto", "ride"),
+]
+
+
+@pytest.mark.parametrize(("batching", "alignment", "fill"), MODES)
+def test_engine_equals_per_token_oracle_with_mixed_exits(
+    rrt64: RecursiveLM, batching: str, alignment: str, fill: str
+) -> None:
+    thresholds = _thresholds(rrt64)
+    prompts = _prompts()
+    want = {rid: oracle_decode(rrt64, ids, thresholds, fill) for rid, ids in prompts.items()}
+    depths = {d for o in want.values() for d in o.exit_depths}
+    assert depths == {0, 1, 2}, f"the schedule must exit at every depth, got {depths}"
+    if fill != "ride":
+        assert sum(o.fills_read for o in want.values()) > 0, "no later token read a fill"
+    engine = Engine(
+        rrt64,
+        EngineConfig(
+            batching=batching,
+            depth_alignment=alignment,
+            kv_fill="propagate" if fill == "ride" else fill,
+            exit_thresholds=thresholds,
+            block_size=4,
+            num_blocks=512,
+            max_num_batched_tokens=48,
+            max_model_len=128,
+        ),
+    )
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    got = {rid: ([], [], []) for rid in prompts}
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, params)
+    while engine.has_work:
+        for o in engine.step()[0]:
+            got[o.request_id][0].extend(o.token_ids)
+            got[o.request_id][1].extend(o.exit_depths)
+            got[o.request_id][2].extend(s.logprob for s in o.samples)
+    for rid, o in want.items():
+        tokens, exit_depths, logprobs = got[rid]
+        assert (tokens, exit_depths) == (o.tokens, o.exit_depths), rid
+        # the logprobs see every K/V the tokens attended to, filled ones included
+        torch.testing.assert_close(logprobs, o.logprobs, atol=1e-5, rtol=0)
+    assert engine.scheduler.allocator.num_used == 0
+
+
+def test_fill_policies_give_different_logprobs(rrt64: RecursiveLM) -> None:
+    """The schedule tells the policies apart: a fill that wrote nothing, or the other
+    policy's K/V, could not match the oracle of the policy under test."""
+    thresholds = _thresholds(rrt64)
+    outs = {
+        fill: [oracle_decode(rrt64, ids, thresholds, fill).logprobs for ids in _prompts().values()]
+        for fill in ("propagate", "copy", "ride")
+    }
+    for a, b in (("propagate", "copy"), ("propagate", "ride"), ("copy", "ride")):
+        gap = max(
+            abs(x - y)
+            for p, q in zip(outs[a], outs[b], strict=True)
+            for x, y in zip(p, q, strict=True)
+        )
+        assert gap > 1e-3, f"{a} vs {b}: logprobs differ by at most {gap}"
