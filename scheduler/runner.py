@@ -14,9 +14,9 @@ import torch
 from kernels import write_kv
 from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
-from scheduler.exit_policy import confidence, may_exit
+from scheduler.exit_policy import confidence, exits, may_exit
 from scheduler.kv_cache import KVCache, PagedAttention, attention_metadata
-from scheduler.sampling import sample_row
+from scheduler.sampling import SampledBatch, SampleResult, SamplingParams, sample_batch
 from scheduler.scheduler import ItemResult, ScheduledItem, SchedulerOutput
 
 
@@ -37,6 +37,46 @@ class _Batch:
     positions: torch.Tensor
     depth_rows: torch.Tensor
     bounds: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class _HostDraws:
+    """A step's exit decisions and draws, copied to the host in one transfer."""
+
+    leaving: list[bool]
+    tokens: list[int]
+    logprobs: list[float]
+    top_ids: list[list[int]] | None
+    top_logprobs: list[list[float]] | None
+
+    def sample(self, j: int, params: SamplingParams) -> SampleResult:
+        top = None
+        if params.logprobs and self.top_ids is not None and self.top_logprobs is not None:
+            n = params.logprobs
+            top = list(zip(self.top_ids[j][:n], self.top_logprobs[j][:n], strict=True))
+        return SampleResult(token=self.tokens[j], logprob=self.logprobs[j], top_logprobs=top)
+
+
+def _to_host(leaving: torch.Tensor, drawn: SampledBatch) -> _HostDraws:
+    """One device-to-host copy: exit flags, tokens and logprobs packed into a float64 tensor
+    (token ids < 2^53 are exact); top-n alternatives, when asked for, ride in the same pack."""
+    parts = [
+        leaving.double()[:, None],
+        drawn.tokens.double()[:, None],
+        drawn.logprobs.double()[:, None],
+    ]
+    k = 0
+    if drawn.top_ids is not None and drawn.top_logprobs is not None:
+        k = drawn.top_ids.shape[1]
+        parts += [drawn.top_ids.double(), drawn.top_logprobs.double()]
+    packed = torch.cat(parts, dim=1).cpu().tolist()
+    return _HostDraws(
+        leaving=[r[0] > 0 for r in packed],
+        tokens=[int(r[1]) for r in packed],
+        logprobs=[r[2] for r in packed],
+        top_ids=[[int(t) for t in r[3 : 3 + k]] for r in packed] if k else None,
+        top_logprobs=[r[3 + k :] for r in packed] if k else None,
+    )
 
 
 class ModelRunner:
@@ -122,9 +162,10 @@ class ModelRunner:
         counts: StepCounts,
         sequence_mode: bool,
     ) -> None:
-        """For items that ended a loop where they may produce a token: logits, exit, sample."""
+        """For items that ended a loop where they may produce a token: the LM head over those
+        rows only, the exit rule and the sampler as batched ops, one host copy for all."""
         last = self.loops - 1
-        cand = []
+        cand: list[tuple[ScheduledItem, int, int]] = []
         for it, d, (_, hi) in zip(batch.items, batch.depths, batch.bounds, strict=True):
             if results[it.request_id].sample is not None:
                 continue  # sequence mode: already exited, riding along
@@ -134,16 +175,30 @@ class ModelRunner:
                 cand.append((it, d, hi - 1))
         if not cand:
             return
-        rows = torch.tensor([r for _, _, r in cand], device=self.device)
+        dev = self.device
+        rows = torch.tensor([r for _, _, r in cand], device=dev)
         logits = self.model.logits(batch.hidden.index_select(0, rows)).float()
-        measure = self.config.exit_measure
-        conf = confidence(logits, measure).tolist()
+        leaving = torch.ones(len(cand), dtype=torch.bool, device=dev)
+        early = [j for j, (_, d, _) in enumerate(cand) if d < last]
+        if early:  # confidence only where an exit is possible: a softmax over the vocabulary
+            at = torch.tensor(early, device=dev)
+            conf = confidence(logits.index_select(0, at), self.config.exit_measure)
+            depth = torch.tensor([cand[j][1] for j in early], device=dev)
+            thr = torch.tensor([cand[j][0].exit_thresholds[cand[j][1]] for j in early], device=dev)
+            min_loops = torch.tensor([cand[j][0].min_loops for j in early], device=dev)
+            leaving[at] = exits(conf, depth, thr.to(conf.dtype), min_loops, last)
+        drawn = sample_batch(
+            logits,
+            [it.params for it, _, _ in cand],
+            [it.output_index for it, _, _ in cand],
+            self.generator,
+        )
+        host = _to_host(leaving, drawn)
         fills: list[tuple[ScheduledItem, int, int]] = []
         for j, (it, d, row) in enumerate(cand):
-            if d < last and conf[j] < it.exit_thresholds[d]:
+            if not host.leaving[j]:
                 continue
-            sample = sample_row(logits[j], it.params, it.output_index, self.generator)
-            results[it.request_id] = ItemResult(sample=sample, exit_depth=d)
+            results[it.request_id] = ItemResult(sample=host.sample(j, it.params), exit_depth=d)
             counts.exits[d] += 1
             if d < last and it.decode and not sequence_mode:
                 fills.append((it, d, row))

@@ -69,42 +69,92 @@ class SampleResult:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-def _filtered_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k / top-p / min-p masking on one row [V] (float32)."""
-    logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if p.min_p > 0:
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-    if p.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
+@dataclass
+class SampledBatch:
+    """What ``sample_batch`` drew, still on the device: read it with one host copy."""
+
+    tokens: torch.Tensor  # [R] int64
+    logprobs: torch.Tensor  # [R] float32, of the raw (unfiltered, untempered) distribution
+    top_ids: torch.Tensor | None  # [R, k] int64, k = the most any row asked for
+    top_logprobs: torch.Tensor | None  # [R, k] float32
+
+
+def _mask_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k / min-p / top-p masking of rows [R, V] (float32), each row by its
+    own parameters; a filter that no row uses costs nothing."""
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=dev)
+    logits = logits / temps[:, None]
+    vocab = logits.shape[1]
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if min(ks) < vocab:
+        kth = logits.topk(max(ks), dim=-1).values  # [R, max k], descending
+        cut = kth.gather(1, torch.tensor(ks, device=dev)[:, None].clamp_max(max(ks)) - 1)
+        keep_all = torch.tensor([k >= vocab for k in ks], device=dev)[:, None]
+        logits = logits.masked_fill((logits < cut) & ~keep_all, float("-inf"))
+    if any(p.min_p > 0 for p in params):
+        probs = logits.softmax(-1)
+        min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, -torch.inf)
+    if any(p.top_p < 1 for p in params):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= p.top_p
-        drop[0] = False  # a top_p that rounds to 0 in float32 would otherwise drop every token
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        drop[:, 0] = False  # a top_p that rounds to 0 in float32 would otherwise drop every token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
 
 
-def sample_row(
-    logits: torch.Tensor, p: SamplingParams, output_index: int, generator: torch.Generator
-) -> SampleResult:
-    """Sample one token from logits [V]; ``generator`` is used only for unseeded requests."""
-    logits = logits.float()
-    logprobs = logits.log_softmax(-1)
-    if p.greedy:
-        token = int(logits.argmax())
-    else:
-        gen = generator
+def _uniform_noise(
+    rows: int,
+    vocab: int,
+    params: list[SamplingParams],
+    output_index: list[int],
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    """U(0, 1) [rows, V]: seeded rows from a generator seeded by (seed, output index) — so a
+    request's draws do not depend on what shares its batch — the rest from ``generator``."""
+    u = torch.rand((rows, vocab), generator=generator, device=device)
+    for j, (p, idx) in enumerate(zip(params, output_index, strict=True)):
         if p.seed is not None:
-            gen = torch.Generator(device=logits.device).manual_seed(
-                (p.seed * 1_000_003 + output_index) % (2**63)
-            )
-        probs = _filtered_logits(logits, p).softmax(-1)
-        token = int(torch.multinomial(probs, 1, generator=gen))
-    top = None
-    if p.logprobs:
-        values, ids = logprobs.topk(p.logprobs)
-        top = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return SampleResult(token=token, logprob=float(logprobs[token]), top_logprobs=top)
+            gen = torch.Generator(device=device).manual_seed((p.seed * 1_000_003 + idx) % (2**63))
+            u[j] = torch.rand(vocab, generator=gen, device=device)
+    return u
+
+
+def sample_batch(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    output_index: list[int],
+    generator: torch.Generator,
+) -> SampledBatch:
+    """One token per row of ``logits [R, V]``: greedy rows by argmax, the others by the
+    Gumbel-max trick over their filtered distribution (exactly a draw from its softmax), all
+    in a few batched ops and without a host sync."""
+    logits = logits.float()
+    lse = logits.logsumexp(-1)
+    tokens = logits.argmax(-1)
+    sampled = [j for j, p in enumerate(params) if not p.greedy]
+    if sampled:
+        dev = logits.device
+        rows = torch.tensor(sampled, device=dev)
+        filtered = _mask_filters(logits.index_select(0, rows), [params[j] for j in sampled])
+        u = _uniform_noise(
+            len(sampled),
+            logits.shape[1],
+            [params[j] for j in sampled],
+            [output_index[j] for j in sampled],
+            generator,
+            dev,
+        )
+        gumbel = -(-u.clamp_min(torch.finfo(u.dtype).tiny).log()).log()
+        tokens = tokens.index_copy(0, rows, (filtered + gumbel).argmax(-1))
+    logprobs = logits.gather(1, tokens[:, None])[:, 0] - lse
+    k = max((p.logprobs or 0) for p in params)
+    top_ids = top_lp = None
+    if k:
+        top_lp, top_ids = (logits - lse[:, None]).topk(k, dim=-1)
+    return SampledBatch(tokens, logprobs, top_ids, top_lp)
