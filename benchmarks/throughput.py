@@ -25,7 +25,7 @@ from tqdm import tqdm
 from model.checkpoint import load_model
 from model.config import LINEAR_MODULES, ArchConfig, ModelConfig, RecursionConfig
 from model.recursive import RecursiveLM
-from model.serving import materialise_high_rank
+from model.serving import prepare_for_serving
 from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.exit_policy import EXITS_OFF
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     models = random_models() if args.random_weights else default_models(args.r64)
     for m in models.values():
         m.to(device=device, dtype=dtype)
-        materialise_high_rank(m)
+        prepare_for_serving(m)
     vocab = next(iter(models.values())).config.arch.vocab_size
     text_ids = None if args.random_weights else eval_text_ids()
     plan = [("vanilla", "sequence", EXITS_OFF)]

@@ -8,6 +8,8 @@ model is loops = 1, K = L, every rank 0. Per-position tensors are stored layer-m
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
@@ -17,6 +19,18 @@ from model.config import LINEAR_MODULES, ModelConfig
 from model.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 BIAS_MODULES: tuple[str, ...] = ("q", "k", "v")
+QKV: tuple[str, ...] = ("q", "k", "v")
+KV: tuple[str, ...] = ("k", "v")
+GATE_UP: tuple[str, ...] = ("gate", "up")
+
+
+class Projection(Protocol):
+    """Several linear maps of one input as one call (``model.serving`` builds them)."""
+
+    sizes: tuple[int, ...]
+    dense: torch.Tensor | None  # per-depth dense weights, or None (one shared weight)
+
+    def __call__(self, layer: int, x: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor: ...
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -75,9 +89,12 @@ class RecursiveLM(nn.Module):
         # float32 on the CPU on purpose: not a buffer, so .to(bfloat16) cannot round it;
         # rope_cos_sin moves the 64 values to the positions' device.
         self.inv_freq = rope_inv_freq(a)
-        # module -> per-position dense weights [K, B, out, in], set by model.serving for
-        # high-rank deltas; not part of the checkpoint.
+        # Serving transforms (model.serving), not part of the checkpoint: module -> per-position
+        # dense weights [K, B, out, in] for high-rank deltas; module group -> fused projection.
         self.dense: dict[str, torch.Tensor] = {}
+        self.fused: dict[tuple[str, ...], Projection] = {}
+        # what the checkpoint holds, before a serving transform frees what it replaced
+        self.checkpoint_parameters = self.num_parameters()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,6 +117,27 @@ class RecursiveLM(nn.Module):
             y = y + self.biases[module][layer][depth]
         return y
 
+    def _project(
+        self, group: tuple[str, ...], layer: int, x: torch.Tensor, depth: torch.Tensor | int
+    ) -> list[torch.Tensor]:
+        """The outputs of modules that read the same input: one fused matmul when the serving
+        transform built one for ``group``, else one per module."""
+        fused = self.fused.get(group)
+        if fused is None:
+            return [self._linear(m, layer, x, depth) for m in group]
+        outs = fused(layer, x, depth).split(fused.sizes, dim=-1)
+        return [
+            y + self.biases[m][layer][depth] if m in self.biases else y
+            for m, y in zip(group, outs, strict=True)
+        ]
+
+    @property
+    def has_dense_weights(self) -> bool:
+        """Whether some module runs as per-depth dense weights (each depth: its own weight)."""
+        return bool(self.dense) or any(
+            getattr(f, "dense", None) is not None for f in self.fused.values()
+        )
+
     def _kv(
         self,
         layer: int,
@@ -109,9 +147,9 @@ class RecursiveLM(nn.Module):
         sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.config.arch
-        k = self._linear("k", layer, h, depth).view(-1, a.num_kv_heads, a.head_dim)
-        v = self._linear("v", layer, h, depth).view(-1, a.num_kv_heads, a.head_dim)
-        return apply_rope(k, cos, sin), v
+        k, v = self._project(KV, layer, h, depth)
+        k = k.view(-1, a.num_kv_heads, a.head_dim)
+        return apply_rope(k, cos, sin), v.view(-1, a.num_kv_heads, a.head_dim)
 
     def kv_projection(
         self, layer: int, hidden: torch.Tensor, depth: torch.Tensor | int, positions: torch.Tensor
@@ -137,16 +175,14 @@ class RecursiveLM(nn.Module):
         """One block layer for rows [T, H], each at its own loop depth."""
         a = self.config.arch
         h = rms_norm(hidden, self.input_norm[layer][depth], a.rms_norm_eps)
-        q = self._linear("q", layer, h, depth).view(-1, a.num_heads, a.head_dim)
-        k, v = self._kv(layer, h, depth, cos, sin)
-        hidden = hidden + self._linear(
-            "o", layer, attention(layer, apply_rope(q, cos, sin), k, v), depth
-        )
+        q, k, v = self._project(QKV, layer, h, depth)
+        q = apply_rope(q.view(-1, a.num_heads, a.head_dim), cos, sin)
+        k = apply_rope(k.view(-1, a.num_kv_heads, a.head_dim), cos, sin)
+        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        hidden = hidden + self._linear("o", layer, attention(layer, q, k, v), depth)
         h = rms_norm(hidden, self.post_attn_norm[layer][depth], a.rms_norm_eps)
-        gated = nn.functional.silu(self._linear("gate", layer, h, depth))
-        return hidden + self._linear(
-            "down", layer, gated * self._linear("up", layer, h, depth), depth
-        )
+        gate, up = self._project(GATE_UP, layer, h, depth)
+        return hidden + self._linear("down", layer, nn.functional.silu(gate) * up, depth)
 
     def block_forward(
         self,

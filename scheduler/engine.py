@@ -72,7 +72,7 @@ class Engine:
         self.sequence_mode = config.batching == "sequence" or self.loops == 1
         aligned = not self.sequence_mode and (
             config.depth_alignment == "aligned"
-            or (config.depth_alignment == "auto" and bool(model.dense))
+            or (config.depth_alignment == "auto" and model.has_dense_weights)
         )
         self.scheduler = Scheduler(config, self.loops, model.config.arch.eos_token_id, aligned)
         cache = KVCache(

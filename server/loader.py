@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from model.checkpoint import LOOPSERVE_CONFIG, load_model, read_loopserve_meta
 from model.config import ModelConfig
 from model.recursive import RecursiveLM
-from model.serving import materialise_high_rank
+from model.serving import prepare_for_serving
 from scheduler.async_engine import AsyncEngine
 from scheduler.config import EXITS_OFF, EngineConfig
 from scheduler.engine import Engine
@@ -132,7 +132,7 @@ def model_info(model: RecursiveLM, model_dir: Path, config: EngineConfig, name: 
         path=str(model_dir.resolve()),
         loops=model.config.loops,
         ranks=dict(provenance.get("ranks") or model.config.recursion.ranks),
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=model.checkpoint_parameters,
         source_parameters=params.get("source"),
         fidelity=provenance.get("fidelity"),
         max_model_len=config.max_model_len,
@@ -189,9 +189,10 @@ def load_engine(settings: ServeSettings, model_dir: Path) -> Engine:
         torch.set_num_threads(settings.threads)
     dtype = DTYPES[settings.dtype]
     model = load_model(model_dir, dtype=dtype, device=settings.device)
-    dense = materialise_high_rank(model)
+    dense, fused = prepare_for_serving(model)
     if dense:
         log.info("high-rank deltas served as per-position dense weights: %s", ", ".join(dense))
+    log.info("fused projections: %s", ", ".join("|".join(g) for g in fused) or "none")
     tokenizer = load_tokenizer(model_dir)
     try:
         config = engine_config(model, settings, dtype)

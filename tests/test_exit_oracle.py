@@ -10,6 +10,7 @@ the engine's tokens equal the oracle's only if the fills are right.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from model.checkpoint import load_model
 from model.config import LINEAR_MODULES
 from model.convert import convert
 from model.recursive import RecursiveLM
+from model.serving import fuse_projections, materialise_high_rank, prepare_for_serving
 from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.exit_policy import confidence
@@ -32,10 +34,10 @@ MAX_TOKENS = 10
 
 @pytest.fixture(scope="module")
 def rrt64(tiny_hf: tuple[Path, LlamaForCausalLM]) -> RecursiveLM:
-    """3 loops x 2 block layers, rank-8 deltas, float64 so that no confidence sits within
-    rounding of a threshold."""
+    """3 loops x 2 block layers, rank-4 deltas (low-rank in every module), float64 so that no
+    confidence sits within rounding of a threshold."""
     model, _ = convert(
-        load_model(tiny_hf[0]), 3, "average", dict.fromkeys(LINEAR_MODULES, 8), progress=False
+        load_model(tiny_hf[0]), 3, "average", dict.fromkeys(LINEAR_MODULES, 4), progress=False
     )
     return model.to(torch.float64).eval()
 
@@ -137,10 +139,24 @@ MODES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def served64(rrt64: RecursiveLM) -> dict[str, RecursiveLM]:
+    """The same model after the serving transforms — fused q|k|v and gate|up over low-rank
+    deltas, or over dense per-depth weights; fills go through the fused k|v views. The oracle
+    stays on the untransformed model."""
+    lora, dense = copy.deepcopy(rrt64), copy.deepcopy(rrt64)
+    assert prepare_for_serving(lora) == ([], [("q", "k", "v"), ("gate", "up")])
+    materialise_high_rank(dense, force=True)
+    assert fuse_projections(dense) == [("q", "k", "v"), ("gate", "up")]
+    return {"plain": rrt64, "fused-lora": lora, "fused-dense": dense}
+
+
+@pytest.mark.parametrize("served", ["plain", "fused-lora", "fused-dense"])
 @pytest.mark.parametrize(("batching", "alignment", "fill"), MODES)
 def test_engine_equals_per_token_oracle_with_mixed_exits(
-    rrt64: RecursiveLM, batching: str, alignment: str, fill: str
+    served64: dict[str, RecursiveLM], batching: str, alignment: str, fill: str, served: str
 ) -> None:
+    rrt64 = served64["plain"]
     thresholds = _thresholds(rrt64)
     prompts = _prompts()
     want = {rid: oracle_decode(rrt64, ids, thresholds, fill) for rid, ids in prompts.items()}
@@ -149,7 +165,7 @@ def test_engine_equals_per_token_oracle_with_mixed_exits(
     if fill != "ride":
         assert sum(o.fills_read for o in want.values()) > 0, "no later token read a fill"
     engine = Engine(
-        rrt64,
+        served64[served],
         EngineConfig(
             batching=batching,
             depth_alignment=alignment,
