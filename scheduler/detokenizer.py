@@ -1,8 +1,11 @@
 """Incremental detokenisation with stop strings that may span token boundaries.
 
-Text is decoded from all output ids each time (robust for byte-level BPE, where one
-character can take several tokens) and released only once it can no longer turn out to be
-part of a stop string or an incomplete UTF-8 character.
+Each token costs two decodes of a short window, not a decode of the whole output (which made a
+request O(n²)): the text of ``ids[prefix:]`` minus the text of ``ids[prefix:read]`` is what the
+new tokens add — the window keeps enough context for byte-level BPE, where one character can
+take several tokens and a token's leading space depends on its neighbour. A delta that ends in
+an incomplete UTF-8 character (U+FFFD) waits for its other tokens. Text is released only once it
+can no longer turn out to be part of a stop string.
 """
 
 from __future__ import annotations
@@ -34,10 +37,25 @@ class IncrementalDetokenizer:
         self.text = ""
         self.released = 0
         self._searched = 0
+        self._prefix = 0  # ids[prefix:read] is the context the next delta is decoded against
+        self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _append(self, output_ids: list[int], final: bool) -> None:
+        """Add the text of the tokens past ``read`` (all of them when ``final``)."""
+        if len(output_ids) <= self._read:
+            return
+        before = self._decode(output_ids[self._prefix : self._read])
+        after = self._decode(output_ids[self._prefix :])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(output_ids)
 
     def update(self, output_ids: list[int], final: bool) -> TextDelta:
         """New releasable text after ``output_ids`` (all of them so far)."""
-        self.text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        self._append(output_ids, final)
         stopped = False
         if self.stop:
             start = max(0, self._searched - self.holdback)
@@ -49,10 +67,8 @@ class IncrementalDetokenizer:
                 stopped = final = True
             self._searched = len(self.text)
         end = len(self.text)
-        if not final:
-            end -= self.holdback if self.stop else 0
-            while end > self.released and self.text[end - 1] == "\ufffd":
-                end -= 1  # an incomplete multi-byte character: wait for its other tokens
+        if not final and self.stop:
+            end -= self.holdback
         delta = self.text[self.released : max(end, self.released)]
         self.released = max(end, self.released)
         return TextDelta(delta, stopped)
