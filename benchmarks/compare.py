@@ -25,7 +25,9 @@ from benchmarks.client.metrics import BenchmarkMetrics, compute_metrics
 from benchmarks.client.runner import LoadConfig, run_load
 from benchmarks.client.streaming import Endpoint
 from benchmarks.compare_report import agreement, plot_sweep, sweep_table
+from benchmarks.gemm_peak import gemm_peak, token_flops
 from benchmarks.server_process import ServerProcess, free_port
+from model.config import ArchConfig
 
 VANILLA = "loopserve-vanilla-seq"
 RECURSIVE = "loopserve-rrt-depth"
@@ -58,6 +60,7 @@ def loopserve_target(name: str, model: str, batching: str, args: argparse.Namesp
     command += ["--batching", batching, "--port", str(port), "--shutdown-grace", "1"]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    command += ["--dtype", args.dtype]
     command += [a for extra in args.serve_arg for a in shlex.split(extra)]
     return Target(name, f"http://127.0.0.1:{port}", command)
 
@@ -159,12 +162,21 @@ def run_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     requests = build_requests(args, tokenizer)  # the same prompts for every server
+    peak = gemm_peak(args.dtype, args.threads)  # this machine, now, before the servers run
+    print(f"GEMM peak ({args.dtype}, {args.threads or 'default'} threads): {peak:.1f} GFLOP/s")
     results = [measure(t, args, requests, tokenizer, out / "logs") for t in targets]
+    prompt_flops, output_flops = token_flops(
+        ArchConfig.from_hf(json.loads((Path(args.vanilla_model) / "config.json").read_text()))
+    )
     reference = results[0].quality_texts
     for r in results:
         for row in r.rows:
             row.update(agreement(reference, r.quality_texts, tokenizer))
+            prompt_tps = row["total_token_throughput"] - row["output_throughput"]
+            gflops = (prompt_tps * prompt_flops + row["output_throughput"] * output_flops) / 1e9
+            row.update(gflops=gflops, peak_share=gflops / peak)
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench")}
+    settings["gemm_peak_gflops"] = peak
     (out / "compare.md").write_text(sweep_table(results, json.dumps(settings)))
     plot_sweep(results, out / "compare.png")
     report = {"settings": settings, "servers": [asdict(r) for r in results]}
@@ -207,6 +219,12 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
         help="max-concurrency levels of the sweep (default: 1 8 32)",
     )
     opt("--threads", type=int, help="torch threads of each loopserve server")
+    opt(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of each loopserve server, and of the GEMM peak measured beside them",
+    )
     opt(
         "--serve-arg",
         action="append",

@@ -44,6 +44,8 @@ _COLUMNS = (
     ("tpot_p50_ms", "TPOT p50 ms", "{:.1f}"),
     ("tpot_p99_ms", "TPOT p99 ms", "{:.1f}"),
     ("itl_p50_ms", "ITL p50 ms", "{:.1f}"),
+    ("gflops", "GFLOP/s", "{:.1f}"),
+    ("peak_share", "of GEMM peak", "{:.0%}"),
     ("agreement_exact", "greedy exact", "{:.0%}"),
     ("agreement_prefix", "greedy prefix", "{:.0%}"),
 )

@@ -181,3 +181,16 @@ def test_agreement(tokenizer: object) -> None:
     other = agreement(ref, ["the cat is blue", "a dog", "hello"], tokenizer)
     assert other["agreement_exact"] == pytest.approx(1 / 3)
     assert other["agreement_prefix"] == pytest.approx((3 / 4 + 1 + 0) / 3)
+
+
+def test_token_flops_count_every_linear_weight_twice(tiny_hf: tuple) -> None:
+    """2 FLOPs per weight of every linear map; the LM head (tied: the embedding) only for a
+    generated token — checked against the model's own parameter tensors."""
+    from benchmarks.gemm_peak import token_flops
+    from model.checkpoint import load_model
+
+    model = load_model(tiny_hf[0])
+    linear = sum(w.numel() for w in model.weights.values())
+    prompt, output = token_flops(model.config.arch)
+    assert prompt == 2 * linear
+    assert output == 2 * (linear + model.embed.numel())
