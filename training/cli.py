@@ -15,6 +15,7 @@ from pathlib import Path
 
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
+from training import distributed
 from training.calibrate import CalibrationError, calibrate_checkpoint
 from training.distill_data import DataConfig, DataError
 from training.uptrain import (
@@ -126,22 +127,36 @@ def uptrain_checkpoint(
     from training.distill_data import build_windows, load_tokenizer
 
     paths = UptrainPaths(Path(out_dir))
-    if paths.state.exists() and not resume:
+    ranks, device = distributed.init_distributed(config.resolved_device())
+    # Every rank decides from the same files before any rank writes one.
+    state_exists = paths.state.exists()
+    distributed.barrier()
+    if state_exists and not resume:
         raise UptrainError(f"{paths.state} exists: pass --resume to continue it, or a new --out")
-    device = config.resolved_device()
     student = load_model(student_dir)
     teacher = load_model(teacher_dir)
     tokenizer = load_tokenizer(teacher_dir)
-    train, held_out = build_windows(
-        data, tokenizer, teacher_dir, data_cache or paths.data_cache, device, config.progress
-    )
+    cache = data_cache or paths.data_cache
+    # Rank 0 self-distils (or finds the cache complete); the others then read its cache.
+    if not ranks.is_main:
+        distributed.barrier()
+    progress = config.progress and ranks.is_main
+    train, held_out = build_windows(data, tokenizer, teacher_dir, cache, device, progress)
+    if ranks.is_main:
+        distributed.barrier()
     trainer = Uptrainer(student, teacher, train, held_out, config, log_path=paths.log)
-    if resume and paths.state.exists():
+    if resume and state_exists:
         trainer.load_state(paths.state)
-        _trim_log(paths.log, trainer.step)
-    elif paths.log.exists():
+        if ranks.is_main:
+            _trim_log(paths.log, trainer.step)
+    elif paths.log.exists() and ranks.is_main:
         paths.log.unlink()
     summary = trainer.run(paths.state)
+    final_state = trainer.full_student_state()
+    if not ranks.is_main:
+        return summary
+    student = load_model(student_dir)  # a plain (unwrapped, unsharded) copy to write
+    student.load_state_dict(final_state)
     student.config = replace(student.config, exit_thresholds=None)
     try:
         base = read_loopserve_meta(student_dir).get("provenance", {})
@@ -241,6 +256,18 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         help="set both intermediate-loop weights (CE and KD)",
     )
     opt.add_argument("--exit-kd-weight", type=float, default=d.exit_kd_weight)
+    opt.add_argument(
+        "--exit-warmup",
+        type=int,
+        default=d.exit_warmup_steps,
+        help="steps over which the intermediate-loop weights ramp up from 0 (0: no ramp)",
+    )
+    opt.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=d.loss_chunk,
+        help="tokens per chunk through the exit head (0: all at once, the reference loss)",
+    )
     opt.add_argument("--exit-ce-weight", type=float, default=d.exit_ce_weight)
     opt.add_argument(
         "--freeze",
@@ -253,6 +280,13 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "--train-embeddings", action="store_true", help="also train embeddings / LM head"
     )
     run = p.add_argument_group("run")
+    run.add_argument(
+        "--strategy",
+        choices=distributed.STRATEGIES,
+        default=d.strategy,
+        help="data parallelism under torchrun: ddp (replicated) or fsdp (FSDP2, sharded "
+        "parameters, gradients and optimizer state); ignored in one process",
+    )
     run.add_argument("--eval-every", type=_positive_int, default=d.eval_every)
     run.add_argument(
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="0: only at the end"
@@ -289,6 +323,9 @@ def uptrain_config_from_args(args: argparse.Namespace) -> UptrainConfig:
         ce_weight=args.ce_weight,
         exit_kd_weight=exit_kd,
         exit_ce_weight=exit_ce,
+        exit_warmup_steps=args.exit_warmup,
+        loss_chunk=args.loss_chunk,
+        strategy=args.strategy,
         train_groups=groups,
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
@@ -328,11 +365,24 @@ def run_uptrain_command(args: argparse.Namespace) -> int:
     except USER_ERRORS as e:
         print(f"loopserve uptrain: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if distributed.current_ranks().distributed and torch_distributed_initialized():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if not distributed.current_ranks().is_main:
+        return 0
     for line in summary_lines(summary, Path(args.out)):
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     return 0
+
+
+def torch_distributed_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def summary_lines(summary: RunSummary, out: Path) -> list[str]:
@@ -341,6 +391,11 @@ def summary_lines(summary: RunSummary, out: Path) -> list[str]:
         f"{summary.train_seconds:.0f} s ({summary.tokens_per_second:.0f} tokens/s)"
         + (" — stopped at the time limit" if summary.stopped_early else "")
     ]
+    if summary.peak_memory_bytes:
+        lines.append(
+            f"{summary.world_size} process(es), {summary.strategy}; peak memory per rank: "
+            + ", ".join(f"{b / 2**20:.0f} MiB" for b in summary.peak_memory_bytes)
+        )
     if summary.final_eval is not None:
         lines.append(f"held-out: {summary.final_eval.summary()}")
     lines.append(f"wrote {out} (log and curve in {UptrainPaths(out).work})")

@@ -8,6 +8,12 @@ loops learn to predict what the full depth will say, without pulling the final l
 
 The trainer is resumable bit-for-bit: model, optimizer, step (the LR schedule is a pure
 function of it), data position and RNG are saved together, atomically.
+
+Under torchrun it trains data-parallel (``training.distributed``: DDP by default, FSDP2 as an
+option). ``batch_size`` is the *global* micro-batch: every rank takes its slice of the same
+seeded global batch, so N processes follow the single-process run's loss curve and weights up
+to floating-point summation order, and a checkpoint written at one world size continues at
+another. Rank 0 writes the log and the state; every rank evaluates (the same numbers).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from tqdm import tqdm
 
 from kernels.dispatch import use_backend
 from model.recursive import RecursiveLM
+from training import distributed
+from training.loss import LossWeights, chunked_distill_loss, distill_loss, part_names
 
 PARAM_GROUPS: dict[str, tuple[str, ...]] = {
     "shared": ("weights.", "biases."),
@@ -52,6 +60,7 @@ _RESUME_FIELDS: tuple[str, ...] = (
     "ce_weight",
     "exit_kd_weight",
     "exit_ce_weight",
+    "exit_warmup_steps",
     "train_groups",
     "seed",
 )
@@ -67,7 +76,12 @@ class UptrainConfig:
 
     ``steps`` counts optimizer steps of ``batch_size * grad_accum`` windows. The LR warms up
     linearly for ``warmup_steps`` then follows a cosine down to ``lr * min_lr_ratio``.
-    ``exit_*_weight`` weight each intermediate loop's CE / KD term (the paper uses ~0.1).
+    ``exit_*_weight`` weight each intermediate loop's CE / KD term (the paper uses ~0.1);
+    they ramp up linearly from 0 over the first ``exit_warmup_steps`` steps, so a good start
+    is not wrecked by the intermediate loops' large initial KL (DESIGN.md §7).
+    ``loss_chunk`` tokens at a time go through the exit head (``training.loss``; 0: the
+    reference loss that builds every loop's full logits). ``batch_size`` is global: split
+    across the ranks of a torchrun job, which use ``strategy`` (``ddp`` or ``fsdp``).
     """
 
     steps: int = 1000
@@ -84,6 +98,9 @@ class UptrainConfig:
     ce_weight: float = 0.0
     exit_kd_weight: float = 0.1
     exit_ce_weight: float = 0.1
+    exit_warmup_steps: int = 0
+    loss_chunk: int = 1024
+    strategy: str = "ddp"
     train_groups: tuple[str, ...] = DEFAULT_GROUPS
     eval_every: int = 100
     eval_batch_size: int = 4
@@ -97,8 +114,13 @@ class UptrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size"):
             if getattr(self, name) <= 0:
                 raise UptrainError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.checkpoint_every < 0 or self.warmup_steps < 0:
-            raise UptrainError("checkpoint_every and warmup_steps must be >= 0")
+        for name in ("checkpoint_every", "warmup_steps", "exit_warmup_steps", "loss_chunk"):
+            if getattr(self, name) < 0:
+                raise UptrainError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.strategy not in distributed.STRATEGIES:
+            raise UptrainError(
+                f"strategy must be one of {list(distributed.STRATEGIES)}, got {self.strategy!r}"
+            )
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise UptrainError(
                 f"need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}"
@@ -137,6 +159,20 @@ class UptrainConfig:
         floor = self.lr * self.min_lr_ratio
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
+    def loss_weights(self, step: int) -> LossWeights:
+        """The loss weights at optimizer step ``step`` (0-based): the exit weights are
+        ``step / exit_warmup_steps`` of their value until the warm-up ends (0 at step 0)."""
+        ramp = 1.0
+        if self.exit_warmup_steps:
+            ramp = min(1.0, step / self.exit_warmup_steps)
+        return LossWeights(
+            kd=self.kd_weight,
+            ce=self.ce_weight,
+            exit_kd=self.exit_kd_weight * ramp,
+            exit_ce=self.exit_ce_weight * ramp,
+            temperature=self.temperature,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -161,43 +197,50 @@ def mark_trainable(model: RecursiveLM, groups: tuple[str, ...]) -> list[torch.nn
     return params
 
 
-def _kl(target_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of KL(target ‖ p), both given as log-probabilities [..., V]."""
-    return (target_logp.exp() * (target_logp - logp)).sum(-1).mean()
-
-
-def distill_loss(
+def student_loss(
     student: RecursiveLM,
-    teacher_logits: torch.Tensor,
+    teacher: RecursiveLM,
+    teacher_hidden: torch.Tensor,
     ids: torch.Tensor,
-    config: UptrainConfig,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The uptraining loss on windows ``ids`` [N, S] and its parts (for logging).
+    weights: LossWeights,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uptraining loss on windows ``ids`` [N, S] and its parts (``part_names`` order).
 
-    Final loop: ``kd_weight · T² · KL(teacher_T ‖ student_T) + ce_weight · CE``. Each
-    intermediate loop b: ``exit_ce_weight · CE + exit_kd_weight · T² · KL(final_T.detach() ‖
-    loop_b_T)``. KL terms cover every position; CE the S − 1 with a next token.
+    ``teacher_hidden`` [N, S, H]: the teacher's final hidden state (no gradient); its logits
+    are built ``chunk`` tokens at a time with the student's (``chunk`` 0: all at once).
     """
-    t = config.temperature
-    labels = ids[:, 1:].reshape(-1)
     states = student.loop_hidden_states(ids)
-    final = student.logits(states[-1]).float()  # [N, S, V]
-    kd = _kl((teacher_logits.float() / t).log_softmax(-1), (final / t).log_softmax(-1)) * t * t
-    ce = F.cross_entropy(final[:, :-1].flatten(0, 1), labels)
-    loss = config.kd_weight * kd + config.ce_weight * ce
-    names, values = ["kd", "ce"], [kd, ce]
-    if config.exit_kd_weight or config.exit_ce_weight:
-        target = (final.detach() / t).log_softmax(-1)
-        for b, hidden in enumerate(states[:-1]):
-            logits_b = student.logits(hidden).float()
-            exit_ce = F.cross_entropy(logits_b[:, :-1].flatten(0, 1), labels)
-            exit_kd = _kl(target, (logits_b / t).log_softmax(-1)) * t * t
-            loss = loss + config.exit_ce_weight * exit_ce + config.exit_kd_weight * exit_kd
-            names += [f"exit{b}_ce", f"exit{b}_kd"]
-            values += [exit_ce, exit_kd]
-    # One device-to-host copy for all parts, not one sync each.
-    parts = dict(zip([*names, "loss"], torch.stack([*values, loss]).detach().tolist(), strict=True))
-    return loss, parts
+    if chunk == 0:
+        with torch.no_grad():
+            teacher_logits = teacher.logits(teacher_hidden)
+        return distill_loss(states, student.logits, teacher_logits, ids, weights)
+    flat = teacher_hidden.flatten(0, 1)  # [N·S, H]
+
+    @torch.no_grad()
+    def teacher_chunk(rows: slice) -> torch.Tensor:
+        return teacher.logits(flat[rows])
+
+    params = list(student.parameters())
+    return chunked_distill_loss(states, student.logits, params, teacher_chunk, ids, weights, chunk)
+
+
+class StudentLoss(torch.nn.Module):
+    """The student with its loss as ``forward``: what DDP / FSDP2 wrap (both hook ``forward``).
+
+    The teacher is held outside the module tree, so it is neither wrapped, sharded nor
+    trained; every rank keeps a full copy for its own slice of the batch.
+    """
+
+    def __init__(self, student: RecursiveLM, teacher: RecursiveLM) -> None:
+        super().__init__()
+        self.student = student
+        self._teacher = (teacher,)
+
+    def forward(
+        self, ids: torch.Tensor, teacher_hidden: torch.Tensor, weights: LossWeights, chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return student_loss(self.student, self._teacher[0], teacher_hidden, ids, weights, chunk)
 
 
 @dataclass
@@ -309,7 +352,8 @@ class StepStats:
 
 @dataclass
 class RunSummary:
-    """How a ``run`` ended: steps done, tokens seen, throughput and the last evaluation."""
+    """How a ``run`` ended: steps done, tokens seen (all ranks), throughput, the last
+    evaluation, and the job's shape with each rank's peak memory in bytes."""
 
     step: int
     tokens_seen: int
@@ -317,16 +361,20 @@ class RunSummary:
     tokens_per_second: float
     stopped_early: bool
     final_eval: EvalResult | None
+    world_size: int = 1
+    strategy: str = "single"
+    peak_memory_bytes: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class Uptrainer:
-    """Distils ``teacher`` into ``student`` over packed windows; one object per run.
+    """Distils ``teacher`` into ``student`` over packed windows; one object per run (per rank).
 
     ``train_windows`` [N, S] are visited in a fresh seeded permutation each epoch; the data
-    position (epoch, cursor) is part of the saved state.
+    position (epoch, cursor) is part of the saved state. In a process group every rank holds
+    the same windows and takes its contiguous slice of each global micro-batch.
     """
 
     def __init__(
@@ -350,15 +398,32 @@ class Uptrainer:
             )
         if eval_windows.ndim != 2 or eval_windows.shape[0] == 0:
             raise UptrainError(f"need held-out windows [N, S], got {tuple(eval_windows.shape)}")
+        self.ranks = distributed.current_ranks()
+        if config.batch_size % self.ranks.world_size:
+            raise UptrainError(
+                f"batch_size {config.batch_size} (global) must be a multiple of the "
+                f"{self.ranks.world_size} processes"
+            )
         self.config = config
         self.device = config.resolved_device()
+        if self.device.startswith("cuda") and self.ranks.distributed:
+            self.device = f"cuda:{self.ranks.local_rank}"
         self.student = student.to(self.device)
         self.teacher = teacher.to(self.device)
         self.teacher.requires_grad_(False)
         self.train_windows = train_windows
         self.eval_windows = eval_windows
         self.log_path = Path(log_path) if log_path else None
-        self.params = mark_trainable(self.student, config.train_groups)
+        mark_trainable(self.student, config.train_groups)
+        # The names in optimizer order: the checkpoint's optimizer state is keyed by position
+        # in this list whatever the strategy, so DDP, FSDP2 and one process share one format.
+        self.trainable_names = [n for n, p in self.student.named_parameters() if p.requires_grad]
+        self.model = distributed.wrap_module(
+            StudentLoss(self.student, self.teacher), config.strategy, self.device
+        )
+        self.sharded = self.ranks.distributed and config.strategy == "fsdp"
+        # After wrapping: FSDP2 replaces the parameters by sharded DTensors.
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params,
             lr=config.lr_at(0),
@@ -384,70 +449,151 @@ class Uptrainer:
         return torch.randperm(self.train_windows.shape[0], generator=gen)
 
     def _next_batch(self) -> torch.Tensor:
+        """This rank's slice of the next global micro-batch [batch_size / world, S]."""
         n = self.config.batch_size
         if self.cursor + n > len(self._order):
             self.epoch, self.cursor = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
         idx = self._order[self.cursor : self.cursor + n]
         self.cursor += n
+        local = n // self.ranks.world_size
+        idx = idx[self.ranks.rank * local : (self.ranks.rank + 1) * local]
         return self.train_windows[idx].to(self.device)
 
     def train_step(self) -> StepStats:
-        """One optimizer step over ``grad_accum`` micro-batches."""
+        """One optimizer step over ``grad_accum`` global micro-batches."""
         cfg = self.config
         lr = cfg.lr_at(self.step)
+        weights = cfg.loss_weights(self.step)
+        names = part_names(self.student.config.loops, weights)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.student.train()
-        totals: dict[str, float] = {}
+        totals = torch.zeros(len(names), dtype=torch.float64)
         tokens = 0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             ids = self._next_batch()
-            with _autocast(self.device, self.autocast):
+            last = micro == cfg.grad_accum - 1
+            with (
+                distributed.no_gradient_sync(self.model, skip=not last),
+                _autocast(self.device, self.autocast),
+            ):
                 with torch.no_grad():
-                    teacher_logits = self.teacher(ids)
-                loss, parts = distill_loss(self.student, teacher_logits, ids, cfg)
-            (loss / cfg.grad_accum).backward()
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
-            tokens += ids.numel()
+                    teacher_hidden = self.teacher.loop_hidden_states(ids)[-1]
+                loss, parts = self.model(ids, teacher_hidden, weights, cfg.loss_chunk)
+                (loss / cfg.grad_accum).backward()
+            totals += parts.detach().double().cpu() / cfg.grad_accum
+            tokens += ids.numel() * self.ranks.world_size
+        # One collective and one device-to-host copy for all logged parts.
+        mean = distributed.mean_across_ranks(totals.to(self.device)).cpu().tolist()
+        parts_dict = dict(zip(names, mean, strict=True))
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of the global norm
+            norm = norm.full_tensor()
         if not math.isfinite(float(norm)):
             # Stepping would turn every weight into NaN; stop with the evidence instead.
             raise UptrainError(
-                f"non-finite gradient norm at step {self.step + 1} (loss parts {totals}); "
+                f"non-finite gradient norm at step {self.step + 1} (loss parts {parts_dict}); "
                 "the last saved state is intact"
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tokens
-        return StepStats(self.step, lr, tokens, float(norm), totals)
+        return StepStats(self.step, lr, tokens, float(norm), parts_dict)
 
     def evaluate(self) -> EvalResult:
+        """Held-out evaluation (every rank computes the same numbers; FSDP2 gathers the
+        parameters for it)."""
         self.student.eval()
-        return evaluate(
-            self.student,
-            self.teacher,
-            self.eval_windows,
-            self.config.eval_batch_size,
-            self.autocast,
+        if self.sharded:
+            self.model.unshard()
+        try:
+            return evaluate(
+                self.student,
+                self.teacher,
+                self.eval_windows,
+                self.config.eval_batch_size,
+                self.autocast,
+            )
+        finally:
+            if self.sharded:
+                self.model.reshard()
+
+    def _model_and_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Full (unsharded) CPU state dicts of the student and of AdamW, optimizer state keyed
+        by position in ``trainable_names``. Collective under FSDP2: every rank calls it."""
+        if not self.sharded:
+            model = {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
+            return model, self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model, optim = get_state_dict(self.model, self.optimizer, options=options)
+        model = {k.removeprefix("student."): v for k, v in model.items()}
+        index = {f"student.{n}": i for i, n in enumerate(self.trainable_names)}
+        optim = {
+            "state": {index[k]: v for k, v in optim.get("state", {}).items()},
+            "param_groups": [
+                {**g, "params": [index[k] for k in g["params"]]}
+                for g in optim.get("param_groups", [])
+            ],
+        }
+        return model, optim
+
+    def full_student_state(self) -> dict[str, torch.Tensor]:
+        """The student's full CPU state dict (collective under FSDP2: every rank calls it)."""
+        if not self.sharded:
+            return {k: v.detach().cpu() for k, v in self.student.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        return {k.removeprefix("student."): v for k, v in state.items()}
+
+    def _load_model_and_optimizer(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
+        if not self.sharded:
+            self.student.load_state_dict(model)
+            self.optimizer.load_state_dict(optim)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        names = [f"student.{n}" for n in self.trainable_names]
+        fqn_optim = {
+            "state": {names[i]: v for i, v in optim["state"].items()},
+            "param_groups": [
+                {**g, "params": [names[i] for i in g["params"]]} for g in optim["param_groups"]
+            ],
+        }
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict={f"student.{k}": v for k, v in model.items()},
+            optim_state_dict=fqn_optim,
+            options=StateDictOptions(full_state_dict=True),
         )
 
     def state_dict(self) -> dict[str, Any]:
+        """The resumable state (collective in a process group: every rank calls it; the RNG
+        state of every rank is kept)."""
         rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        model, optim = self._model_and_optimizer_state()
         return {
             "config": self.config.to_dict(),
-            "model": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optim,
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "epoch": self.epoch,
             "cursor": self.cursor,
             "train_seconds": self.train_seconds,
-            "rng": rng,
+            "world_size": self.ranks.world_size,
+            "rng": distributed.gather_objects(rng),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -462,26 +608,35 @@ class Uptrainer:
                 "cannot resume: the training settings differ from the saved run "
                 + ", ".join(f"{k}: saved {a!r} now {b!r}" for k, (a, b) in diff.items())
             )
-        self.student.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_model_and_optimizer(state["model"], state["optimizer"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.train_seconds = state["train_seconds"]
         self._order = self._permutation(self.epoch)
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        # One RNG state per saved rank; at another world size every rank takes rank 0's.
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        rng = rngs[self.ranks.rank] if len(rngs) == self.ranks.world_size else rngs[0]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def save_state(self, path: str | Path) -> None:
-        """Write the resumable state atomically (a kill mid-write keeps the previous one)."""
+        """Write the resumable state atomically (a kill mid-write keeps the previous one).
+
+        Every rank must call it (gathering is collective); rank 0 writes the file.
+        """
+        state = self.state_dict()
+        if not self.ranks.is_main:
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
+        torch.save(state, tmp)
         os.replace(tmp, path)
 
     def load_state(self, path: str | Path) -> None:
+        """Resume from ``path``; every rank reads it (on a shared or copied filesystem)."""
         try:
             state = torch.load(Path(path), map_location="cpu", weights_only=False)
         except (OSError, RuntimeError) as e:
@@ -489,7 +644,7 @@ class Uptrainer:
         self.load_state_dict(state)
 
     def _log(self, record: dict[str, Any]) -> None:
-        if self.log_path is None:
+        if self.log_path is None or not self.ranks.is_main:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a") as f:
@@ -519,7 +674,12 @@ class Uptrainer:
         deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
         with training_kernels():
             result = self._eval_and_log(None, 0.0) if self.step == 0 else None
-            bar = tqdm(total=cfg.steps, initial=self.step, desc="uptrain", disable=not cfg.progress)
+            bar = tqdm(
+                total=cfg.steps,
+                initial=self.step,
+                desc="uptrain",
+                disable=not (cfg.progress and self.ranks.is_main),
+            )
             losses: list[float] = []
             stats = None
             stopped_early = False
@@ -538,10 +698,14 @@ class Uptrainer:
                 if self.step % cfg.eval_every == 0:
                     result = self._eval_and_log(sum(losses) / len(losses), stats.lr)
                     losses = []
-                    bar.write(f"step {self.step}: {result.summary()}")
+                    if self.ranks.is_main:
+                        bar.write(f"step {self.step}: {result.summary()}")
                 if state_path and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_state(state_path)
-                if time.monotonic() >= deadline:
+                # Every rank stops at the same step (clocks differ).
+                if deadline < math.inf and distributed.any_rank(
+                    time.monotonic() >= deadline, self.device
+                ):
                     stopped_early = self.step < cfg.steps
                     break
             bar.close()
@@ -556,7 +720,20 @@ class Uptrainer:
             tokens_per_second=self.tokens_seen / max(self.train_seconds, 1e-9),
             stopped_early=stopped_early,
             final_eval=result,
+            world_size=self.ranks.world_size,
+            strategy=self.config.strategy if self.ranks.distributed else "single",
+            peak_memory_bytes=distributed.gather_objects(peak_memory_bytes(self.device)),
         )
+
+
+def peak_memory_bytes(device: str) -> int:
+    """This process's peak memory: CUDA's allocator peak on a GPU, else the peak resident set
+    (which includes the loaded models and the Python runtime)."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated(torch.device(device)))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _normalise(value: Any) -> Any:
