@@ -34,11 +34,20 @@ class ShuttingDown(RuntimeError):
     """The engine is draining and takes no new requests."""
 
 
+class RequestFailed(RuntimeError):
+    """A step raised because of this request (found by re-running the step without it);
+    the request is failed, the engine keeps serving the others."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
     remaining: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    taken: bool = False  # the engine thread has added it to the engine
+    started: bool = False  # an output was delivered: the request can no longer be re-run
 
 
 @dataclass
@@ -68,7 +77,10 @@ class AsyncEngine:
         self.on_stats = on_stats
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, _Stream] = {}  # insertion order = arrival order
+        self._admission = threading.Lock()
+        self._inbound = 0  # sequences of add commands the engine thread has not taken in
+        self._unconfirmed = False  # the last isolation blamed a request no step cleared
         self._stop = threading.Event()
         self._accepting = True
         self._error: BaseException | None = None
@@ -94,8 +106,14 @@ class AsyncEngine:
         return self._thread.is_alive() and self._error is None
 
     @property
+    def accepting(self) -> bool:
+        """False from the start of a drain (``shutdown``) on: a readiness probe's answer."""
+        return self._accepting and self.alive
+
+    @property
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting)
+        """Sequences waiting for a slot, including adds not yet taken in by the engine."""
+        return len(self.engine.scheduler.waiting) + self._inbound
 
     @property
     def num_running(self) -> int:
@@ -104,15 +122,20 @@ class AsyncEngine:
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of all ``params.n`` samples as they come; leaving early aborts the request."""
+        """Outputs of all ``params.n`` samples as they come; leaving early aborts the request.
+
+        Admission counts sequences (``n`` per request) against ``max_queue``, both those the
+        engine waits on and those still on their way to its thread, so a burst cannot pass it.
+        """
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         if not self._accepting:
             raise ShuttingDown("the server is shutting down")
-        if self.num_waiting >= self.max_queue:
-            raise EngineOverloaded(f"the request queue is full ({self.max_queue} waiting)")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._reserve(params.n)
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue(), params.n)
+        stream = _Stream(loop, asyncio.Queue(), params.n, prompt_ids, params)
         self._streams[request_id] = stream
         try:
             await self._call("add", request_id, prompt_ids, params)
@@ -124,9 +147,21 @@ class AsyncEngine:
                     stream.remaining -= 1
                 yield item
         finally:
-            self._streams.pop(request_id, None)
-            if stream.remaining:
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
+            if stream.remaining:  # our own id: duplicates never get this far
                 self._submit(_Command("abort", (request_id,)))
+
+    def _reserve(self, sequences: int) -> None:
+        """Count ``sequences`` as waiting, or refuse them if the queue cannot hold them."""
+        with self._admission:
+            waiting = len(self.engine.scheduler.waiting) + self._inbound
+            if waiting + sequences > self.max_queue:
+                raise EngineOverloaded(
+                    f"the request queue is full: {waiting} of {self.max_queue} sequences "
+                    f"waiting, this request needs {sequences}"
+                )
+            self._inbound += sequences
 
     async def abort(self, request_id: str) -> None:
         await self._call("abort", request_id)
@@ -175,11 +210,13 @@ class AsyncEngine:
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                outputs, stats = self.engine.step()
-                for out in outputs:
-                    self._deliver(out.request_id, out)
-                if self.on_stats is not None:
-                    self.on_stats(stats)
+                try:
+                    outputs, stats = self.engine.step()
+                except Exception as e:
+                    self._isolate(e)
+                    continue
+                self._unconfirmed = False
+                self._publish(outputs, stats)
         except BaseException as e:  # a bug in the engine: fail every waiter, stay dead
             log.exception("engine thread crashed")
             self._error = e
@@ -190,6 +227,57 @@ class AsyncEngine:
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError("the engine stopped"))
 
+    def _publish(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.started = True
+            self._deliver(out.request_id, out)
+        if self.on_stats is not None:
+            self.on_stats(stats)
+
+    def _isolate(self, error: Exception) -> None:
+        """A step raised: find the request it belongs to and fail only that one.
+
+        Requests are taken out newest first (a request whose arrival made steps fail is the
+        likeliest culprit) and the step re-run, until one succeeds: the last one taken out
+        is the culprit. Requests taken out before it that have delivered nothing yet are
+        added back unchanged; those mid-stream cannot be resumed and fail too. If no step
+        succeeds even with every request out, or the culprit's removal does not help the
+        next step either, the fault is the engine's: it is marked dead as before.
+        """
+        if self._unconfirmed:
+            raise error
+        log.warning("an engine step failed (%r); isolating the request it belongs to", error)
+        parked: list[str] = []
+        for rid in reversed([r for r, s in list(self._streams.items()) if s.taken]):
+            self.engine.abort(rid)
+            culprit = rid
+            if not self.engine.has_work:
+                self._unconfirmed = True
+                break
+            try:
+                outputs, stats = self.engine.step()
+            except Exception:
+                parked.append(rid)
+                continue
+            self._publish(outputs, stats)
+            break
+        else:
+            raise error  # no request of ours explains it
+        log.error("request %s failed inside the engine: %r", culprit, error)
+        self._fail(culprit, RequestFailed(f"the request failed inside the engine: {error!r}"))
+        for rid in reversed(parked):
+            stream = self._streams[rid]
+            if stream.started:
+                self._fail(rid, RequestFailed(f"aborted while isolating a failed step: {error!r}"))
+            else:
+                self.engine.add_request(rid, stream.prompt_ids, stream.params)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        self._deliver(request_id, error)
+        self._streams.pop(request_id, None)
+
     def _drain_commands(self) -> None:
         while True:
             try:
@@ -197,14 +285,22 @@ class AsyncEngine:
             except queue.Empty:
                 return
             try:
-                if cmd.kind == "add":
-                    result = self.engine.add_request(*cmd.args)
-                else:
-                    result = self.engine.abort(*cmd.args)
+                handler = self._add if cmd.kind == "add" else self.engine.abort
+                result = handler(*cmd.args)
             except Exception as e:
                 self._resolve(cmd, error=e)
             else:
                 self._resolve(cmd, result=result)
+
+    def _add(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Take an add in: its sequences move from inbound to the engine's waiting queue
+        under the admission lock, so ``_reserve`` never sees them in neither count."""
+        with self._admission:
+            self._inbound -= params.n
+            self.engine.add_request(request_id, prompt_ids, params)
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.taken = True
 
     def _fail_commands(self, error: BaseException) -> None:
         while True:

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scheduler.async_engine import EngineDeadError, EngineOverloaded, ShuttingDown
+from scheduler.async_engine import EngineDeadError, EngineOverloaded, RequestFailed, ShuttingDown
 from scheduler.scheduler import RequestRejected
 from server.protocol import ErrorDetail, ErrorResponse
 
@@ -22,7 +22,9 @@ _TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
 }
@@ -73,10 +75,12 @@ def from_engine(error: Exception) -> APIError:
         return bad_request(str(error), param="prompt")
     if isinstance(error, EngineOverloaded):
         return APIError(429, str(error), code="queue_full", headers=retry)
+    if isinstance(error, RequestFailed):  # its own rows made the step fail: not a retry case
+        return APIError(422, str(error), code="request_failed")
     return APIError(503, str(error), code="unavailable", headers=retry)  # shutting down, dead
 
 
-ENGINE_ERRORS = (RequestRejected, EngineOverloaded, ShuttingDown, EngineDeadError)
+ENGINE_ERRORS = (RequestRejected, EngineOverloaded, RequestFailed, ShuttingDown, EngineDeadError)
 
 
 def _validation_param(loc: tuple) -> str | None:

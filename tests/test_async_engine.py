@@ -14,7 +14,13 @@ from model.config import LINEAR_MODULES
 from model.convert import convert
 from model.generate import greedy_generate
 from model.recursive import RecursiveLM
-from scheduler.async_engine import AsyncEngine, EngineDeadError, EngineOverloaded, ShuttingDown
+from scheduler.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    EngineOverloaded,
+    RequestFailed,
+    ShuttingDown,
+)
 from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.sampling import SamplingParams
@@ -114,6 +120,9 @@ def test_rejected_and_overloaded_requests(rrt: RecursiveLM) -> None:
 
 
 def test_engine_crash_fails_requests_and_marks_dead(rrt: RecursiveLM) -> None:
+    """A step that always raises: the lone request is blamed first (nothing can clear it),
+    but when the next request's step fails too the fault is the engine's: it is dead."""
+
     async def main() -> None:
         front = _front(rrt)
 
@@ -121,11 +130,13 @@ def test_engine_crash_fails_requests_and_marks_dead(rrt: RecursiveLM) -> None:
             raise RuntimeError("injected fault")
 
         front.engine.step = boom  # type: ignore[method-assign]
-        with pytest.raises(EngineDeadError, match="injected fault"):
+        with pytest.raises(RequestFailed, match="injected fault"):
             await _collect(front, "a", [1, 2, 3])
+        with pytest.raises(EngineDeadError, match="injected fault"):
+            await _collect(front, "b", [1, 2, 3])
         assert not front.alive
         with pytest.raises(EngineDeadError):
-            await _collect(front, "b", [1, 2, 3])
+            await _collect(front, "c", [1, 2, 3])
 
     asyncio.run(main())
 
@@ -140,3 +151,91 @@ def test_shutdown_lets_in_flight_requests_finish(rrt: RecursiveLM) -> None:
         return await task
 
     assert asyncio.run(main()) == greedy_generate(rrt, [4, 5, 6], PARAMS.max_tokens)
+
+
+def test_a_burst_is_limited_in_sequences_before_the_engine_takes_it_in(rrt: RecursiveLM) -> None:
+    """Adds queued towards the engine thread count: 20 at once with room for 4 sequences."""
+
+    async def main() -> tuple[int, list[str]]:
+        front = _front(rrt, max_queue=4)
+        engine, peak = front.engine, [0]
+        add = engine.add_request
+
+        def counting_add(*args: object) -> None:
+            add(*args)  # type: ignore[arg-type]
+            peak[0] = max(peak[0], len(engine.scheduler.waiting))
+
+        engine.add_request = counting_add  # type: ignore[method-assign]
+        fan = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, n=3)
+
+        async def one(i: int) -> str:
+            try:
+                async for _ in front.generate(f"r{i}", [3, 4, 5], fan):
+                    pass
+            except EngineOverloaded:
+                return "429"
+            return "ok"
+
+        try:
+            outcomes = await asyncio.gather(*(one(i) for i in range(20)))
+        finally:
+            await front.shutdown(grace_seconds=1)
+        return peak[0], outcomes
+
+    peak, outcomes = asyncio.run(main())
+    assert peak <= 4 and "429" in outcomes and "ok" in outcomes
+
+
+def test_a_duplicate_request_id_fails_alone(rrt: RecursiveLM) -> None:
+    async def main() -> list[int]:
+        front = _front(rrt)
+        first = asyncio.create_task(_collect(front, "same", [4, 5, 6]))
+        await asyncio.sleep(0)
+        with pytest.raises(ValueError, match="already in use"):
+            await _collect(front, "same", [7, 8])
+        try:
+            return await asyncio.wait_for(first, 30)
+        finally:
+            await front.shutdown(grace_seconds=1)
+
+    assert asyncio.run(main()) == greedy_generate(rrt, [4, 5, 6], PARAMS.max_tokens)
+
+
+def test_a_step_failure_fails_only_the_request_it_belongs_to(rrt: RecursiveLM) -> None:
+    """A request whose rows make every step raise (like sampling on NaN probabilities)
+    fails with RequestFailed; the requests batched with it finish and the engine lives."""
+    poison = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, seed=666)
+
+    async def main() -> tuple[dict[str, list[int]], BaseException | None]:
+        front = _front(rrt)
+        step = front.engine.step
+
+        def faulty_step() -> object:
+            if any(r.params.seed == 666 for r in front.engine.scheduler.running):
+                raise RuntimeError("probability tensor contains nan")
+            return step()
+
+        front.engine.step = faulty_step  # type: ignore[method-assign]
+
+        async def bad() -> BaseException | None:
+            try:
+                async for _ in front.generate("bad", [9, 9, 9], poison):
+                    pass
+            except RequestFailed as e:
+                return e
+            return None
+
+        try:
+            tasks = [asyncio.create_task(_collect(front, f"r{i}", [3 + i, 7])) for i in range(3)]
+            error = await bad()
+            good = dict(zip(["r0", "r1", "r2"], await asyncio.gather(*tasks), strict=True))
+            good["after"] = await _collect(front, "after", [4, 5, 6])
+            assert front.alive
+        finally:
+            await front.shutdown(grace_seconds=1)
+        return good, error
+
+    good, error = asyncio.run(main())
+    assert isinstance(error, RequestFailed) and "nan" in str(error)
+    expected = {f"r{i}": greedy_generate(rrt, [3 + i, 7], PARAMS.max_tokens) for i in range(3)}
+    assert good == {**expected, "after": greedy_generate(rrt, [4, 5, 6], PARAMS.max_tokens)}
