@@ -16,12 +16,13 @@ import platform
 import random
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from benchmarks.gemm_peak import DTYPES, gemm_peak, token_flops
 from model.checkpoint import load_model
 from model.config import LINEAR_MODULES, ArchConfig, ModelConfig, RecursionConfig
 from model.recursive import RecursiveLM
@@ -58,6 +59,10 @@ class RunResult:
     mean_loops: float
     exit_rate: list[float]
     steps: int
+    prompt_tokens: int = 0
+    phase_ms: dict[str, float] = field(default_factory=dict)  # mean host ms per step
+    gflops: float = 0.0
+    peak_share: float = 0.0
     vs_vanilla: float = 0.0
     agree_full_depth: float = 1.0
     agree_vanilla: float = 1.0
@@ -172,10 +177,13 @@ def run_once(
     outputs: list[list[int]] = [[] for _ in prompts]
     loops = [0] * model.config.loops
     steps = 0
+    phases: dict[str, float] = {}
     start = time.perf_counter()
     while engine.has_work:
-        outs, _ = engine.step()
+        outs, stats = engine.step()
         steps += 1
+        for phase, sec in stats.phase_seconds.items():
+            phases[phase] = phases.get(phase, 0.0) + sec
         for o in outs:
             outputs[int(o.request_id[1:])].extend(o.token_ids)
             for d in o.exit_depths:
@@ -195,6 +203,8 @@ def run_once(
         mean_loops=mean_loops,
         exit_rate=[n / max(total, 1) for n in loops],
         steps=steps,
+        prompt_tokens=sum(len(p) for p in prompts),
+        phase_ms={k: 1000 * v / max(steps, 1) for k, v in phases.items()},
     )
     return result, outputs
 
@@ -208,18 +218,31 @@ def markdown(results: list[RunResult], header: str) -> str:
     lines = [
         header,
         "",
-        "| model | batching | exit thr | conc | tok/s | vs vanilla | loops/tok | exit rate/depth "
-        "| agree full-depth | agree vanilla |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batching | exit thr | conc | tok/s | GFLOP/s | of GEMM peak | vs vanilla "
+        "| loops/tok | exit rate/depth | agree full-depth | agree vanilla |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         thr = "off" if r.threshold > 1 else f"{r.threshold:g}"
         rates = " / ".join(f"{100 * x:.0f}%" for x in r.exit_rate)
         lines.append(
             f"| {r.model} | {r.batching} | {thr} | {r.concurrency} | {r.tok_per_s:.1f} "
-            f"| {r.vs_vanilla:.2f}x | {r.mean_loops:.2f} | {rates} "
+            f"| {r.gflops:.1f} | {r.peak_share:.0%} | {r.vs_vanilla:.2f}x | {r.mean_loops:.2f} "
+            f"| {rates} "
             f"| {100 * r.agree_full_depth:.1f}% | {100 * r.agree_vanilla:.1f}% |"
         )
+    phases = sorted({k for r in results for k in r.phase_ms})
+    lines += [
+        "",
+        "Per-phase profile of a step (mean host ms per step):",
+        "",
+        "| model | batching | exit thr | conc | " + " | ".join(phases) + " |",
+        "|---|---|---|---|" + "---|" * len(phases),
+    ]
+    for r in results:
+        thr = "off" if r.threshold > 1 else f"{r.threshold:g}"
+        cells = " | ".join(f"{r.phase_ms.get(k, 0.0):.2f}" for k in phases)
+        lines.append(f"| {r.model} | {r.batching} | {thr} | {r.concurrency} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -274,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thresholds", type=float, nargs="+", default=None)
     p.add_argument("--output-len", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, else float32"
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput"))
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -284,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = args.thresholds or ([0.8] if args.quick else [0.9, 0.8, 0.6])
     out_len = args.output_len or (24 if args.quick else 64)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = DTYPES[args.dtype] if args.dtype else dtype
+    peak = gemm_peak(str(dtype).removeprefix("torch."), args.threads)
     models = random_models() if args.random_weights else default_models(args.r64)
     for m in models.values():
         m.to(device=device, dtype=dtype)
@@ -308,7 +336,14 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             bar.update()
     bar.close()
+    prompt_flops, output_flops = token_flops(
+        SMOLLM2_ARCH if args.random_weights else models["vanilla"].config.arch
+    )
     for r in results:
+        r.gflops = (
+            (r.prompt_tokens * prompt_flops + r.output_tokens * output_flops) / r.seconds / 1e9
+        )
+        r.peak_share = r.gflops / peak
         base = next(x for x in results if x.model == "vanilla" and x.concurrency == r.concurrency)
         r.vs_vanilla = r.tok_per_s / base.tok_per_s
         full = outputs[(r.model, "sequence", EXITS_OFF, r.concurrency)]
@@ -321,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"### Engine throughput — {machine_name()}, {time.strftime('%Y-%m-%d', time.gmtime())}, "
         f"commit {git_commit()}, {'random' if args.random_weights else 'real'} weights, "
-        f"{str(dtype).removeprefix('torch.')}, output {out_len} tokens/request"
+        f"{str(dtype).removeprefix('torch.')}, output {out_len} tokens/request, "
+        f"GEMM peak {peak:.1f} GFLOP/s (same run)"
     )
     table = markdown(results, header)
     (args.out / "throughput.md").write_text(table)

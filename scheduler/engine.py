@@ -49,6 +49,7 @@ class EngineStats:
     kv_usage: float
     preemptions: int
     tokens_emitted: int
+    phase_seconds: dict[str, float]  # host wall time of the step's phases (see StepCounts)
 
 
 def _sample_id(request_id: str, index: int) -> str:
@@ -122,9 +123,14 @@ class Engine:
     def step(self) -> tuple[list[RequestOutput], EngineStats]:
         start = time.perf_counter()
         scheduled = self.scheduler.schedule()
+        schedule_s = time.perf_counter() - start
         results, counts = self.runner.execute(scheduled, self.sequence_mode)
+        counts.phases["schedule"] = schedule_s
+        t = time.perf_counter()
         events = self.scheduler.update_from_output(scheduled, results, self.sequence_mode)
+        t = counts.timed("update", t)
         outputs = [self._output(e) for e in events]
+        counts.timed("detokenize+outputs", t)
         if self.model.device.type == "cuda":
             torch.cuda.synchronize()
         s = self.scheduler
@@ -138,6 +144,7 @@ class Engine:
             kv_usage=s.allocator.usage,
             preemptions=s.num_preemptions,
             tokens_emitted=len(events),
+            phase_seconds=counts.phases,
         )
         return outputs, stats
 

@@ -7,6 +7,7 @@ in-flight item, keyed by request id.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -22,11 +23,19 @@ from scheduler.scheduler import ItemResult, ScheduledItem, SchedulerOutput
 
 @dataclass
 class StepCounts:
-    """What one execute() did, per loop depth: rows run, tokens exited, K/V rows filled."""
+    """What one execute() did, per loop depth: rows run, tokens exited, K/V rows filled; and
+    host wall seconds per phase (on a GPU: until the phase's last launch, not its end)."""
 
     rows: list[int]
     exits: list[int]
     fills: list[int]
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, phase: str, since: float) -> float:
+        """Add the time from ``since`` to ``phase``; returns now, the next phase's start."""
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - since
+        return now
 
 
 @dataclass
@@ -100,12 +109,16 @@ class ModelRunner:
         results = {i.request_id: ItemResult() for i in out.items}
         if not out.items:
             return results, counts
+        t = time.perf_counter()
         # rows sorted by depth: one depth segment per tile in the fused LoRA kernels
         batch = self._build(sorted(out.items, key=lambda i: i.depth))
+        t = counts.timed("build", t)
         passes = self.loops if sequence_mode else 1
         for _ in range(passes):
             self._pass(batch, counts)
+            t = counts.timed("block", t)
             self._decide(batch, results, counts, sequence_mode)
+            t = counts.timed("head+exit+sample+fill", t)
             batch.depths = [d + 1 for d in batch.depths]
             batch.depth_rows = batch.depth_rows + 1
         if not sequence_mode:
