@@ -110,11 +110,13 @@ class Engine:
         self._groups[request_id] = ids
 
     def abort(self, request_id: str) -> None:
-        """Cancel every sample of a request; frees its slots and KV blocks at once."""
+        """Cancel every sample of a request; frees its slots, KV blocks and the hidden rows
+        it had in flight at once (an idle engine takes no next step to drop them)."""
         for sid in self._groups.pop(request_id, []):
             self.scheduler.abort(sid)
             self.scheduler.pop_finished(sid)
             self._detok.pop(sid, None)
+            self.runner.forget(sid)
 
     @property
     def has_work(self) -> bool:

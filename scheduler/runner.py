@@ -99,12 +99,16 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.hidden: dict[str, torch.Tensor] = {}
 
+    def forget(self, request_id: str) -> None:
+        """Drop a request's in-flight hidden rows (it was aborted)."""
+        self.hidden.pop(request_id, None)
+
     @torch.inference_mode()
     def execute(
         self, out: SchedulerOutput, sequence_mode: bool
     ) -> tuple[dict[str, ItemResult], StepCounts]:
         for rid in out.dropped:
-            self.hidden.pop(rid, None)
+            self.forget(rid)
         counts = StepCounts([0] * self.loops, [0] * self.loops, [0] * self.loops)
         results = {i.request_id: ItemResult() for i in out.items}
         if not out.items:

@@ -372,3 +372,15 @@ def test_per_depth_thresholds_and_request_override(rrt: RecursiveLM) -> None:
     assert out["a"][0] == greedy_generate(rrt, prompts["r0"], GREEDY.max_tokens, num_loops=1)
     assert EngineConfig(exit_thresholds=(0.5,)).thresholds_for(3) == (0.5, 2.0, 2.0)
     assert EngineConfig(exit_threshold=0.7).thresholds_for(2) == (0.7, 0.7)
+
+
+def test_abort_frees_in_flight_hidden_rows_at_once(rrt: RecursiveLM) -> None:
+    """Defect: an aborted request's stashed hidden rows stayed resident until the next step,
+    and an idle engine never takes one."""
+    engine = _engine(rrt)
+    engine.add_request("a", [5, 6, 7, 8], replace(GREEDY, max_tokens=20))
+    engine.step()  # the prefill ran loop 0 and waits at depth 1 with its hidden rows
+    assert set(engine.runner.hidden) == {"a#0"}
+    engine.abort("a")
+    assert engine.runner.hidden == {} and not engine.has_work
+    assert engine.scheduler.allocator.num_used == 0
