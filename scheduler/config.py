@@ -39,6 +39,10 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int = 1024
     max_model_len: int = 2048
+    forced_exit_weights: tuple[float, ...] = ()
+    """Benchmark mode, never a serving default: each token's exit depth is drawn from these
+    per-depth weights, deterministically from (request, position), instead of by confidence —
+    so batching can be timed under a known exit schedule, whatever the exits' quality."""
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING_MODES:
@@ -60,6 +64,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.forced_exit_weights and (
+            min(self.forced_exit_weights) < 0 or sum(self.forced_exit_weights) <= 0
+        ):
+            raise ValueError(
+                f"forced_exit_weights must be >= 0, not all 0: {self.forced_exit_weights}"
+            )
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -8,6 +8,7 @@ applies it to a step's rows (``exits``); calibration replays it over recorded co
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -68,3 +69,15 @@ def exit_depths(
         depth[leaving] = b
         running &= ~leaving
     return depth
+
+
+def forced_exit_depth(request_id: str, position: int, weights: Sequence[float]) -> int:
+    """The depth a forced schedule gives the token at ``position``: drawn from ``weights``
+    (one per depth) by a hash of (request, position), the same on every run."""
+    u = zlib.crc32(f"{request_id}:{position}".encode()) / 2**32
+    total, acc = sum(weights), 0.0
+    for depth, w in enumerate(weights):
+        acc += w / total
+        if u < acc:
+            return depth
+    return len(weights) - 1

@@ -15,7 +15,7 @@ import torch
 from kernels import write_kv
 from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
-from scheduler.exit_policy import confidence, exits, may_exit
+from scheduler.exit_policy import confidence, exits, forced_exit_depth, may_exit
 from scheduler.kv_cache import KVCache, PagedAttention, attention_metadata
 from scheduler.sampling import SampledBatch, SampleResult, SamplingParams, sample_batch
 from scheduler.scheduler import ItemResult, ScheduledItem, SchedulerOutput
@@ -182,13 +182,17 @@ class ModelRunner:
         """For items that ended a loop where they may produce a token: the LM head over those
         rows only, the exit rule and the sampler as batched ops, one host copy for all."""
         last = self.loops - 1
+        forced = self.config.forced_exit_weights
         cand: list[tuple[ScheduledItem, int, int]] = []
         for it, d, (_, hi) in zip(batch.items, batch.depths, batch.bounds, strict=True):
-            if results[it.request_id].sample is not None:
+            if results[it.request_id].sample is not None or not it.needs_logits:
                 continue  # sequence mode: already exited, riding along
-            if it.needs_logits and (
-                d == last or may_exit(d, it.exit_thresholds[d], it.min_loops, last)
-            ):
+            if forced:
+                pos = it.start + it.num_tokens - 1
+                exit_now = d == min(last, forced_exit_depth(it.request_id, pos, forced))
+            else:
+                exit_now = d == last or may_exit(d, it.exit_thresholds[d], it.min_loops, last)
+            if exit_now:
                 cand.append((it, d, hi - 1))
         if not cand:
             return
@@ -196,7 +200,7 @@ class ModelRunner:
         rows = torch.tensor([r for _, _, r in cand], device=dev)
         logits = self.model.logits(batch.hidden.index_select(0, rows)).float()
         leaving = torch.ones(len(cand), dtype=torch.bool, device=dev)
-        early = [j for j, (_, d, _) in enumerate(cand) if d < last]
+        early = [] if forced else [j for j, (_, d, _) in enumerate(cand) if d < last]
         if early:  # confidence only where an exit is possible: a softmax over the vocabulary
             at = torch.tensor(early, device=dev)
             conf = confidence(logits.index_select(0, at), self.config.exit_measure)

@@ -26,7 +26,7 @@ from model.recursive import RecursiveLM
 from model.serving import fuse_projections, materialise_high_rank, prepare_for_serving
 from scheduler.config import EngineConfig
 from scheduler.engine import Engine
-from scheduler.exit_policy import confidence
+from scheduler.exit_policy import confidence, forced_exit_depth
 from scheduler.sampling import SamplingParams
 
 MAX_TOKENS = 10
@@ -71,7 +71,11 @@ class ListAttention:
 
 @torch.no_grad()
 def oracle_decode(
-    model: RecursiveLM, prompt: list[int], thresholds: tuple[float, ...], fill: str
+    model: RecursiveLM,
+    prompt: list[int],
+    thresholds: tuple[float, ...],
+    fill: str,
+    forced: tuple[str, tuple[float, ...]] | None = None,
 ) -> OracleOutput:
     loops, layers = model.config.loops, model.config.block_layers
     kv: list[list[list[tuple]]] = [[[] for _ in range(layers)] for _ in range(loops)]
@@ -91,7 +95,10 @@ def oracle_decode(
             if not needs_logits or sampled is not None:
                 continue
             logits = model.logits(h).float()
-            if b < loops - 1 and float(confidence(logits, "prob")) < thresholds[b]:
+            if forced is not None:  # (engine request id, weights): the forced schedule's depth
+                if b < min(loops - 1, forced_exit_depth(forced[0], pos, forced[1])):
+                    continue
+            elif b < loops - 1 and float(confidence(logits, "prob")) < thresholds[b]:
                 continue
             sampled = int(logits.argmax())
             out.tokens.append(sampled)
@@ -209,3 +216,41 @@ def test_fill_policies_give_different_logprobs(rrt64: RecursiveLM) -> None:
             for x, y in zip(p, q, strict=True)
         )
         assert gap > 1e-3, f"{a} vs {b}: logprobs differ by at most {gap}"
+
+
+@pytest.mark.parametrize(("batching", "alignment", "fill"), MODES[:2] + MODES[4:])
+def test_forced_exit_schedule_equals_the_oracle(
+    served64: dict[str, RecursiveLM], batching: str, alignment: str, fill: str
+) -> None:
+    """The benchmark's forced schedule: every token leaves at the depth drawn from (request,
+    position), the engine's tokens and fills as the oracle's under the same schedule."""
+    model, weights = served64["fused-lora"], (1.0, 1.0, 1.0)
+    prompts = _prompts()
+    want = {
+        rid: oracle_decode(served64["plain"], ids, (), fill, (f"{rid}#0", weights))
+        for rid, ids in prompts.items()
+    }
+    assert {d for o in want.values() for d in o.exit_depths} == {0, 1, 2}
+    engine = Engine(
+        model,
+        EngineConfig(
+            batching=batching,
+            depth_alignment=alignment,
+            kv_fill="propagate" if fill == "ride" else fill,
+            forced_exit_weights=weights,
+            block_size=4,
+            num_blocks=512,
+            max_num_batched_tokens=48,
+            max_model_len=128,
+        ),
+    )
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    got = {rid: ([], []) for rid in prompts}
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, params)
+    while engine.has_work:
+        for o in engine.step()[0]:
+            got[o.request_id][0].extend(o.token_ids)
+            got[o.request_id][1].extend(o.exit_depths)
+    for rid, o in want.items():
+        assert got[rid] == (o.tokens, o.exit_depths), rid
