@@ -1,0 +1,150 @@
+"""Depth-wise batching timed under forced exit schedules: does the engine turn exits into speed?
+
+Each token's exit depth is drawn from given per-depth weights by (request, position)
+(``EngineConfig.forced_exit_weights``), so vanilla, sequence-wise and depth-wise batching run on
+the same real kernels, K/V fills and scheduling whatever the exits' quality. The ideal speed-up
+over exits-off is B / mean loops per token; the table reports achieved / ideal beside TPOT
+percentiles (holds in aligned mode cost latency). Weights: random SmolLM2-shaped models (speed
+only), a compact B = 3 rank-64 model in mixed mode and the exact-shaped dense model aligned.
+
+    python -m benchmarks.forced_exits --threads 2 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.gemm_peak import DTYPES
+from benchmarks.throughput import git_commit, machine_name, make_prompts, random_models
+from model.recursive import RecursiveLM
+from model.serving import prepare_for_serving
+from scheduler.config import EngineConfig
+from scheduler.engine import Engine
+from scheduler.sampling import SamplingParams
+
+SCHEDULES = {"uniform (mean 2.0)": (1.0, 1.0, 1.0), "last-heavy (mean 2.5)": (0.1, 0.3, 0.6)}
+
+
+def run(
+    model: RecursiveLM,
+    batching: str,
+    weights: tuple[float, ...],
+    conc: int,
+    out_len: int,
+    seed: int,
+) -> dict:
+    cfg = EngineConfig(
+        batching=batching,
+        forced_exit_weights=weights,
+        max_num_seqs=conc,
+        max_num_batched_tokens=max(256, 4 * conc),
+        num_blocks=4096,
+        max_model_len=4096,
+    )
+    engine = Engine(model, cfg)
+    params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    prompts = make_prompts(conc * 2, (32, 96), seed, model.config.arch.vocab_size, None)
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"r{i}", ids, params)
+    last_emit: dict[str, float] = {}
+    gaps: list[float] = []
+    depths: list[int] = []
+    start = time.perf_counter()
+    while engine.has_work:
+        outs, _ = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            if o.request_id in last_emit:
+                gaps.append(now - last_emit[o.request_id])
+            last_emit[o.request_id] = now
+            depths.extend(o.exit_depths)
+    seconds = time.perf_counter() - start
+    gaps.sort()
+    return {
+        "tok_per_s": len(depths) / seconds,
+        "mean_loops": statistics.fmean(d + 1 for d in depths),
+        "tpot_p50_ms": 1000 * gaps[len(gaps) // 2],
+        "tpot_p99_ms": 1000 * gaps[int(0.99 * (len(gaps) - 1))],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[32])
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/forced_exits"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = random_models()
+    for m in models.values():
+        m.to(dtype=DTYPES[args.dtype])
+        prepare_for_serving(m)
+    rows = []
+    for c in args.concurrency:
+        run(models["vanilla"], "sequence", (), 4, 4, 0)  # warm-up
+        base = run(models["vanilla"], "sequence", (), c, args.output_len, c)
+        rows.append({"model": "vanilla", "batching": "sequence", "schedule": "—", "c": c, **base})
+        for name in ("rrt3-r64", "rrt3-exact"):
+            off = {
+                b: run(models[name], b, (), c, args.output_len, c) for b in ("sequence", "depth")
+            }
+            for b, r in off.items():
+                rows.append({"model": name, "batching": b, "schedule": "exits off", "c": c, **r})
+            for label, weights in SCHEDULES.items():
+                for b in ("sequence", "depth"):
+                    r = run(models[name], b, weights, c, args.output_len, c)
+                    ideal = 3 / r["mean_loops"]
+                    speedup = r["tok_per_s"] / off[b]["tok_per_s"]
+                    rows.append(
+                        {
+                            "model": name,
+                            "batching": b,
+                            "schedule": label,
+                            "c": c,
+                            **r,
+                            "speedup": speedup,
+                            "ideal": ideal,
+                            "achieved_of_ideal": speedup / ideal,
+                        }
+                    )
+    header = (
+        f"### Forced exit schedules — {machine_name()}, {time.strftime('%Y-%m-%d')}, "
+        f"commit {git_commit()}, random SmolLM2-shaped weights, {args.dtype}, "
+        f"{args.output_len} output tokens/request, 2·c requests"
+    )
+    lines = [
+        header,
+        "",
+        "| model | batching | schedule | c | tok/s | loops/tok | vs exits-off "
+        "| ideal | achieved/ideal | TPOT p50 ms | TPOT p99 ms |",
+        "|" + "---|" * 11,
+    ]
+    for r in rows:
+        extra = (
+            f"{r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['achieved_of_ideal']:.0%}"
+            if "speedup" in r
+            else "— | — | —"
+        )
+        lines.append(
+            f"| {r['model']} | {r['batching']} | {r['schedule']} | {r['c']} | {r['tok_per_s']:.1f} "
+            f"| {r['mean_loops']:.2f} | {extra} | {r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "forced_exits.md").write_text(table)
+    (args.out / "forced_exits.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
