@@ -99,7 +99,7 @@ class UptrainConfig:
     exit_kd_weight: float = 0.1
     exit_ce_weight: float = 0.1
     exit_warmup_steps: int = 0
-    loss_chunk: int = 1024
+    loss_chunk: int = 256
     strategy: str = "ddp"
     train_groups: tuple[str, ...] = DEFAULT_GROUPS
     eval_every: int = 100
