@@ -12,6 +12,7 @@ module with ``wrap_module`` and reduces logged numbers with ``mean_across_ranks`
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -125,8 +126,13 @@ def wrap_module(module: nn.Module, strategy: str, device: str) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [torch.device(device).index] if device.startswith("cuda") else None
-    # Buffers (RoPE frequencies) are the same on every rank: no broadcast each forward.
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    # Buffers (RoPE frequencies) are the same on every rank: no broadcast each forward (the
+    # argument's name changed in torch 2.13).
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {
+        "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False
+    }
+    return DistributedDataParallel(module, device_ids=ids, **no_sync)
 
 
 @contextlib.contextmanager
