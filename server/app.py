@@ -51,9 +51,11 @@ def create_app(
             await engine.shutdown(settings.shutdown_grace)
 
     app = FastAPI(title="loopserve", version="0.1.0", lifespan=lifespan)
-    app.state.loopserve = ServerState(engine, tokenizer, model, metrics, settings.api_key)
+    app.state.loopserve = ServerState(engine, tokenizer, model, metrics, settings)
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, timeout_seconds=settings.body_timeout
+    )
     for router in (completions.router, chat.router, info.router):
         app.include_router(router)
     return app

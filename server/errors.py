@@ -104,8 +104,12 @@ async def _on_validation(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    param = _validation_param(tuple(first.get("loc", ())))
+    # a JSON syntax error's loc holds a character offset, not a field
+    is_json = first.get("type") == "json_invalid"
+    param = None if is_json else _validation_param(tuple(first.get("loc", ())))
     msg = first.get("msg", "invalid request")
+    if is_json:
+        msg = f"the body is not valid JSON: {first.get('ctx', {}).get('error', msg)}"
     message = f"{param}: {msg}" if param else msg
     return bad_request(message, param).response()
 

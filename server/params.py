@@ -47,16 +47,21 @@ def check_chat(req: ChatCompletionRequest) -> None:
 
 
 def max_tokens_for(
-    requested: int | None, prompt_len: int, max_model_len: int, explicit: bool = True
+    requested: int | None,
+    prompt_len: int,
+    max_model_len: int,
+    explicit: bool = True,
+    prompt_param: str = "prompt",
 ) -> int:
     """The request's token budget: what it asked for, or the rest of the context. A default
-    it did not send itself is clamped to the context instead of refused."""
+    it did not send itself is clamped to the context instead of refused. ``prompt_param``
+    names the field an over-long prompt came from (``messages`` for chat)."""
     room = max_model_len - prompt_len
     if room < 1:
         raise bad_request(
             f"the prompt has {prompt_len} tokens; this model's maximum context length is "
             f"{max_model_len} tokens including at least one generated token",
-            "prompt",
+            prompt_param,
         )
     if requested is None:
         return room

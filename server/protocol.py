@@ -1,7 +1,9 @@
 """OpenAI wire format: request and response models (pydantic lives here, at the edge only).
 
 Requests forbid unknown fields, and fields loopserve cannot honour are rejected with a 400
-naming them (see ``server.sampling``), so no parameter is ever silently ignored.
+naming them (see ``server.sampling``), so no parameter is ever silently ignored. Requests are
+strict (``true`` is no integer, ``"1"`` no number) and refuse strings that are not Unicode
+text (lone surrogates, which JSON can spell as ``"\ud800"`` but no tokenizer can encode).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    field_validator,
     model_serializer,
 )
 
@@ -24,8 +27,29 @@ TokenId = Annotated[int, Field(ge=0)]
 StopString = Annotated[str, Field(min_length=1)]
 
 
+def _check_text(value: object) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"a lone surrogate at offset {e.start}: not Unicode text") from None
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_text(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key)
+            _check_text(item)
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _unicode_only(cls, value: object) -> object:
+        _check_text(value)
+        return value
 
 
 class StreamOptions(_Request):

@@ -65,6 +65,8 @@ class ServeSettings(BaseSettings):
     device: str = "cpu"
     threads: int | None = Field(None, ge=1)
     max_body_bytes: ByteSize = 4 * 2**20
+    header_timeout: float = Field(10.0, gt=0, description="seconds to send request headers")
+    body_timeout: float = Field(30.0, gt=0, description="seconds to send the request body")
     log_interval: float = Field(10.0, gt=0)
     shutdown_grace: float = Field(30.0, ge=0)
     seed: int = 0

@@ -1,4 +1,4 @@
-"""What the routes share: the engine, tokenizer, model description, metrics and the API key.
+"""What the routes share: the engine, tokenizer, model description, metrics and settings.
 
 Held in ``app.state`` so several apps (tests) can live in one process.
 """
@@ -15,6 +15,7 @@ from scheduler.async_engine import AsyncEngine
 from server.errors import APIError
 from server.loader import ModelInfo
 from server.metrics import Metrics
+from server.settings import ServeSettings
 
 
 @dataclass
@@ -23,7 +24,7 @@ class ServerState:
     tokenizer: PreTrainedTokenizerBase
     info: ModelInfo
     metrics: Metrics
-    api_key: str | None
+    settings: ServeSettings
 
     def check_model(self, name: str) -> None:
         if name != self.info.name:
@@ -41,9 +42,12 @@ def get_state(request: Request) -> ServerState:
 
 async def require_api_key(request: Request) -> None:
     """401 unless the request carries ``Authorization: Bearer <key>`` (when a key is set)."""
-    key = get_state(request).api_key
+    key = get_state(request).settings.api_key
     if key is None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip(), key):
+    # compare bytes: compare_digest raises on non-ASCII str. Headers arrive as latin-1
+    # (their raw bytes); the key as configured, sent UTF-8 encoded.
+    given_bytes = given.strip().encode("latin-1")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given_bytes, key.encode()):
         raise APIError(401, "a valid API key is required", code="invalid_api_key")

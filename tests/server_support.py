@@ -18,6 +18,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from model.build import convert_checkpoint
 from model.config import LINEAR_MODULES
 from server.app import create_app
+from server.drain import DrainingServer
 from server.loader import build_engine
 from server.settings import ServeSettings
 
@@ -73,7 +74,8 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """``loopserve``'s app for ``settings`` under uvicorn in a thread, as ``serve`` runs it."""
+    """``loopserve``'s app for ``settings`` under uvicorn in a thread, as ``serve`` runs it
+    (with its connection guards; signals stay with the test process's main thread)."""
 
     def __init__(self, settings: ServeSettings) -> None:
         self.engine, self.tokenizer, self.info = build_engine(settings)
@@ -82,7 +84,7 @@ class LiveServer:
         config = uvicorn.Config(
             self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False
         )
-        self.server = uvicorn.Server(config)
+        self.server = DrainingServer(config, self.engine, settings.shutdown_grace)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -63,12 +63,14 @@ async def create_chat_completion(
     state.check_model(body.model)
     ids = render(state, body.messages)
     requested = body.max_completion_tokens or body.max_tokens
-    max_tokens = max_tokens_for(requested, len(ids), state.info.max_model_len)
+    max_tokens = max_tokens_for(
+        requested, len(ids), state.info.max_model_len, prompt_param="messages"
+    )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs)
     gen = Generation(state.engine, state.metrics, new_request_id("chatcmpl"), [ids], [params])
     if body.stream:
-        outputs = await prime(gen.outputs())
+        outputs = await unless_disconnected(request, prime(gen.outputs()))
         return EventStream(events(_chunks(state, body, gen, outputs)))
     await unless_disconnected(request, drain(gen))
     choices = [

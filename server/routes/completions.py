@@ -49,7 +49,7 @@ async def create_completion(
     gen = Generation(state.engine, state.metrics, new_request_id("cmpl"), prompts, params)
     echoes = [state.tokenizer.decode(p) if body.echo else "" for p in prompts]
     if body.stream:
-        outputs = await prime(gen.outputs())
+        outputs = await unless_disconnected(request, prime(gen.outputs()))
         return EventStream(events(_chunks(state, body, gen, outputs, echoes)))
     await unless_disconnected(request, drain(gen))
     choices = []

@@ -54,9 +54,13 @@ async def get_model(model: str, request: Request) -> ModelCard:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 only while the engine thread is alive (a load balancer's readiness probe)."""
-    if not get_state(request).engine.alive:
+    """200 only while the engine takes requests (a load balancer's readiness probe): 503
+    once it died, and from the first moment of a drain, so traffic moves elsewhere."""
+    engine = get_state(request).engine
+    if not engine.alive:
         raise APIError(503, "the engine is not running", code="engine_dead")
+    if not engine.accepting:
+        raise APIError(503, "the server is shutting down", code="shutting_down")
     return JSONResponse({"status": "ok"})
 
 
