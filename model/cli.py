@@ -17,6 +17,9 @@ from model.config import (
 )
 from model.default import DEFAULT_SPEC
 from model.pull import PullError
+from model.reconstruct import DATA_METHODS
+
+CONVERT_METHODS = ("plain", *DATA_METHODS)
 
 USER_ERRORS = (ConfigError, CheckpointError, PullError)
 
@@ -42,8 +45,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         help="fold a pretrained checkpoint into a Relaxed Recursive Transformer",
         description=(
             "Initialise a shared K-layer block from the source's L layers, add per-position "
-            "LoRA deltas from the truncated SVD of each layer's residual, write a loopserve "
-            "checkpoint and print parameter counts and a fidelity report against the source."
+            "LoRA deltas (by default refitted in closed form, position by position, so the "
+            "converted model's own inputs reproduce each original layer's outputs on "
+            "calibration text), write a loopserve checkpoint and print parameter counts and "
+            "a fidelity report against the source on the built-in text and on held-out "
+            "samples of the source's own."
         ),
     )
     p.add_argument(
@@ -72,6 +78,59 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--rank-mlp", type=_rank, default=None, help="rank for gate, up, down (overrides --rank)"
     )
+    p.add_argument(
+        "--method",
+        choices=CONVERT_METHODS,
+        default=None,
+        help="how deltas are fitted: plain (SVD of the weight residual), whitened (SVD-LLM: "
+        "SVD of the residual times the input covariance's Cholesky factor), sequential "
+        "(each position refitted on the converted model's own inputs). Default: sequential, "
+        "or plain (said so) for a source without a tokenizer to calibrate with",
+    )
+    data = p.add_mutually_exclusive_group()
+    data.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="calibration text: a text file, or JSONL with 'text' or 'messages' per line",
+    )
+    data.add_argument(
+        "--self-distill",
+        type=int,
+        metavar="N",
+        default=4096,
+        help="calibrate on N tokens the source samples from a built-in prompt set of its own "
+        "(the default, N = 4096; cached under $LOOPSERVE_HOME/cache)",
+    )
+    p.add_argument(
+        "--rank-at",
+        action="append",
+        default=[],
+        metavar="P=R",
+        help="rank R (integer or 'full') for every map at unrolled position P, e.g. 0=full; "
+        "repeatable. Stored zero-padded to the module's largest rank",
+    )
+    p.add_argument(
+        "--rank-budget",
+        type=int,
+        metavar="PARAMS",
+        help="instead of a uniform rank, spend PARAMS delta parameters where the whitened "
+        "singular values remove the most output error (per module and position)",
+    )
+    p.add_argument(
+        "--damp",
+        type=float,
+        default=0.01,
+        help="ridge damping of the calibration covariance, times its mean diagonal (default: 0.01)",
+    )
+    p.add_argument(
+        "--polish",
+        action="store_true",
+        help="after each position's sequential fit, run Adam on its factors and norms against "
+        "the original layer's output (bounded by --polish-steps and --polish-seconds)",
+    )
+    p.add_argument("--polish-steps", type=int, default=50, help="per position (default: 50)")
+    p.add_argument("--polish-seconds", type=float, default=300.0, help="in all (default: 300)")
+    p.add_argument("--polish-lr", type=float, default=1e-4, help="Adam step (default: 1e-4)")
     p.add_argument("--out", required=True, help="output directory of the loopserve checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed for --init random (default: 0)")
     p.add_argument("--no-eval", action="store_true", help="skip the fidelity report")
@@ -85,11 +144,29 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
+def _position_rank(value: str) -> tuple[int, int]:
+    pos, sep, rank = value.partition("=")
+    if not sep or not pos.isdigit():
+        raise ConfigError(f"--rank-at needs P=R (e.g. 0=full), got {value!r}")
+    try:
+        return int(pos), _rank(rank)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"--rank-at {value!r}: {e}") from None
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from model.build import convert_checkpoint, result_dict
+    from model.build import convert_checkpoint, has_tokenizer, result_dict
     from model.pull import pull_default
+    from model.reconstruct import Polish
 
     src = pull_default() if args.src == DEFAULT_SPEC else Path(args.src)
+    if args.method is None:
+        args.method = "sequential"
+        if not has_tokenizer(src):
+            args.method = "plain"
+            print(f"{src} has no tokenizer to calibrate with: deltas by plain SVD")
+    if args.polish and args.method != "sequential":
+        raise ConfigError("--polish refines a sequential conversion (--method sequential)")
     ranks = dict.fromkeys(LINEAR_MODULES, args.rank)
     if args.rank_attn is not None:
         ranks.update(dict.fromkeys(ATTN_MODULES, args.rank_attn))
@@ -104,6 +181,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         seed=args.seed,
         evaluate=not args.no_eval,
         seq_len=args.eval_seq_len,
+        method=args.method,
+        calibration_file=args.calibration,
+        self_distill_tokens=args.self_distill,
+        position_ranks=dict(_position_rank(v) for v in args.rank_at),
+        rank_budget=args.rank_budget,
+        damp=args.damp,
+        polish=Polish(args.polish_steps, args.polish_seconds, args.polish_lr)
+        if args.polish
+        else None,
     )
     for line in result.lines():
         print(line)

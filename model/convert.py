@@ -1,10 +1,12 @@
 """Conversion of a vanilla model into a Relaxed Recursive Transformer.
 
 The shared block is initialised from the L original layers (stepwise / average / lower /
-random); each unrolled position p = k + b·K then gets a LoRA delta from the truncated SVD of
-its residual ``W_orig[p] − W_shared[k] ≈ U_r Σ_r V_rᵀ`` with ``B = U_r Σ_r`` and ``A = V_rᵀ``.
-At full rank the converted model reproduces the source; at rank 0 it is the plain recursive
-model. Norms and biases stay per position (they are tiny).
+random); each unrolled position p = k + b·K then gets a LoRA delta. ``plain``: the truncated
+SVD of its residual ``W_orig[p] − W_shared[k] ≈ U_r Σ_r V_rᵀ`` with ``B = U_r Σ_r`` and
+``A = V_rᵀ`` (the paper's init; minimises the weight error). ``whitened`` and ``sequential``
+minimise the layer's output error on calibration data instead (``model.reconstruct``).
+At full rank every method reproduces the source; at rank 0 it is the plain recursive model.
+Norms and biases stay per position (they are tiny).
 """
 
 from __future__ import annotations
@@ -15,19 +17,35 @@ import torch
 from tqdm import tqdm
 
 from model.config import FULL_RANK, INIT_METHODS, LINEAR_MODULES, ModelConfig, RecursionConfig
+from model.reconstruct import (
+    DATA_METHODS,
+    Polish,
+    data_aware_deltas,
+)
 from model.recursive import RecursiveLM
+
+CONVERT_METHODS: tuple[str, ...] = ("plain", *DATA_METHODS)
 
 
 @dataclass
 class ConversionReport:
-    """What conversion kept: per module, the mean fraction of residual energy (Σσ² kept)."""
+    """What conversion kept: per module, the mean fraction of residual energy (Σσ² kept;
+    for the data-aware methods the whitened, i.e. output, energy on the calibration data).
+
+    ``ranks`` is the stored rank per module, ``position_ranks[m][p]`` the rank each position
+    really uses; ``effective_params`` counts the deltas at those ranks, ``converted_params``
+    what the checkpoint stores (zero-padded to the stored ranks)."""
 
     init: str
     loops: int
     ranks: dict[str, int]
+    method: str = "plain"
+    position_ranks: dict[str, list[int]] = field(default_factory=dict)
     energy_kept: dict[str, float] = field(default_factory=dict)
     source_params: int = 0
     converted_params: int = 0
+    effective_params: int = 0
+    calibration_tokens: int = 0
 
     @property
     def saved_fraction(self) -> float:
@@ -71,6 +89,73 @@ def svd_delta(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return u[:, :rank] * s[:rank], vh[:rank], kept
 
 
+def rank_table(
+    config: ModelConfig,
+    ranks: dict[str, int],
+    position_ranks: dict[int, int] | None = None,
+) -> dict[str, list[int]]:
+    """Rank of every module at every unrolled position p: ``ranks`` everywhere, except the
+    positions in ``position_ranks`` (p -> rank or FULL_RANK for all their modules), each
+    clamped to the module's full rank."""
+    num_layers = config.arch.num_layers
+    table = {}
+    for m in LINEAR_MODULES:
+        full = config.full_rank(m)
+        base = full if ranks.get(m, 0) == FULL_RANK else ranks.get(m, 0)
+        row = [base] * num_layers
+        for p, r in (position_ranks or {}).items():
+            if not 0 <= p < num_layers:
+                raise ValueError(f"rank exception for position {p}: the model has {num_layers}")
+            row[p] = full if r == FULL_RANK else min(r, full)
+        if any(r > full for r in row):
+            raise ValueError(f"rank for {m!r} exceeds its full rank {full}")
+        table[m] = row
+    return table
+
+
+def delta_parameters(config: ModelConfig, table: dict[str, list[int]]) -> int:
+    """Parameters the deltas of ``table`` need when each position keeps its own rank."""
+    return sum(r * sum(config.arch.linear_shape(m)) for m, row in table.items() for r in row)
+
+
+def allocate_budget(
+    config: ModelConfig,
+    spectra: dict[str, list[torch.Tensor]],
+    output_energy: dict[str, list[float]],
+    budget: int,
+    fixed: dict[int, int] | None = None,
+) -> dict[str, list[int]]:
+    """Spend ``budget`` delta parameters where the whitened singular values buy the most.
+
+    Singular value i of position p's whitened residual ``Δ S`` removes σᵢ² of that map's
+    output error energy at a cost of out + in parameters. Measured relative to the map's
+    output energy ``‖X Wᵀ‖²`` (so maps are comparable), the greedy takes the best gain per
+    parameter first; within one matrix the σ are sorted, so each rank is a prefix. Positions
+    in ``fixed`` keep their rank (rank_table's exceptions) and are not charged to the budget.
+    """
+    fixed = fixed or {}
+    gains, owners = [], []
+    for m, per_pos in spectra.items():
+        cost = sum(config.arch.linear_shape(m))
+        for p, sv in enumerate(per_pos):
+            if p in fixed:
+                continue
+            cap = config.full_rank(m)
+            g = sv[:cap].double().pow(2) / max(output_energy[m][p], 1e-30) / cost
+            gains.append(g)
+            owners.extend([(m, p, cost)] * g.numel())
+    order = torch.cat(gains).argsort(descending=True).tolist()
+    table = rank_table(config, dict.fromkeys(LINEAR_MODULES, 0), fixed)
+    spent = 0
+    for i in order:
+        m, p, cost = owners[i]
+        if spent + cost > budget:
+            continue
+        table[m][p] += 1
+        spent += cost
+    return table
+
+
 def convert(
     source: RecursiveLM,
     loops: int,
@@ -78,19 +163,53 @@ def convert(
     ranks: dict[str, int],
     seed: int = 0,
     progress: bool = True,
+    method: str = "plain",
+    calibration: torch.Tensor | None = None,
+    position_ranks: dict[int, int] | None = None,
+    rank_budget: int | None = None,
+    damp: float = 0.01,
+    polish: Polish | None = None,
 ) -> tuple[RecursiveLM, ConversionReport]:
-    """Fold a vanilla ``source`` into ``loops`` loops with per-position LoRA deltas."""
+    """Fold a vanilla ``source`` into ``loops`` loops with per-position LoRA deltas.
+
+    ``method``: 'plain' (SVD of the weight residual), 'whitened' or 'sequential' (fitted on
+    the ``calibration`` windows [N, S]; see ``model.reconstruct``). ``position_ranks`` sets
+    the rank of every module at some positions p (e.g. {0: FULL_RANK}); ``rank_budget``
+    replaces the uniform ``ranks`` by a greedy allocation of that many delta parameters
+    (needs calibration). Ranks that differ between positions are stored zero-padded to the
+    module's largest rank (the checkpoint has one rank per module); the report counts both.
+    """
     if not source.config.is_vanilla:
         raise ValueError("conversion needs a vanilla (non-recursive) source model")
-    recursion = RecursionConfig(loops=loops, init=init, ranks=dict.fromkeys(LINEAR_MODULES, 0))
-    config = source.config.with_recursion(recursion)
-    ranks = resolve_ranks(config, {m: ranks.get(m, 0) for m in LINEAR_MODULES})
-    config = config.with_recursion(RecursionConfig(loops=loops, init=init, ranks=ranks))
-    target = RecursiveLM(config, dtype=source.dtype, device=source.device)
-    k_size = config.block_layers
+    if method not in CONVERT_METHODS:
+        raise ValueError(f"method must be one of {CONVERT_METHODS}, got {method!r}")
+    needs_data = method in DATA_METHODS or rank_budget is not None
+    if needs_data and calibration is None:
+        raise ValueError(f"method {method!r} / a rank budget needs calibration windows")
+    if polish is not None and method != "sequential":
+        raise ValueError("polish refines a sequential conversion; use method='sequential'")
+    base = source.config.with_recursion(
+        RecursionConfig(loops=loops, init=init, ranks=dict.fromkeys(LINEAR_MODULES, 0))
+    )
+    k_size = base.block_layers
     gen = torch.Generator().manual_seed(seed)
-    report = ConversionReport(init=init, loops=loops, ranks=ranks)
     src = source.state_dict()
+    shared = {m: shared_block_init(src[f"weights.{m}"], loops, init, gen) for m in LINEAR_MODULES}
+    table = rank_table(base, ranks, position_ranks)
+    if rank_budget is not None:
+        zero = rank_table(base, {})
+        spectra = data_aware_deltas(
+            source, shared, zero, loops, "whitened", calibration, damp, progress=progress
+        )
+        table = allocate_budget(
+            base, spectra.singular_values, spectra.output_energy, rank_budget, position_ranks
+        )
+    max_ranks = {m: max(row) for m, row in table.items()}
+    config = base.with_recursion(RecursionConfig(loops=loops, init=init, ranks=max_ranks))
+    target = RecursiveLM(config, dtype=source.dtype, device=source.device)
+    report = ConversionReport(
+        init=init, loops=loops, ranks=max_ranks, method=method, position_ranks=table
+    )
     out: dict[str, torch.Tensor] = {
         n: src[n] for n in ("embed", "final_norm", "lm_head") if n in src
     }
@@ -103,36 +222,47 @@ def convert(
     out["post_attn_norm"] = per_position(src["post_attn_norm"])
     for m in source.biases:
         out[f"biases.{m}"] = per_position(src[f"biases.{m}"])
-    jobs = [
-        (m, b, k)
-        for m in LINEAR_MODULES
-        if ranks[m] > 0
-        for b in range(loops)
-        for k in range(k_size)
-    ]
-    bar = tqdm(total=len(jobs), desc="SVD relaxation", unit="matrix", disable=not progress)
+    fitted = None
+    if method in DATA_METHODS:
+        fitted = data_aware_deltas(
+            source, shared, table, loops, method, calibration, damp, polish, progress
+        )
+        report.calibration_tokens = calibration.numel()
+        for name, norms in fitted.norms.items():
+            out[name] = torch.stack(norms).view(loops, k_size, -1).transpose(0, 1).contiguous()
+    num_layers = base.arch.num_layers
+    bar = tqdm(total=num_layers * len(LINEAR_MODULES), desc="deltas", disable=not progress)
     for m in LINEAR_MODULES:
         orig = src[f"weights.{m}"]  # [L, out, in]
-        shared = shared_block_init(orig, loops, init, gen)
-        out[f"weights.{m}"] = shared
-        r = ranks[m]
-        if r == 0:
-            report.energy_kept[m] = 0.0
-            continue
+        out[f"weights.{m}"] = shared[m]
+        r = max_ranks[m]
+        kept = []
         a = torch.zeros(k_size, loops, r, orig.shape[2], dtype=torch.float64)
         b_ = torch.zeros(k_size, loops, orig.shape[1], r, dtype=torch.float64)
-        kept = []
-        for b in range(loops):
-            for k in range(k_size):
-                residual = orig[k + b * k_size].double() - shared[k].double()
-                b_[k, b], a[k, b], frac = svd_delta(residual, r)
-                kept.append(frac)
-                bar.update()
-        out[f"lora_a.{m}"] = a.to(orig.dtype)
-        out[f"lora_b.{m}"] = b_.to(orig.dtype)
-        report.energy_kept[m] = sum(kept) / len(kept)
+        for p in range(num_layers):
+            k, b = p % k_size, p // k_size
+            rp = table[m][p]
+            if fitted is None:
+                residual = orig[p].double() - shared[m][k].double()
+                fb, fa, frac = svd_delta(residual, rp)
+            else:
+                sv = fitted.singular_values[m][p].pow(2)
+                frac = float(sv[:rp].sum() / sv.sum()) if float(sv.sum()) > 0 else 1.0
+                fb, fa = fitted.factors[m][p] if rp > 0 else (None, None)
+            kept.append(frac)
+            if rp > 0:
+                b_[k, b, :, :rp], a[k, b, :rp] = fb, fa
+            bar.update()
+        if r > 0:
+            out[f"lora_a.{m}"] = a.to(orig.dtype)
+            out[f"lora_b.{m}"] = b_.to(orig.dtype)
+        report.energy_kept[m] = sum(kept) / len(kept) if any(table[m]) else 0.0
     bar.close()
     target.load_state_dict(out)
     report.source_params = source.num_parameters()
     report.converted_params = target.num_parameters()
+    padding = sum(
+        (max_ranks[m] - r) * sum(base.arch.linear_shape(m)) for m, row in table.items() for r in row
+    )
+    report.effective_params = report.converted_params - padding
     return target, report

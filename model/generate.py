@@ -30,3 +30,100 @@ def greedy_generate(
             break
         ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
     return out
+
+
+class _BatchKV:
+    """Attention with a KV cache for a batch of left-padded sequences, one per row.
+
+    Row i's first ``pads[i]`` columns are padding: no query attends to them (a padding query
+    attends to itself only, so every value stays finite). Keys/values are kept per
+    (loop depth, block layer). Steps: the padded prompts [n·W] at once, then one token a row.
+    """
+
+    def __init__(self, pads: torch.Tensor, heads: tuple[int, int, int]) -> None:
+        self.pads = pads  # [n]
+        self.depth = 0
+        self.past = 0  # columns already in the cache
+        self.kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.heads = heads  # (Hq, Hkv, D)
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        n = self.pads.shape[0]
+        hq, hkv, d = self.heads
+        # [n·T, H, D] -> [n, H, T, D]
+        q = q.view(n, -1, hq, d).transpose(1, 2)
+        k = k.view(n, -1, hkv, d).transpose(1, 2)
+        v = v.view(n, -1, hkv, d).transpose(1, 2)
+        key = (self.depth, layer)
+        if key in self.kv:
+            k = torch.cat([self.kv[key][0], k], dim=2)
+            v = torch.cat([self.kv[key][1], v], dim=2)
+        self.kv[key] = (k, v)
+        t, s = q.shape[2], k.shape[2]
+        qcol = torch.arange(s - t, s, device=q.device)[:, None]  # [T, 1]
+        kcol = torch.arange(s, device=q.device)[None, :]  # [1, S]
+        valid = (kcol <= qcol) & (kcol >= self.pads.to(q.device)[:, None, None])
+        mask = (valid | (kcol == qcol))[:, None]  # [n, 1, T, S]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=True
+        )
+        return out.transpose(1, 2).reshape(n * t, hq * d)
+
+
+def _batch_logits(model: RecursiveLM, ids: torch.Tensor, cache: _BatchKV) -> torch.Tensor:
+    """Next-token logits [n, V] after columns ``ids`` [n, T] (all loops), filling ``cache``."""
+    n, t = ids.shape
+    cols = torch.arange(cache.past, cache.past + t)
+    positions = (cols[None, :] - cache.pads[:, None]).clamp(min=0).reshape(-1)
+    hidden = model.embed_tokens(ids.reshape(-1).to(model.device))
+    for b in range(model.config.loops):
+        cache.depth = b
+        hidden = model.block_forward(hidden, b, positions.to(model.device), cache)
+    cache.past += t
+    return model.logits(hidden.view(n, t, -1)[:, -1])
+
+
+@torch.no_grad()
+def sample_continuations(
+    model: RecursiveLM,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    eos_token_ids: tuple[int, ...] = (),
+) -> list[list[int]]:
+    """Sampled continuations of ``prompts`` (new tokens only, each ending at its first EOS).
+
+    Nucleus sampling at ``temperature``, all prompts batched (left-padded) with a KV cache, so
+    decoding reads the weights once per step for every row; ``generator`` makes it
+    reproducible for a given batch. Self-distils calibration and held-out text from a source
+    model without external data.
+    """
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    a = model.config.arch
+    width = max(map(len, prompts))
+    pads = torch.tensor([width - len(p) for p in prompts])
+    ids = torch.tensor([[p[0]] * (width - len(p)) + p for p in prompts])
+    cache = _BatchKV(pads, (a.num_heads, a.num_kv_heads, a.head_dim))
+    logits = _batch_logits(model, ids, cache)
+    outs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        probs = (logits.double() / temperature).softmax(-1).cpu()
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest prefix reaching top_p
+        sorted_p = sorted_p * keep
+        pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+        tokens = order.gather(-1, pick)[:, 0]
+        for i, tok in enumerate(tokens.tolist()):
+            if not done[i]:
+                outs[i].append(tok)
+                done[i] = tok in eos_token_ids
+        if all(done):
+            break
+        logits = _batch_logits(model, tokens[:, None], cache)
+    return outs

@@ -1,0 +1,355 @@
+"""Data-aware deltas: fit each position's low-rank delta to what its layer does on real inputs.
+
+For a linear map at unrolled position p with original weight ``W`` [out, in], shared weight
+``W_s`` and inputs ``X`` [N, in] (rows of calibration tokens), every method picks the rank-r
+delta ``M = B A`` that minimises an output error, in closed form:
+
+- **whitened** (SVD-LLM, Wang et al. 2024): ``‖X (Δ − M)ᵀ‖`` with ``Δ = W − W_s``. With
+  ``C = XᵀX + λI = S Sᵀ`` (Cholesky) that is ``‖(Δ − M) S‖``, so the optimum is the truncated
+  SVD ``Δ S ≈ U_r Σ_r V_rᵀ`` mapped back: ``B = U_r Σ_r``, ``A = V_rᵀ S⁻¹``.
+- **sequential**: the converted model's *own* inputs ``X̂`` (its earlier positions already
+  converted) must reproduce the original layer's outputs ``X Wᵀ``:
+  ``min ‖X̂ (W_s + M)ᵀ − X Wᵀ‖² + λ‖M − Δ‖²``. The unconstrained optimum is
+  ``M* = (W XᵀX̂ − W_s X̂ᵀX̂ + λΔ)(X̂ᵀX̂ + λI)⁻¹`` and the objective is
+  ``const + ‖(M − M*) S‖²`` with ``S Sᵀ = X̂ᵀX̂ + λI``: the whitened SVD of ``M*``.
+  Inside a layer the maps are fitted in data-flow order (q, k, v; then o on the converted
+  attention output; gate, up; down), so each sees the converted inputs it will see served.
+
+The damping ``λ = damp · mean(diag XᵀX)`` pulls toward the plain delta, never toward zero,
+so with ``X̂ = X`` the sequential target is exactly ``Δ``: every method is exact at full rank.
+An optional bounded polish then runs Adam on each position's factors and norms against the
+original layer's output on the converted model's own input.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.attention import CausalAttention
+from model.config import ArchConfig
+from model.recursive import RecursiveLM, rms_norm
+from model.rope import apply_rope, rope_cos_sin
+
+Factors = tuple[torch.Tensor, torch.Tensor]  # (B [out, r], A [r, in]) in float64
+DATA_METHODS: tuple[str, ...] = ("whitened", "sequential")
+
+
+@dataclass(frozen=True)
+class Polish:
+    """Bounds of the per-position polish: at most ``steps`` Adam steps per position and
+    ``seconds`` in all (split evenly over the positions still to come)."""
+
+    steps: int = 50
+    seconds: float = 60.0
+    lr: float = 1e-4
+    batch_windows: int = 8
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.seconds < 0 or self.lr <= 0 or self.batch_windows < 1:
+            raise ValueError(
+                f"polish needs steps, seconds >= 0, lr > 0, batch_windows >= 1: {self}"
+            )
+
+
+def damped(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """``gram + λI`` with ``λ = damp · mean(diag gram)`` (a tiny floor if the data is zero)."""
+    lam = damp * float(gram.diagonal().mean()) + 1e-12
+    return gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+
+def whitened_factors(
+    target: torch.Tensor, gram: torch.Tensor, rank: int
+) -> tuple[Factors, torch.Tensor]:
+    """Best rank-r ``B A`` for ``min ‖(target − B A) S‖`` with ``S Sᵀ = gram`` (positive
+    definite, damped), and the whitened singular values (descending). float64 throughout."""
+    s = torch.linalg.cholesky(gram)
+    u, sv, vh = torch.linalg.svd(target @ s, full_matrices=False)
+    b = u[:, :rank] * sv[:rank]
+    # A = V_rᵀ S⁻¹  <=>  Sᵀ Aᵀ = V_r
+    a = torch.linalg.solve_triangular(s.T, vh[:rank].T, upper=True).T
+    return (b, a), sv
+
+
+def refit_target(
+    w: torch.Tensor,
+    w_shared: torch.Tensor,
+    cross: torch.Tensor,
+    gram: torch.Tensor,
+    damp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequential target ``M*`` and its damped gram (see the module docstring).
+
+    cross = XᵀX̂ [in, in]; gram = X̂ᵀX̂ [in, in]; all float64.
+    """
+    g = damped(gram, damp)
+    lam = g[0, 0] - gram[0, 0]
+    delta = w - w_shared
+    rhs = w @ cross - w_shared @ gram + lam * delta  # [out, in]
+    target = torch.linalg.solve(g, rhs.T).T  # rhs · g⁻¹ (g symmetric)
+    return target, g
+
+
+def _gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """xᵀy in float64 (the matmul in x's precision: float32 for big calibration sets)."""
+    return (x.T @ (x if y is None else y)).double()
+
+
+@dataclass
+class PositionWeights:
+    """Dense weights of one unrolled position: linear maps [out, in], norms, biases."""
+
+    weights: dict[str, torch.Tensor]
+    input_norm: torch.Tensor
+    post_attn_norm: torch.Tensor
+    biases: dict[str, torch.Tensor]
+
+
+def source_position(source: RecursiveLM, p: int) -> PositionWeights:
+    """The vanilla source's layer p."""
+    return PositionWeights(
+        weights={m: w[p] for m, w in source.weights.items()},
+        input_norm=source.input_norm[p, 0],
+        post_attn_norm=source.post_attn_norm[p, 0],
+        biases={m: bias[p, 0] for m, bias in source.biases.items()},
+    )
+
+
+class LayerMath:
+    """The Llama layer on dense per-position weights, split where conversion needs taps.
+
+    Rows are ``n`` windows of ``seq_len`` tokens, concatenated: [n · seq_len, H].
+    """
+
+    def __init__(
+        self,
+        arch: ArchConfig,
+        inv_freq: torch.Tensor,
+        seq_len: int,
+        n: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.arch = arch
+        positions = torch.arange(seq_len).repeat(n)
+        self.cos, self.sin = rope_cos_sin(inv_freq, positions, dtype)
+        self.attention = CausalAttention([seq_len] * n)
+
+    def lin(self, pw: PositionWeights, m: str, x: torch.Tensor) -> torch.Tensor:
+        y = x @ pw.weights[m].T
+        return y + pw.biases[m] if m in pw.biases else y
+
+    def attn(self, pw: PositionWeights, x: torch.Tensor) -> torch.Tensor:
+        """Attention output before o: x [T, H] (normed) -> [T, Hq·D]."""
+        a = self.arch
+        q = apply_rope(self.lin(pw, "q", x).view(-1, a.num_heads, a.head_dim), self.cos, self.sin)
+        k = apply_rope(
+            self.lin(pw, "k", x).view(-1, a.num_kv_heads, a.head_dim), self.cos, self.sin
+        )
+        v = self.lin(pw, "v", x).view(-1, a.num_kv_heads, a.head_dim)
+        return self.attention(0, q, k, v)
+
+    def norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm(h, weight, self.arch.rms_norm_eps)
+
+    def forward(self, pw: PositionWeights, h: torch.Tensor) -> torch.Tensor:
+        mid = h + self.lin(pw, "o", self.attn(pw, self.norm(h, pw.input_norm)))
+        x2 = self.norm(mid, pw.post_attn_norm)
+        act = F.silu(self.lin(pw, "gate", x2)) * self.lin(pw, "up", x2)
+        return mid + self.lin(pw, "down", act)
+
+
+FitFn = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def fitted_layer(
+    lm: LayerMath,
+    orig: PositionWeights,
+    conv: PositionWeights,
+    h: torch.Tensor,
+    hh: torch.Tensor | None,
+    fit: FitFn,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the original layer on ``h`` and the converted one on ``hh``, fitting each of the
+    converted linear maps (``fit(m, X, X̂)`` -> dense weight) in data-flow order. With
+    ``hh`` None only the original runs and every fit sees ``X̂ = X`` (the whitened method)."""
+    x = lm.norm(h, orig.input_norm)
+    xh = x if hh is None else lm.norm(hh, conv.input_norm)
+    for m in ("q", "k", "v"):
+        conv.weights[m] = fit(m, x, xh)
+    a = lm.attn(orig, x)
+    ah = a if hh is None else lm.attn(conv, xh)
+    conv.weights["o"] = fit("o", a, ah)
+    mid = h + lm.lin(orig, "o", a)
+    x2 = lm.norm(mid, orig.post_attn_norm)
+    if hh is not None:
+        midh = hh + lm.lin(conv, "o", ah)
+        x2h = lm.norm(midh, conv.post_attn_norm)
+    else:
+        x2h = x2
+    for m in ("gate", "up"):
+        conv.weights[m] = fit(m, x2, x2h)
+    act = F.silu(lm.lin(orig, "gate", x2)) * lm.lin(orig, "up", x2)
+    acth = act if hh is None else F.silu(lm.lin(conv, "gate", x2h)) * lm.lin(conv, "up", x2h)
+    conv.weights["down"] = fit("down", act, acth)
+    out = mid + lm.lin(orig, "down", act)
+    return out, (out if hh is None else midh + lm.lin(conv, "down", acth))
+
+
+@dataclass
+class DataAwareResult:
+    """Per module, per position p: factors (None at rank 0), the whitened singular values and
+    (whitened method) the original map's output energy ``‖X Wᵀ‖²``."""
+
+    factors: dict[str, list[Factors | None]]
+    singular_values: dict[str, list[torch.Tensor]]
+    norms: dict[str, list[torch.Tensor]]  # polished per-position norms (input, post_attn)
+    output_energy: dict[str, list[float]]
+
+
+def data_aware_deltas(
+    source: RecursiveLM,
+    shared: dict[str, torch.Tensor],
+    ranks: dict[str, list[int]],
+    loops: int,
+    method: str,
+    windows: torch.Tensor,
+    damp: float = 0.01,
+    polish: Polish | None = None,
+    progress: bool = True,
+) -> DataAwareResult:
+    """Fit every position's deltas with ``method`` ('whitened' or 'sequential') on the
+    calibration ``windows`` [N, S]; ``shared[m]`` is the block [K, out, in], ``ranks[m][p]``
+    the rank at position p."""
+    if method not in DATA_METHODS:
+        raise ValueError(f"data-aware method must be one of {DATA_METHODS}, got {method!r}")
+    arch = source.config.arch
+    num_layers, k_size = arch.num_layers, arch.num_layers // loops
+    n, s = windows.shape
+    lm = LayerMath(arch, source.inv_freq, s, n, source.dtype)
+    with torch.no_grad():
+        h = source.embed_tokens(windows.reshape(-1).to(source.device))
+    hh = h
+    factors: dict[str, list[Factors | None]] = {m: [] for m in shared}
+    svals: dict[str, list[torch.Tensor]] = {m: [] for m in shared}
+    energy: dict[str, list[float]] = {m: [] for m in shared}
+    norms: dict[str, list[torch.Tensor]] = {"input_norm": [], "post_attn_norm": []}
+    start = time.perf_counter()
+    bar = tqdm(total=num_layers, desc=f"{method} deltas", unit="layer", disable=not progress)
+    for p in range(num_layers):
+        orig = source_position(source, p)
+        orig = PositionWeights(
+            {m: w.detach() for m, w in orig.weights.items()},
+            orig.input_norm.detach(),
+            orig.post_attn_norm.detach(),
+            {m: b.detach() for m, b in orig.biases.items()},
+        )
+        conv = PositionWeights(
+            dict(orig.weights), orig.input_norm, orig.post_attn_norm, orig.biases
+        )
+        k = p % k_size
+
+        def fit(m: str, x: torch.Tensor, xh: torch.Tensor, p: int = p, k: int = k) -> torch.Tensor:
+            w, ws = source.weights[m][p].detach().double(), shared[m][k].double()
+            if method == "whitened":
+                g0 = _gram(x)
+                energy[m].append(float(((w @ g0) * w).sum()))  # ‖X Wᵀ‖² = tr(W C Wᵀ)
+                target, g = w - ws, damped(g0, damp)
+            else:
+                target, g = refit_target(w, ws, _gram(x, xh), _gram(xh), damp)
+            (b, a), sv = whitened_factors(target, g, ranks[m][p])
+            svals[m].append(sv)
+            factors[m].append((b, a) if ranks[m][p] > 0 else None)
+            return (ws + b @ a).to(x.dtype)
+
+        with torch.no_grad():
+            seq = method == "sequential"
+            h_next, hh_next = fitted_layer(lm, orig, conv, h, hh if seq else None, fit)
+        if polish is not None and method == "sequential" and polish.steps > 0:
+            left = polish.seconds - (time.perf_counter() - start)
+            budget = max(0.0, left) / (num_layers - p)
+            polished = _polish_position(
+                lm, conv, shared, factors, p, k, hh, h_next, n, s, polish, budget
+            )
+            if polished is not None:
+                conv, hh_next = polished
+        norms["input_norm"].append(conv.input_norm.detach())
+        norms["post_attn_norm"].append(conv.post_attn_norm.detach())
+        h, hh = h_next, (hh_next if method == "sequential" else h_next)
+        bar.update()
+    bar.close()
+    return DataAwareResult(factors, svals, norms, energy)
+
+
+def _polish_position(
+    lm: LayerMath,
+    conv: PositionWeights,
+    shared: dict[str, torch.Tensor],
+    factors: dict[str, list[Factors | None]],
+    p: int,
+    k: int,
+    hh: torch.Tensor,
+    target: torch.Tensor,
+    n: int,
+    s: int,
+    polish: Polish,
+    seconds: float,
+) -> tuple[PositionWeights, torch.Tensor] | None:
+    """Adam on position p's factors and norms: the converted layer on its own input ``hh``
+    against the original layer's output ``target`` (relative MSE), within ``seconds``.
+    Returns the polished weights and output, or None when no step fitted in the bounds."""
+    dtype = hh.dtype
+    params: dict[str, torch.Tensor] = {}
+    for m, fs in factors.items():
+        if fs[p] is not None:
+            b, a = fs[p]
+            params[f"b.{m}"] = b.to(dtype).clone().requires_grad_(True)
+            params[f"a.{m}"] = a.to(dtype).clone().requires_grad_(True)
+    params["input_norm"] = conv.input_norm.clone().requires_grad_(True)
+    params["post_attn_norm"] = conv.post_attn_norm.clone().requires_grad_(True)
+    opt = torch.optim.Adam(params.values(), lr=polish.lr)
+    gen = torch.Generator().manual_seed(p)
+    rows = min(polish.batch_windows, n)
+    local = LayerMath(lm.arch, torch.ones(1), s, rows)
+    # the first rows·s positions are arange(s) repeated: reuse the real cos/sin
+    local.cos, local.sin = lm.cos[: rows * s], lm.sin[: rows * s]
+
+    def weights() -> PositionWeights:
+        w = {}
+        for m in conv.weights:
+            base = shared[m][k].to(dtype)
+            w[m] = base + params[f"b.{m}"] @ params[f"a.{m}"] if f"b.{m}" in params else base
+        return PositionWeights(w, params["input_norm"], params["post_attn_norm"], conv.biases)
+
+    hv, tv = hh.view(n, s, -1), target.view(n, s, -1)
+    scale = float(target.pow(2).mean())
+    deadline = time.perf_counter() + seconds
+    steps = 0
+    for _ in range(polish.steps):
+        if time.perf_counter() >= deadline:
+            break
+        steps += 1
+        idx = torch.randperm(n, generator=gen)[:rows]
+        out = local.forward(weights(), hv[idx].reshape(rows * s, -1))
+        loss = (out - tv[idx].reshape(rows * s, -1)).pow(2).mean() / scale
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if steps == 0:
+        return None
+    for m in factors:
+        if f"b.{m}" in params:
+            factors[m][p] = (params[f"b.{m}"].detach().double(), params[f"a.{m}"].detach().double())
+    with torch.no_grad():
+        final = weights()
+        final = PositionWeights(
+            {m: w.detach() for m, w in final.weights.items()},
+            final.input_norm.detach(),
+            final.post_attn_norm.detach(),
+            conv.biases,
+        )
+        return final, lm.forward(final, hh)
