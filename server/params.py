@@ -52,10 +52,12 @@ def max_tokens_for(
     max_model_len: int,
     explicit: bool = True,
     prompt_param: str = "prompt",
+    tokens_param: str = "max_tokens",
 ) -> int:
     """The request's token budget: what it asked for, or the rest of the context. A default
-    it did not send itself is clamped to the context instead of refused. ``prompt_param``
-    names the field an over-long prompt came from (``messages`` for chat)."""
+    it did not send itself is clamped to the context instead of refused. The params name
+    the fields the prompt and the budget came from (chat: ``messages``, and
+    ``max_completion_tokens`` when sent)."""
     room = max_model_len - prompt_len
     if room < 1:
         raise bad_request(
@@ -67,9 +69,9 @@ def max_tokens_for(
         return room
     if requested > room and explicit:
         raise bad_request(
-            f"max_tokens={requested} plus the prompt's {prompt_len} tokens exceeds this "
+            f"{tokens_param}={requested} plus the prompt's {prompt_len} tokens exceeds this "
             f"model's maximum context length of {max_model_len} tokens",
-            "max_tokens",
+            tokens_param,
         )
     return min(requested, room)
 

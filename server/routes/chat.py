@@ -63,8 +63,9 @@ async def create_chat_completion(
     state.check_model(body.model)
     ids = render(state, body.messages)
     requested = body.max_completion_tokens or body.max_tokens
+    tokens_param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
     max_tokens = max_tokens_for(
-        requested, len(ids), state.info.max_model_len, prompt_param="messages"
+        requested, len(ids), state.info.max_model_len, True, "messages", tokens_param
     )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs)
