@@ -129,7 +129,7 @@ class Engine:
         results, counts = self.runner.execute(scheduled, self.sequence_mode)
         counts.phases["schedule"] = schedule_s
         t = time.perf_counter()
-        events = self.scheduler.update_from_output(scheduled, results, self.sequence_mode)
+        events = self.scheduler.update_from_output(scheduled, results)
         t = counts.timed("update", t)
         outputs = [self._output(e) for e in events]
         counts.timed("detokenize+outputs", t)

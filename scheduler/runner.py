@@ -256,8 +256,11 @@ class ModelRunner:
             write_kv(k, v, self.cache.k[layer], self.cache.v[layer], slot_t)
 
     def _keep_hidden(self, batch: _Batch, results: dict[str, ItemResult]) -> None:
-        """Depth mode: items that go on to the next loop keep their hidden rows."""
+        """Depth mode: the one rule for whether an item goes on to the next loop (not after the
+        last loop, nor a decode token that exited); those keep their hidden rows."""
         for it, (lo, hi) in zip(batch.items, batch.bounds, strict=True):
-            exited = it.decode and results[it.request_id].sample is not None
+            res = results[it.request_id]
+            exited = it.decode and res.sample is not None
             if it.depth < self.loops - 1 and not exited:
+                res.continues = True
                 self.hidden[it.request_id] = batch.hidden[lo:hi]

@@ -58,10 +58,12 @@ class SchedulerOutput:
 
 @dataclass
 class ItemResult:
-    """What the runner did for one item: the token it sampled (if the item ended with one)."""
+    """What the runner did for one item: the token it sampled (if the item ended with one), and
+    whether the item goes on to the next loop — the runner's rule, the scheduler follows it."""
 
     sample: SampleResult | None = None
     exit_depth: int | None = None
+    continues: bool = False
 
 
 @dataclass
@@ -246,7 +248,7 @@ class Scheduler:
     # -- results ---------------------------------------------------------------------------
 
     def update_from_output(
-        self, scheduled: SchedulerOutput, results: dict[str, ItemResult], sequence_mode: bool
+        self, scheduled: SchedulerOutput, results: dict[str, ItemResult]
     ) -> list[TokenEvent]:
         """Advance every scheduled item by the loops it ran; emit the tokens it produced."""
         events: list[TokenEvent] = []
@@ -262,12 +264,12 @@ class Scheduler:
                 events.append(self._emit(req, res.sample, res.exit_depth))
                 if req.finished:
                     continue
-            if sequence_mode or item.depth == self.loops - 1 or (item.decode and item.sampled):
+            if res.continues:
+                item.depth += 1
+            else:
                 req.num_computed = item.start + item.num_tokens
                 req.prefilled = item.sampled  # the next item is the one new token
                 req.item = None
-            else:
-                item.depth += 1
         return events
 
     def _emit(self, req: Request, sample: SampleResult, exit_depth: int) -> TokenEvent:
