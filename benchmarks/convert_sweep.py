@@ -1,9 +1,18 @@
-"""Fidelity of untrained conversions over loops × ranks, as a markdown table for the README.
+"""Fidelity of untrained conversions over delta methods × ranks × loops, for the README.
 
-    python -m benchmarks.convert_sweep --loops 2 3 --ranks 0 64 128 256 full
+    python -m benchmarks.convert_sweep --loops 2 3 --ranks 64 128 \\
+        --methods plain whitened sequential --extras
 
-Each row is one ``model.convert.convert`` of the pulled SmolLM2-135M-Instruct (average init
-unless ``--init``), measured on the built-in evaluation text against the source model.
+Each row is one ``model.convert.convert`` of the pulled SmolLM2-135M-Instruct (average init),
+measured against the source on the built-in evaluation text and on the held-out
+self-distilled set (prompts of its own, never calibration data). The data-aware methods
+calibrate on the source's own samples from the calibration prompt set. ``--extras`` adds, at
+B = 3 and the first rank: position 0 at full rank, a rank budget of the same delta parameters
+as the uniform rank, and a bounded polish; ``--rows`` names rows one by one instead (the
+README's table: see benchmarks/results/convert_sweep/command.txt). The source is run once
+per evaluation set.
+Conversion wall time is recorded but the machine this ran on may be shared: not a
+performance figure.
 """
 
 from __future__ import annotations
@@ -13,83 +22,181 @@ import json
 import time
 from pathlib import Path
 
-from tqdm import tqdm
+import torch
+from transformers import AutoTokenizer
 
 from model.build import eval_windows
+from model.calibration_data import calibration_windows, heldout_windows
 from model.checkpoint import load_model
 from model.config import FULL_RANK, LINEAR_MODULES
-from model.convert import convert
-from model.fidelity import measure_fidelity
+from model.convert import CONVERT_METHODS, convert, delta_parameters, rank_table
+from model.fidelity import measure_fidelity, reference_logprobs
 from model.pull import pull_default
+from model.reconstruct import Polish
 
 
 def _rank(value: str) -> int:
     return FULL_RANK if value == "full" else int(value)
 
 
-def _rank_label(ranks: dict[str, int]) -> str:
-    """'64', or '256 (k, v: 192)' where some modules were capped at their full rank."""
-    top = max(ranks.values())
-    capped = [m for m, r in ranks.items() if r < top]
-    if not capped:
-        return str(top)
-    return f"{top} ({', '.join(capped)}: {min(ranks.values())})"
+def _row(text: str) -> dict:
+    """'B:method:rank[:extra]' with extra 'pos0full', 'budget' or 'polishSECONDS'."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise argparse.ArgumentTypeError(f"a row is B:method:rank[:extra], got {text!r}")
+    row: dict = {"loops": int(parts[0]), "method": parts[1], "rank": _rank(parts[2])}
+    extra = parts[3] if len(parts) == 4 else ""
+    if extra == "pos0full":
+        row["position_ranks"] = {0: FULL_RANK}
+    elif extra == "budget":
+        row["budget"] = True
+    elif extra.startswith("polish"):
+        row["polish"] = float(extra.removeprefix("polish"))
+    elif extra:
+        raise argparse.ArgumentTypeError(f"unknown row extra {extra!r}")
+    return row
+
+
+def _plan(args: argparse.Namespace) -> list[dict]:
+    if args.rows:
+        return args.rows
+    rows = [
+        {"loops": b, "method": m, "rank": r}
+        for b in args.loops
+        for r in args.ranks
+        for m in args.methods
+    ]
+    if args.extras:
+        r = args.ranks[0]
+        rows += [
+            {"loops": 3, "method": "sequential", "rank": r, "position_ranks": {0: FULL_RANK}},
+            {"loops": 3, "method": "sequential", "rank": r, "budget": True},
+            {"loops": 3, "method": "sequential", "rank": r, "polish": args.polish_seconds},
+        ]
+    return rows
+
+
+def _label(row: dict) -> str:
+    r = "full" if row["rank"] == FULL_RANK else str(row["rank"])
+    if row.get("position_ranks"):
+        return f"{r}, position 0 full"
+    if row.get("budget"):
+        return f"budget = rank {r}"
+    return r
+
+
+def _method_label(row: dict) -> str:
+    if row.get("polish"):
+        return f"sequential + polish ({row['polish']:.0f} s)"
+    return row["method"]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--loops", type=int, nargs="+", default=[2, 3])
-    p.add_argument("--ranks", type=_rank, nargs="+", default=[0, 64, 128, 256, FULL_RANK])
+    p.add_argument("--ranks", type=_rank, nargs="+", default=[64, 128])
+    p.add_argument("--methods", nargs="+", choices=CONVERT_METHODS, default=list(CONVERT_METHODS))
     p.add_argument("--init", default="average")
+    p.add_argument("--calibration-tokens", type=int, default=8192)
+    p.add_argument("--extras", action="store_true", help="rank exception, budget, polish rows")
+    p.add_argument("--polish-seconds", type=float, default=120.0)
+    p.add_argument(
+        "--rows",
+        type=_row,
+        nargs="+",
+        help="explicit rows B:method:rank[:pos0full|budget|polishSECONDS] instead of the grid",
+    )
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/convert_sweep"))
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     src = pull_default()
     source = load_model(src)
-    windows = eval_windows(src)
+    tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    calib = calibration_windows(source, src, tok, tokens=args.calibration_tokens)
+    sets = {"builtin": eval_windows(src), "heldout": heldout_windows(source, src, tok)}
+    refs = {name: reference_logprobs(source, w) for name, w in sets.items()}
     rows = []
-    plan = [(b, r) for b in args.loops for r in args.ranks]
-    for loops, rank in tqdm(plan, desc="conversions"):
-        # a rank above a module's full rank (k, v: 192 here) means that module at full rank
-        ranks = {
-            m: FULL_RANK if rank == FULL_RANK else min(rank, source.config.full_rank(m))
-            for m in LINEAR_MODULES
+    grams: dict = {}  # the source's input covariances, shared by whitened rows and the budget
+    for spec in _plan(args):
+        config = source.config
+        uniform = dict.fromkeys(LINEAR_MODULES, spec["rank"])
+        budget = None
+        if spec.get("budget"):
+            budget = delta_parameters(config, rank_table(config, uniform))
+        start = time.perf_counter()
+        model, report = convert(
+            source,
+            spec["loops"],
+            args.init,
+            uniform,
+            progress=False,
+            method=spec["method"],
+            calibration=None if spec["method"] == "plain" else calib,
+            position_ranks=spec.get("position_ranks"),
+            rank_budget=budget,
+            polish=Polish(steps=200, seconds=spec["polish"]) if spec.get("polish") else None,
+            gram_cache=grams,
+        )
+        seconds = time.perf_counter() - start
+        row = {
+            "loops": spec["loops"],
+            "init": args.init,
+            "method": _method_label(spec),
+            "rank": _label(spec),
+            "params": report.converted_params,
+            "effective_params": report.effective_params,
+            "source_params": report.source_params,
+            "calibration_tokens": report.calibration_tokens,
+            "position_ranks": report.position_ranks,
+            "energy_kept": report.energy_kept,
+            "convert_seconds_shared_machine": seconds,
+            "threads": args.threads,
         }
-        model, report = convert(source, loops, args.init, ranks, progress=False)
-        fid = measure_fidelity(source, model, windows)
-        rows.append(
-            {
-                "loops": loops,
-                "init": args.init,
-                "rank": "full" if rank == FULL_RANK else _rank_label(report.ranks),
-                "params": report.converted_params,
-                "source_params": report.source_params,
-                "saved": report.saved_fraction,
-                "energy_q": report.energy_kept["q"],
-                **fid.to_dict(),
-            }
-        )
-    lines = [
-        f"Source: SmolLM2-135M-Instruct ({rows[0]['source_params']:,} parameters), perplexity "
-        f"{rows[0]['source_ppl']:.2f} on the built-in evaluation text ({rows[0]['tokens']} "
-        f"tokens); {time.strftime('%Y-%m-%d', time.gmtime())}, "
-        "`python -m benchmarks.convert_sweep`.",
-        "",
-        "| loops | init | rank | parameters | saved | energy kept (q) | perplexity | KL (nats) "
-        "| top-1 agreement |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['loops']} | {r['init']} | {r['rank']} | {r['params']:,} | "
-            f"{100 * r['saved']:.1f}% | {100 * r['energy_q']:.1f}% | {r['converted_ppl']:.4g} | "
-            f"{r['kl']:.3f} | {100 * r['agreement']:.1f}% |"
-        )
-    table = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sweep.md").write_text(table)
-    (args.out / "sweep.json").write_text(json.dumps(rows, indent=1))
+        for name, windows in sets.items():
+            row[name] = measure_fidelity(source, model, windows, reference=refs[name]).to_dict()
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "position_ranks"}), flush=True)
+        table = _table(rows, args)  # rewritten after every row: a cut-short run keeps its rows
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sweep.md").write_text(table)
+        (args.out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(table)
     return 0
+
+
+def _table(rows: list[dict], args: argparse.Namespace) -> str:
+    first = rows[0]
+    b, h = first["builtin"], first["heldout"]
+    lines = [
+        f"Source: SmolLM2-135M-Instruct ({first['source_params']:,} parameters); perplexity "
+        f"{b['source_ppl']:.2f} on the built-in text ({b['tokens']:,} tokens), "
+        f"{h['source_ppl']:.2f} on the held-out samples ({h['tokens']:,} tokens). "
+        f"Calibration: {first['calibration_tokens'] or args.calibration_tokens:,} tokens of "
+        f"the source's own samples (calibration prompts). {args.init} init, no training, "
+        f"{args.threads} torch thread; {time.strftime('%Y-%m-%d', time.gmtime())}, "
+        "`python -m benchmarks.convert_sweep`. Parameters: what each position's own rank "
+        "needs (stored, zero-padded to one rank per module, in brackets where it differs); "
+        "conversion time measured on a shared 2-core machine, not a performance figure.",
+        "",
+        "| B | deltas | rank | parameters (% of original) | KL built-in | agreement built-in "
+        "| perplexity built-in | KL held-out | agreement held-out | perplexity held-out "
+        "| convert time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        share = 100 * r["effective_params"] / r["source_params"]
+        params = f"{r['effective_params'] / 1e6:.1f} M ({share:.1f} %)"
+        if r["effective_params"] != r["params"]:
+            params += f" [stored {r['params'] / 1e6:.1f} M]"
+        b, h = r["builtin"], r["heldout"]
+        lines.append(
+            f"| {r['loops']} | {r['method']} | {r['rank']} | {params} | {b['kl']:.2f} | "
+            f"{100 * b['agreement']:.1f} % | {b['converted_ppl']:.4g} | {h['kl']:.2f} | "
+            f"{100 * h['agreement']:.1f} % | {h['converted_ppl']:.4g} | "
+            f"{r['convert_seconds_shared_machine']:.0f} s |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

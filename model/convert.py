@@ -169,6 +169,7 @@ def convert(
     rank_budget: int | None = None,
     damp: float = 0.01,
     polish: Polish | None = None,
+    gram_cache: dict | None = None,
 ) -> tuple[RecursiveLM, ConversionReport]:
     """Fold a vanilla ``source`` into ``loops`` loops with per-position LoRA deltas.
 
@@ -178,6 +179,8 @@ def convert(
     replaces the uniform ``ranks`` by a greedy allocation of that many delta parameters
     (needs calibration). Ranks that differ between positions are stored zero-padded to the
     module's largest rank (the checkpoint has one rank per module); the report counts both.
+    ``gram_cache``: a dict reused across conversions of one source on the same calibration
+    windows, so the whitened input covariances are computed once.
     """
     if not source.config.is_vanilla:
         raise ValueError("conversion needs a vanilla (non-recursive) source model")
@@ -199,7 +202,7 @@ def convert(
     if rank_budget is not None:
         zero = rank_table(base, {})
         spectra = data_aware_deltas(
-            source, shared, zero, loops, "whitened", calibration, damp, progress=progress
+            source, shared, zero, loops, "whitened", calibration, damp, None, progress, gram_cache
         )
         table = allocate_budget(
             base, spectra.singular_values, spectra.output_energy, rank_budget, position_ranks
@@ -225,7 +228,7 @@ def convert(
     fitted = None
     if method in DATA_METHODS:
         fitted = data_aware_deltas(
-            source, shared, table, loops, method, calibration, damp, polish, progress
+            source, shared, table, loops, method, calibration, damp, polish, progress, gram_cache
         )
         report.calibration_tokens = calibration.numel()
         for name, norms in fitted.norms.items():

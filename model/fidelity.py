@@ -50,15 +50,33 @@ def chunk_ids(ids: list[int], seq_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def reference_logprobs(source: RecursiveLM, windows: torch.Tensor) -> list[torch.Tensor]:
+    """The source's next-token log-probabilities per window (float32 [S−1, V] each), to
+    measure many conversions against one source without rerunning it."""
+    return [
+        source(row[None].to(source.device))[0, :-1].double().log_softmax(-1).float().cpu()
+        for row in windows
+    ]
+
+
+@torch.no_grad()
 def measure_fidelity(
-    source: RecursiveLM, converted: RecursiveLM, windows: torch.Tensor, num_loops: int | None = None
+    source: RecursiveLM,
+    converted: RecursiveLM,
+    windows: torch.Tensor,
+    num_loops: int | None = None,
+    reference: list[torch.Tensor] | None = None,
 ) -> Fidelity:
-    """Compare next-token distributions of both models on ``windows`` [N, S]."""
+    """Compare next-token distributions of both models on ``windows`` [N, S]; ``reference``
+    (from :func:`reference_logprobs` on the same windows) stands in for running the source."""
     nll_s = nll_c = kl = agree = 0.0
     count = 0
-    for row in windows:
+    for i, row in enumerate(windows):
         ids = row[None].to(source.device)
-        ls = source(ids)[0, :-1].double().log_softmax(-1)
+        if reference is None:
+            ls = source(ids)[0, :-1].double().log_softmax(-1)
+        else:
+            ls = reference[i].to(source.device).double()
         lc = converted(ids.to(converted.device), num_loops)[0, :-1].double().log_softmax(-1)
         lc = lc.to(ls.device)
         target = ids[0, 1:]

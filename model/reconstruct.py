@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.attention import CausalAttention
-from model.config import ArchConfig
+from model.config import LINEAR_MODULES, ArchConfig
 from model.recursive import RecursiveLM, rms_norm
 from model.rope import apply_rope, rope_cos_sin
 
@@ -164,6 +164,43 @@ class LayerMath:
 
 
 FitFn = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+GROUP: dict[str, str] = {
+    "q": "attn_in",
+    "k": "attn_in",
+    "v": "attn_in",
+    "o": "o_in",
+    "gate": "mlp_in",
+    "up": "mlp_in",
+    "down": "down_in",
+}  # maps that read the same input
+
+
+@torch.no_grad()
+def input_grams(
+    source: RecursiveLM,
+    windows: torch.Tensor,
+    cache: dict[tuple[int, str], torch.Tensor] | None = None,
+) -> dict[tuple[int, str], torch.Tensor]:
+    """``XᵀX`` (float64) of every distinct linear-map input of every source layer, keyed
+    (layer, GROUP); filled into and read from ``cache`` when given."""
+    grams = {} if cache is None else cache
+    num_layers = source.config.arch.num_layers
+    if all((p, g) in grams for p in range(num_layers) for g in set(GROUP.values())):
+        return grams
+    n, s = windows.shape
+    lm = LayerMath(source.config.arch, source.inv_freq, s, n, source.dtype)
+    h = source.embed_tokens(windows.reshape(-1).to(source.device))
+    for p in range(num_layers):
+        pw = source_position(source, p)
+
+        def record(m: str, x: torch.Tensor, _xh: torch.Tensor, p: int = p, pw=pw) -> torch.Tensor:
+            if (p, GROUP[m]) not in grams:
+                grams[(p, GROUP[m])] = _gram(x)
+            return pw.weights[m]
+
+        frozen = PositionWeights(dict(pw.weights), pw.input_norm, pw.post_attn_norm, pw.biases)
+        h, _ = fitted_layer(lm, pw, frozen, h, None, record)
+    return grams
 
 
 def fitted_layer(
@@ -221,10 +258,13 @@ def data_aware_deltas(
     damp: float = 0.01,
     polish: Polish | None = None,
     progress: bool = True,
+    gram_cache: dict[tuple[int, str], torch.Tensor] | None = None,
 ) -> DataAwareResult:
     """Fit every position's deltas with ``method`` ('whitened' or 'sequential') on the
     calibration ``windows`` [N, S]; ``shared[m]`` is the block [K, out, in], ``ranks[m][p]``
-    the rank at position p."""
+    the rank at position p. The whitened method needs only the source's input covariances:
+    pass the same ``gram_cache`` dict to later whitened conversions of the same source and
+    windows to compute them once."""
     if method not in DATA_METHODS:
         raise ValueError(f"data-aware method must be one of {DATA_METHODS}, got {method!r}")
     arch = source.config.arch
@@ -238,6 +278,8 @@ def data_aware_deltas(
     svals: dict[str, list[torch.Tensor]] = {m: [] for m in shared}
     energy: dict[str, list[float]] = {m: [] for m in shared}
     norms: dict[str, list[torch.Tensor]] = {"input_norm": [], "post_attn_norm": []}
+    if method == "whitened":
+        source_grams = input_grams(source, windows, gram_cache)
     start = time.perf_counter()
     bar = tqdm(total=num_layers, desc=f"{method} deltas", unit="layer", disable=not progress)
     for p in range(num_layers):
@@ -253,22 +295,34 @@ def data_aware_deltas(
         )
         k = p % k_size
 
-        def fit(m: str, x: torch.Tensor, xh: torch.Tensor, p: int = p, k: int = k) -> torch.Tensor:
+        memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def fit(
+            m: str, x: torch.Tensor, xh: torch.Tensor, p: int = p, k: int = k, memo: dict = memo
+        ) -> torch.Tensor:
             w, ws = source.weights[m][p].detach().double(), shared[m][k].double()
             if method == "whitened":
-                g0 = _gram(x)
+                g0 = source_grams[(p, GROUP[m])]
                 energy[m].append(float(((w @ g0) * w).sum()))  # ‖X Wᵀ‖² = tr(W C Wᵀ)
                 target, g = w - ws, damped(g0, damp)
             else:
-                target, g = refit_target(w, ws, _gram(x, xh), _gram(xh), damp)
+                if GROUP[m] not in memo:  # q, k, v (and gate, up) share their input
+                    memo[GROUP[m]] = (_gram(x, xh), _gram(xh))
+                target, g = refit_target(w, ws, *memo[GROUP[m]], damp)
             (b, a), sv = whitened_factors(target, g, ranks[m][p])
             svals[m].append(sv)
             factors[m].append((b, a) if ranks[m][p] > 0 else None)
-            return (ws + b @ a).to(x.dtype)
+            return (ws + b @ a).to(source.dtype)
 
+        if method == "whitened":
+            for m in LINEAR_MODULES:
+                fit(m, orig.weights[m], orig.weights[m])
+            norms["input_norm"].append(orig.input_norm)
+            norms["post_attn_norm"].append(orig.post_attn_norm)
+            bar.update()
+            continue
         with torch.no_grad():
-            seq = method == "sequential"
-            h_next, hh_next = fitted_layer(lm, orig, conv, h, hh if seq else None, fit)
+            h_next, hh_next = fitted_layer(lm, orig, conv, h, hh, fit)
         if polish is not None and method == "sequential" and polish.steps > 0:
             left = polish.seconds - (time.perf_counter() - start)
             budget = max(0.0, left) / (num_layers - p)
@@ -279,7 +333,7 @@ def data_aware_deltas(
                 conv, hh_next = polished
         norms["input_norm"].append(conv.input_norm.detach())
         norms["post_attn_norm"].append(conv.post_attn_norm.detach())
-        h, hh = h_next, (hh_next if method == "sequential" else h_next)
+        h, hh = h_next, hh_next
         bar.update()
     bar.close()
     return DataAwareResult(factors, svals, norms, energy)
