@@ -17,7 +17,9 @@ ERROR_RESPONSES: dict[int | str, dict] = {
         400: "invalid request",
         401: "missing or wrong API key",
         404: "unknown model",
+        408: "request body not received within the body timeout",
         413: "request body too large",
+        422: "the request made an engine step fail; only it was failed",
         429: "request queue full (see Retry-After)",
         503: "shutting down or engine stopped (see Retry-After)",
     }.items()
