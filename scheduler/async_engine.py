@@ -228,11 +228,16 @@ class AsyncEngine:
                 self._deliver(rid, EngineDeadError("the engine stopped"))
 
     def _publish(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        """A step's outputs reach each event loop in one wake-up (not one per token: at c = 32
+        that was 32 cross-thread calls and loop iterations a step)."""
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.started = True
-            self._deliver(out.request_id, out)
+                per_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in per_loop.items():
+            _call_soon(loop, _put_all, items)
         if self.on_stats is not None:
             self.on_stats(stats)
 
@@ -330,6 +335,11 @@ class AsyncEngine:
         stream = self._streams.get(request_id)
         if stream is not None:
             _call_soon(stream.loop, stream.queue.put_nowait, item)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream_queue, item in items:
+        stream_queue.put_nowait(item)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:

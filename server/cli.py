@@ -80,6 +80,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     opt("--device", help="torch device (default: cpu)")
     opt("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     opt("--max-body-bytes", help="largest request body, e.g. 4MiB (default: 4MiB)")
+    opt("--header-timeout", type=float, help="seconds a client has to send headers (default: 10)")
+    opt("--body-timeout", type=float, help="seconds a client has to send the body (default: 30)")
     opt("--log-interval", type=float, help="seconds between engine summaries (default: 10)")
     opt("--shutdown-grace", type=float, help="seconds to drain on shutdown (default: 30)")
     opt("--seed", type=int, help="seed of unseeded sampling (default: 0)")

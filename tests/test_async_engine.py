@@ -239,3 +239,39 @@ def test_a_step_failure_fails_only_the_request_it_belongs_to(rrt: RecursiveLM) -
     assert isinstance(error, RequestFailed) and "nan" in str(error)
     expected = {f"r{i}": greedy_generate(rrt, [3 + i, 7], PARAMS.max_tokens) for i in range(3)}
     assert good == {**expected, "after": greedy_generate(rrt, [4, 5, 6], PARAMS.max_tokens)}
+
+
+def test_a_step_wakes_each_event_loop_once(rrt: RecursiveLM) -> None:
+    """Eight streams on one loop: the engine thread hands over each step's tokens in one
+    cross-thread call, not one per token."""
+    prompts = {f"r{i}": [3 + i, 40 - i, 7] for i in range(8)}
+    steps = 0
+
+    async def main() -> tuple[int, int, dict[str, list[int]]]:
+        nonlocal steps
+        loop = asyncio.get_running_loop()
+        real, calls = loop.call_soon_threadsafe, [0]
+
+        def counting(*args: object, **kw: object) -> object:
+            calls[0] += 1
+            return real(*args, **kw)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+
+        def count_steps(_stats: object) -> None:
+            nonlocal steps
+            steps += 1
+
+        front = _front(rrt, on_stats=count_steps)
+        try:
+            outs = await asyncio.gather(*(_collect(front, r, p) for r, p in prompts.items()))
+            tokens = sum(map(len, outs))
+        finally:
+            await front.shutdown(grace_seconds=1)
+        return calls[0], tokens, dict(zip(prompts, outs, strict=True))
+
+    calls, tokens, got = asyncio.run(main())
+    assert got == {r: greedy_generate(rrt, p, PARAMS.max_tokens) for r, p in prompts.items()}
+    assert tokens == 8 * PARAMS.max_tokens
+    # adds and shutdown settle a few futures; deliveries add at most one call per step
+    assert calls <= steps + 2 * len(prompts) + 4 < tokens + 2 * len(prompts)

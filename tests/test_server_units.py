@@ -89,7 +89,7 @@ def test_serve_lists_every_option() -> None:
         "--depth-alignment",
         "--exit-threshold", "--min-loops", "--kv-fill", "--max-num-seqs",
         "--max-num-batched-tokens", "--kv-cache-memory", "--max-model-len", "--max-queue",
-        "--dtype",
+        "--dtype", "--header-timeout", "--body-timeout",
     ):  # fmt: skip
         assert flag in help_text
 
