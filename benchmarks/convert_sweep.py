@@ -108,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/convert_sweep"))
+    p.add_argument(
+        "--render", action="store_true", help="only redraw sweep.md from the run's sweep.json"
+    )
     args = p.parse_args(argv)
+    if args.render:
+        rows = json.loads((args.out / "sweep.json").read_text())
+        (args.out / "sweep.md").write_text(_table(rows, args))
+        return 0
     torch.set_num_threads(args.threads)
     src = pull_default()
     source = load_model(src)
@@ -168,20 +175,21 @@ def main(argv: list[str] | None = None) -> int:
 def _table(rows: list[dict], args: argparse.Namespace) -> str:
     first = rows[0]
     b, h = first["builtin"], first["heldout"]
+    calibrated = max(r["calibration_tokens"] for r in rows)
     lines = [
         f"Source: SmolLM2-135M-Instruct ({first['source_params']:,} parameters); perplexity "
         f"{b['source_ppl']:.2f} on the built-in text ({b['tokens']:,} tokens), "
         f"{h['source_ppl']:.2f} on the held-out samples ({h['tokens']:,} tokens). "
-        f"Calibration: {first['calibration_tokens'] or args.calibration_tokens:,} tokens of "
-        f"the source's own samples (calibration prompts). {args.init} init, no training, "
-        f"{args.threads} torch thread; {time.strftime('%Y-%m-%d', time.gmtime())}, "
+        f"Calibration: {calibrated:,} tokens of the source's own samples (calibration "
+        f"prompts). {first['init']} init, no training, {first['threads']} torch thread; "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}, "
         "`python -m benchmarks.convert_sweep`. Parameters: what each position's own rank "
         "needs (stored, zero-padded to one rank per module, in brackets where it differs); "
         "conversion time measured on a shared 2-core machine, not a performance figure.",
         "",
         "| B | deltas | rank | parameters (% of original) | KL built-in | agreement built-in "
         "| perplexity built-in | KL held-out | agreement held-out | perplexity held-out "
-        "| convert time |",
+        "| convert time (shared machine) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -75,7 +75,7 @@ def convert_checkpoint(
     seq_len: int = 256,
     method: str = "plain",
     calibration_file: str | Path | None = None,
-    self_distill_tokens: int = 4096,
+    self_distill_tokens: int = 8192,
     position_ranks: dict[int, int] | None = None,
     rank_budget: int | None = None,
     damp: float = 0.01,

@@ -186,7 +186,7 @@ def calibration_windows(
     src_dir: str | Path,
     tokenizer: PreTrainedTokenizerBase,
     file: str | Path | None = None,
-    tokens: int = 4096,
+    tokens: int = 8192,
     seq_len: int = 256,
     seed: int = 0,
     progress: bool = True,

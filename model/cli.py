@@ -97,9 +97,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "--self-distill",
         type=int,
         metavar="N",
-        default=4096,
+        default=8192,
         help="calibrate on N tokens the source samples from a built-in prompt set of its own "
-        "(the default, N = 4096; cached under $LOOPSERVE_HOME/cache)",
+        "(the default, N = 8192; cached under $LOOPSERVE_HOME/cache)",
     )
     p.add_argument(
         "--rank-at",
