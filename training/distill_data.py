@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
+from model.calibration_data import render_prompt
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -114,16 +116,6 @@ class SelfDistillSpec:
             raise DataError(
                 f"need temperature > 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}"
             )
-
-
-def render_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """A prompt as the model sees it when served: chat-templated if the tokenizer has one."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
 
 
 def _read_cache(path: Path, spec: SelfDistillSpec) -> list[list[int]]:
