@@ -146,6 +146,34 @@ MODES = [
 ]
 
 
+def _run_engine(
+    model: RecursiveLM, prompts: dict[str, list[int]], fill: str, **config: object
+) -> dict[str, tuple[list[int], list[int], list[float]]]:
+    """Greedy tokens, exit depths and logprobs per request, from the engine under ``config``."""
+    engine = Engine(
+        model,
+        EngineConfig(
+            kv_fill="propagate" if fill == "ride" else fill,
+            block_size=4,
+            num_blocks=512,
+            max_num_batched_tokens=48,
+            max_model_len=128,
+            **config,
+        ),
+    )
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    got: dict[str, tuple[list[int], list[int], list[float]]] = {r: ([], [], []) for r in prompts}
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, params)
+    while engine.has_work:
+        for o in engine.step()[0]:
+            got[o.request_id][0].extend(o.token_ids)
+            got[o.request_id][1].extend(o.exit_depths)
+            got[o.request_id][2].extend(s.logprob for s in o.samples)
+    assert engine.scheduler.allocator.num_used == 0
+    return got
+
+
 @pytest.fixture(scope="module")
 def served64(rrt64: RecursiveLM) -> dict[str, RecursiveLM]:
     """The same model after the serving transforms — fused q|k|v and gate|up over low-rank
@@ -171,34 +199,19 @@ def test_engine_equals_per_token_oracle_with_mixed_exits(
     assert depths == {0, 1, 2}, f"the schedule must exit at every depth, got {depths}"
     if fill != "ride":
         assert sum(o.fills_read for o in want.values()) > 0, "no later token read a fill"
-    engine = Engine(
+    got = _run_engine(
         served64[served],
-        EngineConfig(
-            batching=batching,
-            depth_alignment=alignment,
-            kv_fill="propagate" if fill == "ride" else fill,
-            exit_thresholds=thresholds,
-            block_size=4,
-            num_blocks=512,
-            max_num_batched_tokens=48,
-            max_model_len=128,
-        ),
+        prompts,
+        fill,
+        batching=batching,
+        depth_alignment=alignment,
+        exit_thresholds=thresholds,
     )
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    got = {rid: ([], [], []) for rid in prompts}
-    for rid, ids in prompts.items():
-        engine.add_request(rid, ids, params)
-    while engine.has_work:
-        for o in engine.step()[0]:
-            got[o.request_id][0].extend(o.token_ids)
-            got[o.request_id][1].extend(o.exit_depths)
-            got[o.request_id][2].extend(s.logprob for s in o.samples)
     for rid, o in want.items():
         tokens, exit_depths, logprobs = got[rid]
         assert (tokens, exit_depths) == (o.tokens, o.exit_depths), rid
         # the logprobs see every K/V the tokens attended to, filled ones included
         torch.testing.assert_close(logprobs, o.logprobs, atol=1e-5, rtol=0)
-    assert engine.scheduler.allocator.num_used == 0
 
 
 def test_fill_policies_give_different_logprobs(rrt64: RecursiveLM) -> None:
@@ -231,26 +244,13 @@ def test_forced_exit_schedule_equals_the_oracle(
         for rid, ids in prompts.items()
     }
     assert {d for o in want.values() for d in o.exit_depths} == {0, 1, 2}
-    engine = Engine(
+    got = _run_engine(
         model,
-        EngineConfig(
-            batching=batching,
-            depth_alignment=alignment,
-            kv_fill="propagate" if fill == "ride" else fill,
-            forced_exit_weights=weights,
-            block_size=4,
-            num_blocks=512,
-            max_num_batched_tokens=48,
-            max_model_len=128,
-        ),
+        prompts,
+        fill,
+        batching=batching,
+        depth_alignment=alignment,
+        forced_exit_weights=weights,
     )
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    got = {rid: ([], []) for rid in prompts}
-    for rid, ids in prompts.items():
-        engine.add_request(rid, ids, params)
-    while engine.has_work:
-        for o in engine.step()[0]:
-            got[o.request_id][0].extend(o.token_ids)
-            got[o.request_id][1].extend(o.exit_depths)
     for rid, o in want.items():
-        assert got[rid] == (o.tokens, o.exit_depths), rid
+        assert got[rid][:2] == (o.tokens, o.exit_depths), rid

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from model.calibration_data import render_prompt
+from model.calibration_data import CalibrationError, pack, render_prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -80,18 +80,13 @@ def read_documents(
 
 def pack_windows(docs: Sequence[Sequence[int]], seq_len: int, sep_id: int | None) -> torch.Tensor:
     """Concatenate documents (``sep_id`` between them) into windows [N, seq_len]; the ragged
-    tail is dropped."""
+    tail is dropped (``model.calibration_data.pack``, with training's error type)."""
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2, got {seq_len}")
-    stream: list[int] = []
-    for doc in docs:
-        stream.extend(doc)
-        if sep_id is not None and (not doc or doc[-1] != sep_id):
-            stream.append(sep_id)
-    n = len(stream) // seq_len
-    if n == 0:
-        raise DataError(f"the data has {len(stream)} tokens, fewer than one window of {seq_len}")
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    try:
+        return pack([list(d) for d in docs], seq_len, sep_id)
+    except CalibrationError as e:
+        raise DataError(f"the data is too short: {e}") from e
 
 
 @dataclass(frozen=True)
