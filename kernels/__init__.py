@@ -12,11 +12,13 @@ from kernels.lora_linear import (
     lora_linear,
     lora_linear_ref,
 )
+from kernels.packed_linear import PackedWeight, packing_supported
 from kernels.paged_attention import paged_attention, write_kv
 from kernels.paged_metadata import PagedAttentionMetadata
 
 __all__ = [
     "FusedLoRA",
+    "PackedWeight",
     "PagedAttentionMetadata",
     "dense_per_depth_linear",
     "fuse_lora",
@@ -24,6 +26,7 @@ __all__ = [
     "lora_linear",
     "lora_linear_ref",
     "materialise_dense",
+    "packing_supported",
     "paged_attention",
     "prefer_dense",
     "use_backend",

@@ -28,7 +28,11 @@ class Projection(Protocol):
     """Several linear maps of one input as one call (``model.serving`` builds them)."""
 
     sizes: tuple[int, ...]
-    dense: torch.Tensor | None  # per-depth dense weights, or None (one shared weight)
+
+    @property
+    def per_depth(self) -> bool:
+        """Whether each depth has its own weight (else one shared weight plus deltas)."""
+        ...
 
     def __call__(self, layer: int, x: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor: ...
 
@@ -90,7 +94,8 @@ class RecursiveLM(nn.Module):
         # rope_cos_sin moves the 64 values to the positions' device.
         self.inv_freq = rope_inv_freq(a)
         # Serving transforms (model.serving), not part of the checkpoint: module -> per-position
-        # dense weights [K, B, out, in] for high-rank deltas; module group -> fused projection.
+        # dense weights [K, B, out, in] for high-rank deltas; module group (or one module) ->
+        # a projection that replaced their weights (fused and/or packed).
         self.dense: dict[str, torch.Tensor] = {}
         self.fused: dict[tuple[str, ...], Projection] = {}
         # what the checkpoint holds, before a serving transform frees what it replaced
@@ -107,7 +112,10 @@ class RecursiveLM(nn.Module):
     def _linear(
         self, module: str, layer: int, x: torch.Tensor, depth: torch.Tensor | int
     ) -> torch.Tensor:
-        if module in self.dense:
+        own = self.fused.get((module,))
+        if own is not None:
+            y = own(layer, x, depth)
+        elif module in self.dense:
             y = dense_per_depth_linear(x, self.dense[module][layer], depth)
         else:
             a = self.lora_a[module][layer] if module in self.lora_a else None
@@ -134,9 +142,7 @@ class RecursiveLM(nn.Module):
     @property
     def has_dense_weights(self) -> bool:
         """Whether some module runs as per-depth dense weights (each depth: its own weight)."""
-        return bool(self.dense) or any(
-            getattr(f, "dense", None) is not None for f in self.fused.values()
-        )
+        return bool(self.dense) or any(f.per_depth for f in self.fused.values())
 
     def _kv(
         self,

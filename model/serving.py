@@ -10,6 +10,9 @@ Applied once at load, in this order:
 2. ``fuse_projections``: q|k|v and gate|up read the same input; concatenated along their outputs
    they run as one matmul each (7 → 4 per layer), which a small decode batch turns into fewer,
    better-shaped GEMMs. The separate weights are freed.
+3. ``pack_weights`` (bf16 on a CPU with native bf16): every weight without a low-rank delta —
+   dense per-depth or shared — is reordered once into oneDNN's layout, which ``F.linear`` would
+   otherwise redo on every call (``kernels.packed_linear``). The unpacked copies are freed.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from torch import nn
 
 from kernels import (
     FusedLoRA,
+    PackedWeight,
     dense_per_depth_linear,
     fuse_lora,
     fused_lora_linear,
     materialise_dense,
+    packing_supported,
     prefer_dense,
 )
+from model.config import LINEAR_MODULES
 from model.recursive import GATE_UP, KV, QKV, RecursiveLM
 
 FUSED_GROUPS: tuple[tuple[str, ...], ...] = (QKV, GATE_UP)
@@ -70,6 +76,10 @@ class FusedProjection:
     dense: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     lora: list[FusedLoRA] | None = None
+
+    @property
+    def per_depth(self) -> bool:
+        return self.dense is not None
 
     def __call__(self, layer: int, x: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor:
         if self.dense is not None:
@@ -146,6 +156,89 @@ def fuse_projections(model: RecursiveLM) -> list[tuple[str, ...]]:
     return fused
 
 
-def prepare_for_serving(model: RecursiveLM) -> tuple[list[str], list[tuple[str, ...]]]:
-    """Both transforms, as the engine serves a model: (modules made dense, groups fused)."""
-    return materialise_high_rank(model), fuse_projections(model)
+@dataclass
+class PackedProjection:
+    """Modules (one, or a fused group) whose weights are packed for oneDNN: one per (layer,
+    depth) for dense per-depth weights, one per layer for a shared weight without deltas.
+    ``skip`` leading output columns are dropped (k|v out of q|k|v, for fills)."""
+
+    modules: tuple[str, ...]
+    sizes: tuple[int, ...]
+    weights: list[list[PackedWeight]]  # [layer][depth], or [layer][0] when shared
+    skip: int = 0
+
+    @property
+    def per_depth(self) -> bool:
+        return len(self.weights[0]) > 1
+
+    def __call__(self, layer: int, x: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor:
+        ws = self.weights[layer]
+        if len(ws) == 1 or isinstance(depth, int):
+            y = ws[0 if len(ws) == 1 else depth](x)
+        else:  # as dense_per_depth_linear's twin: one GEMM per depth segment
+            y = x.new_zeros((x.shape[0], ws[0].out_features))
+            for d, w in enumerate(ws):
+                rows = (depth == d).nonzero().squeeze(1)
+                if rows.numel():
+                    y.index_copy_(0, rows, w(x.index_select(0, rows)))
+        return y[:, self.skip :] if self.skip else y
+
+    def tail(self, n: int) -> PackedProjection:
+        """The last ``n`` modules: the whole GEMM, sliced (a packed weight has no views)."""
+        skip = self.skip + sum(self.sizes[:-n])
+        return PackedProjection(self.modules[-n:], self.sizes[-n:], self.weights, skip)
+
+
+def _pack_stack(weights: torch.Tensor) -> list[list[PackedWeight]]:
+    """[K, out, in] shared or [K, D, out, in] per-depth weights -> packed [layer][depth]."""
+    if weights.dim() == 3:
+        return [[PackedWeight.pack(w)] for w in weights]
+    return [[PackedWeight.pack(w) for w in per_layer] for per_layer in weights]
+
+
+@torch.no_grad()
+def pack_weights(model: RecursiveLM) -> list[tuple[str, ...]]:
+    """Pack every weight that runs without a low-rank delta; returns the groups packed (none
+    unless the model is bf16 on a CPU with native bf16 GEMMs). Call after the other two."""
+    if not packing_supported(model.embed[:1]):
+        return []
+    packed: list[tuple[str, ...]] = []
+    for group, proj in list(model.fused.items()):
+        if group == KV or not isinstance(proj, FusedProjection) or proj.lora:
+            continue
+        stack = proj.dense if proj.dense is not None else proj.weight
+        assert stack is not None
+        model.fused[group] = PackedProjection(group, proj.sizes, _pack_stack(stack))
+        packed.append(group)
+    for m in LINEAR_MODULES:
+        if any(m in group for group in model.fused):
+            continue
+        if m in model.dense:  # (its factors stay named in lora_a, freed)
+            stack = model.dense.pop(m)
+        elif m in model.lora_a:
+            continue
+        else:
+            stack = model.weights[m].data
+            _free(model.weights[m])
+        size = (model.config.arch.linear_shape(m)[0],)
+        model.fused[(m,)] = PackedProjection((m,), size, _pack_stack(stack))
+        packed.append((m,))
+    qkv = model.fused.get(QKV)
+    if isinstance(qkv, PackedProjection):
+        model.fused[KV] = qkv.tail(len(KV))
+    return packed
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """What ``prepare_for_serving`` did, for the startup log."""
+
+    dense: list[str]
+    fused: list[tuple[str, ...]]
+    packed: list[tuple[str, ...]]
+
+
+def prepare_for_serving(model: RecursiveLM) -> ServingPlan:
+    """All three transforms, as the engine serves a model."""
+    dense, fused = materialise_high_rank(model), fuse_projections(model)
+    return ServingPlan(dense, fused, pack_weights(model))

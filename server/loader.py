@@ -189,10 +189,14 @@ def load_engine(settings: ServeSettings, model_dir: Path) -> Engine:
         torch.set_num_threads(settings.threads)
     dtype = DTYPES[settings.dtype]
     model = load_model(model_dir, dtype=dtype, device=settings.device)
-    dense, fused = prepare_for_serving(model)
-    if dense:
-        log.info("high-rank deltas served as per-position dense weights: %s", ", ".join(dense))
-    log.info("fused projections: %s", ", ".join("|".join(g) for g in fused) or "none")
+    plan = prepare_for_serving(model)
+    if plan.dense:
+        log.info("high-rank deltas served as per-position dense weights: %s", ", ".join(plan.dense))
+    log.info("fused projections: %s", ", ".join("|".join(g) for g in plan.fused) or "none")
+    log.info(
+        "weights packed for oneDNN: %s",
+        ", ".join("|".join(g) for g in plan.packed) or "none (needs bfloat16 on a bf16 CPU)",
+    )
     tokenizer = load_tokenizer(model_dir)
     try:
         config = engine_config(model, settings, dtype)

@@ -180,7 +180,8 @@ def served64(rrt64: RecursiveLM) -> dict[str, RecursiveLM]:
     deltas, or over dense per-depth weights; fills go through the fused k|v views. The oracle
     stays on the untransformed model."""
     lora, dense = copy.deepcopy(rrt64), copy.deepcopy(rrt64)
-    assert prepare_for_serving(lora) == ([], [("q", "k", "v"), ("gate", "up")])
+    plan = prepare_for_serving(lora)
+    assert (plan.dense, plan.fused) == ([], [("q", "k", "v"), ("gate", "up")])
     materialise_high_rank(dense, force=True)
     assert fuse_projections(dense) == [("q", "k", "v"), ("gate", "up")]
     return {"plain": rrt64, "fused-lora": lora, "fused-dense": dense}

@@ -3,18 +3,20 @@ engine's tokens, and free the weights they replace."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from kernels import packing_supported
 from model.checkpoint import load_model
 from model.config import FULL_RANK, LINEAR_MODULES
 from model.convert import convert
 from model.generate import greedy_generate
 from model.recursive import RecursiveLM
-from model.serving import materialise_high_rank, prepare_for_serving
+from model.serving import fuse_projections, materialise_high_rank, prepare_for_serving
 from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.sampling import SamplingParams
@@ -45,9 +47,10 @@ def test_fused_projections_keep_logits_and_tokens(tiny_hf: tuple[Path, LlamaForC
         want = model(ids)
         prompt = ids[0, :9].tolist()
         tokens = greedy_generate(model, prompt, 6)
-        dense, fused = prepare_for_serving(model)
-        assert fused == [("q", "k", "v"), ("gate", "up")], name
-        assert bool(dense) == (name == "full-rank-dense"), name
+        plan = prepare_for_serving(model)
+        assert plan.fused == [("q", "k", "v"), ("gate", "up")], name
+        assert bool(plan.dense) == (name == "full-rank-dense"), name
+        assert plan.packed == [], name  # float32: nothing to pack
         torch.testing.assert_close(model(ids), want, atol=1e-4, rtol=0, msg=name)
         cfg = EngineConfig(block_size=4, num_blocks=128, max_model_len=64)
         params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -106,3 +109,41 @@ def test_dense_only_for_high_rank(tiny_hf: tuple[Path, LlamaForCausalLM]) -> Non
     assert materialise_high_rank(model) == []
     with pytest.raises(KeyError):
         _ = model.dense["q"]
+
+
+@pytest.mark.skipif(
+    not packing_supported(torch.zeros(1, 1, dtype=torch.bfloat16)),
+    reason="this CPU has no native bf16 GEMMs (nothing is packed here)",
+)
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["vanilla", "mixed-ranks", "full-rank-dense"])
+@pytest.mark.parametrize("batching", ["sequence", "depth"])
+def test_packed_weights_keep_logits_and_tokens(
+    tiny_hf: tuple[Path, LlamaForCausalLM], name: str, batching: str
+) -> None:
+    """bf16 weights packed for oneDNN give the unpacked model's logits and engine tokens —
+    with exits at every depth in depth mode, so fills run through the packed k|v tail."""
+    model = _variants(tiny_hf)[name].to(torch.bfloat16)
+    ref = copy.deepcopy(model)
+    materialise_high_rank(ref)
+    fuse_projections(ref)
+    plan = prepare_for_serving(model)
+    singles = [("o",), ("down",)]  # the groups with deltas stay on the low-rank path
+    want = singles if name == "mixed-ranks" else [("q", "k", "v"), ("gate", "up"), *singles]
+    assert plan.packed == want
+    assert model.has_dense_weights == ref.has_dense_weights
+    ids = _ids(101)
+    torch.testing.assert_close(model(ids), ref(ids), atol=0, rtol=0)
+    loops = model.config.loops
+    cfg = EngineConfig(
+        block_size=4,
+        num_blocks=256,
+        max_model_len=64,
+        batching=batching,
+        depth_alignment="mixed",
+        forced_exit_weights=(1.0,) * loops if batching == "depth" and loops > 1 else (),
+    )
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = {f"r{i}": _ids(101, seed=i)[0, : 5 + i].tolist() for i in range(4)}
+    got = Engine(model, cfg).generate(prompts, params)
+    assert got == Engine(ref, cfg).generate(prompts, params)
