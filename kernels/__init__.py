@@ -3,8 +3,10 @@
 Callers use the names below; ``kernels.dispatch`` picks the implementation per call.
 """
 
+from kernels.cpu_kernels import cpu_kernel_available
 from kernels.dense_lora import dense_per_depth_linear, materialise_dense, prefer_dense
 from kernels.dispatch import use_backend
+from kernels.logit_stats import row_max_lse
 from kernels.lora_linear import (
     FusedLoRA,
     fuse_lora,
@@ -20,6 +22,7 @@ __all__ = [
     "FusedLoRA",
     "PackedWeight",
     "PagedAttentionMetadata",
+    "cpu_kernel_available",
     "dense_per_depth_linear",
     "fuse_lora",
     "fused_lora_linear",
@@ -29,6 +32,7 @@ __all__ = [
     "packing_supported",
     "paged_attention",
     "prefer_dense",
+    "row_max_lse",
     "use_backend",
     "write_kv",
 ]

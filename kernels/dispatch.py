@@ -1,8 +1,9 @@
 """The one place that decides which implementation a kernel call runs.
 
 Callers never branch on the device: they call the entry points in ``kernels`` and this module
-picks Triton for CUDA tensors and the pure-torch twin otherwise. ``use_backend`` forces a
-backend for the code it wraps — in this thread or task only (a context variable, not a
+picks Triton for CUDA tensors and, on the CPU, the C++ kernel where one exists (paged decode
+attention) and the pure-torch twin otherwise. ``use_backend`` forces a backend for the code it
+wraps — in this thread or task only (a context variable, not a
 process-wide switch), so a trainer forcing the torch twins (they have autograd) never changes
 what an engine thread beside it runs. Forcing ``triton`` on CPU tensors only works under
 ``TRITON_INTERPRET=1`` (how the tests run the kernels on a CPU).
@@ -21,7 +22,7 @@ from typing import Literal
 import torch
 
 Backend = Literal["triton", "torch"]
-BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch", "cpp")
 _forced: ContextVar[str] = ContextVar("loopserve_kernel_backend", default="auto")
 
 
@@ -38,7 +39,8 @@ def interpreter_enabled() -> bool:
 
 @contextmanager
 def use_backend(mode: str) -> Iterator[None]:
-    """Run the kernel calls inside the ``with`` block on ``mode`` (auto | triton | torch)."""
+    """Run the kernel calls inside the ``with`` block on ``mode`` (auto | triton | torch | cpp;
+    ``cpp`` runs the C++ CPU kernels where they exist and the torch twins elsewhere)."""
     if mode not in BACKENDS:
         raise ValueError(f"kernel backend {mode!r}; expected one of {', '.join(BACKENDS)}")
     token = _forced.set(mode)
@@ -51,7 +53,7 @@ def use_backend(mode: str) -> Iterator[None]:
 def kernel_backend(x: torch.Tensor) -> Backend:
     """Backend for a call whose main input is ``x``: the forced one, else by device."""
     mode = _forced.get()
-    if mode == "torch":
+    if mode in ("torch", "cpp"):
         return "torch"
     if mode == "triton":
         if not triton_available():
@@ -62,3 +64,12 @@ def kernel_backend(x: torch.Tensor) -> Backend:
             )
         return "triton"
     return "triton" if x.is_cuda and triton_available() else "torch"
+
+
+def cpu_kernel_mode(x: torch.Tensor) -> Literal["off", "prefer", "require"]:
+    """Whether a call on ``x`` runs a C++ CPU kernel: ``prefer`` for CPU tensors by default
+    (the twin if the kernel did not build, which its loader logs), ``require`` when ``cpp`` is
+    forced (a kernel that did not build is an error), ``off`` otherwise."""
+    if x.device.type != "cpu":
+        return "off"
+    return {"auto": "prefer", "cpp": "require"}.get(_forced.get(), "off")

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import kernel_backend
+from kernels.cpu_kernels import cpu_kernel_available, paged_decode_cpu
+from kernels.dispatch import cpu_kernel_mode, kernel_backend
 from kernels.paged_metadata import PagedAttentionMetadata, check_cache
 
 
@@ -39,13 +40,15 @@ class TwinPlan:
     starts: list[int]  # query_start_loc
     lengths: list[int]  # context_lens
     decode: DecodeGather | None
+    chunks: list[int]  # sequences with several query rows (prefill chunks)
 
     @staticmethod
     def build(meta: PagedAttentionMetadata, block_size: int, heads_kv: int) -> TwinPlan:
         starts, lengths = meta.query_start_loc.tolist(), meta.context_lens.tolist()
         seqs = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
+        chunks = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] > 1]
         if not seqs:
-            return TwinPlan(starts, lengths, None)
+            return TwinPlan(starts, lengths, None, chunks)
         device = meta.block_tables.device
         width = -(-max(lengths[i] for i in seqs) // block_size)
         span = width * block_size
@@ -64,6 +67,7 @@ class TwinPlan:
                 bias=bias.reshape(-1, 1, span),
                 past_rows=past.flatten().nonzero().squeeze(1),
             ),
+            chunks,
         )
 
 
@@ -156,6 +160,31 @@ def _decode_attention(
     return torch.bmm(probs, v).view(s, heads_q, dim).to(q.dtype)
 
 
+def _prefill_chunks(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    plan: TwinPlan,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Each sequence with several query rows: gather its K/V, causal-offset SDPA (GQA by
+    repeating heads), written into ``out``."""
+    qsl, ctx = plan.starts, plan.lengths
+    group = q.shape[1] // k_cache.shape[2]
+    for s in plan.chunks:
+        q_s = q[qsl[s] : qsl[s + 1]].transpose(0, 1)  # [Hq, q_len, D]
+        q_len, length = q_s.shape[1], ctx[s]
+        k = gather_kv(k_cache, meta.block_tables[s], length).transpose(0, 1)  # [Hkv, L, D]
+        v = gather_kv(v_cache, meta.block_tables[s], length).transpose(0, 1)
+        k, v = (t.repeat_interleave(group, dim=0).to(q.dtype) for t in (k, v))
+        q_pos = torch.arange(length - q_len, length, device=q.device)
+        mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, L]
+        o = F.scaled_dot_product_attention(q_s, k, v, attn_mask=mask, scale=scale)
+        out[qsl[s] : qsl[s + 1]] = o.transpose(0, 1)
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -167,23 +196,60 @@ def paged_attention_ref(
     causal-offset SDPA (GQA by repeating heads)."""
     out = torch.empty_like(q)
     plan = twin_plan(meta, k_cache.shape[1], k_cache.shape[2])
-    qsl, ctx = plan.starts, plan.lengths
-    group = q.shape[1] // k_cache.shape[2]
     if plan.decode is not None:
         rows = plan.decode.rows
         out[rows] = _decode_attention(q[rows], k_cache, v_cache, plan.decode, scale)
-    for s in range(meta.num_seqs):
-        q_s = q[qsl[s] : qsl[s + 1]].transpose(0, 1)  # [Hq, q_len, D]
-        q_len, length = q_s.shape[1], ctx[s]
-        if q_len <= 1:
-            continue
-        k = gather_kv(k_cache, meta.block_tables[s], length).transpose(0, 1)  # [Hkv, L, D]
-        v = gather_kv(v_cache, meta.block_tables[s], length).transpose(0, 1)
-        k, v = (t.repeat_interleave(group, dim=0).to(q.dtype) for t in (k, v))
-        q_pos = torch.arange(length - q_len, length, device=q.device)
-        mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, L]
-        o = F.scaled_dot_product_attention(q_s, k, v, attn_mask=mask, scale=scale)
-        out[qsl[s] : qsl[s + 1]] = o.transpose(0, 1)
+    _prefill_chunks(q, k_cache, v_cache, meta, plan, scale, out)
+    return out
+
+
+@dataclass(frozen=True)
+class CpuDecodePlan:
+    """The decode sequences' tables, lengths and query rows, for the C++ kernel."""
+
+    tables: torch.Tensor  # [S_dec, W] int32
+    lengths: torch.Tensor  # [S_dec] int32
+    rows: torch.Tensor  # [S_dec] int64
+
+
+def _cpu_plan(meta: PagedAttentionMetadata) -> tuple[TwinPlan, CpuDecodePlan | None]:
+    key = "cpu_plan"
+    if key not in meta.derived:
+        starts, lengths = meta.query_start_loc.tolist(), meta.context_lens.tolist()
+        seqs = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
+        decode = None
+        if seqs:
+            if len(seqs) == meta.num_seqs:
+                index = None
+                tables, lens = meta.block_tables, meta.context_lens
+                rows = meta.query_start_loc[:-1].long()
+            else:
+                index = torch.tensor(seqs, device=meta.block_tables.device)
+                tables = meta.block_tables.index_select(0, index)
+                lens = meta.context_lens.index_select(0, index)
+                rows = meta.query_start_loc[:-1].long().index_select(0, index)
+            decode = CpuDecodePlan(tables.contiguous(), lens.contiguous(), rows)
+        chunks = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] > 1]
+        meta.derived[key] = (TwinPlan(starts, lengths, None, chunks), decode)
+    return meta.derived[key]
+
+
+def paged_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: PagedAttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """The CPU path: decode rows through the C++ kernel (K/V read in place, once), prefill
+    chunks through the twin's SDPA."""
+    out = torch.empty_like(q)
+    plan, decode = _cpu_plan(meta)
+    if decode is not None:
+        paged_decode_cpu(
+            q.contiguous(), k_cache, v_cache, decode.tables, decode.lengths, decode.rows, out, scale
+        )
+    _prefill_chunks(q, k_cache, v_cache, meta, plan, scale, out)
     return out
 
 
@@ -204,6 +270,9 @@ def paged_attention(
             f"q must be [T, Hq, {dim}] with Hq a multiple of {heads} KV heads, got {tuple(q.shape)}"
         )
     if kernel_backend(q) == "torch":
+        mode = cpu_kernel_mode(q)
+        if mode == "require" or (mode == "prefer" and cpu_kernel_available()):
+            return paged_attention_cpu(q, k_cache, v_cache, meta, scale)
         return paged_attention_ref(q, k_cache, v_cache, meta, scale)
     from kernels.paged_attention_triton import paged_attention_triton
 

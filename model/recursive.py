@@ -8,6 +8,7 @@ model is loops = 1, K = L, every rank 0. Per-position tensors are stored layer-m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -98,6 +99,7 @@ class RecursiveLM(nn.Module):
         # a projection that replaced their weights (fused and/or packed).
         self.dense: dict[str, torch.Tensor] = {}
         self.fused: dict[tuple[str, ...], Projection] = {}
+        self.packed_head: Callable[[torch.Tensor], torch.Tensor] | None = None
         # what the checkpoint holds, before a serving transform frees what it replaced
         self.checkpoint_parameters = self.num_parameters()
 
@@ -213,8 +215,11 @@ class RecursiveLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: the exit head, applicable after any loop."""
+        h = rms_norm(hidden, self.final_norm, self.config.arch.rms_norm_eps)
+        if self.packed_head is not None:
+            return self.packed_head(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
         head = self.embed if self.lm_head is None else self.lm_head
-        return rms_norm(hidden, self.final_norm, self.config.arch.rms_norm_eps) @ head.T
+        return h @ head.T
 
     def loop_hidden_states(
         self, input_ids: torch.Tensor, num_loops: int | None = None

@@ -12,7 +12,10 @@ Applied once at load, in this order:
    better-shaped GEMMs. The separate weights are freed.
 3. ``pack_weights`` (bf16 on a CPU with native bf16): every weight without a low-rank delta —
    dense per-depth or shared — is reordered once into oneDNN's layout, which ``F.linear`` would
-   otherwise redo on every call (``kernels.packed_linear``). The unpacked copies are freed.
+   otherwise redo on every call (``kernels.packed_linear``). The unpacked copies are freed —
+   except the LM head's when it is tied to the embedding, which token lookup still reads: a
+   second copy of ``vocab × hidden`` (57 MB for SmolLM2 in bf16) buys a head GEMM 2.5× faster
+   for one row, 1.5× for 32 (8.8 → 3.4 ms, 10.5 → 7.1 ms on the 2-core Xeon).
 """
 
 from __future__ import annotations
@@ -226,6 +229,12 @@ def pack_weights(model: RecursiveLM) -> list[tuple[str, ...]]:
     qkv = model.fused.get(QKV)
     if isinstance(qkv, PackedProjection):
         model.fused[KV] = qkv.tail(len(KV))
+    if model.lm_head is None:
+        model.packed_head = PackedWeight.pack(model.embed.data)
+    else:
+        model.packed_head = PackedWeight.pack(model.lm_head.data)
+        _free(model.lm_head)
+    packed.append(("lm_head",))
     return packed
 
 

@@ -13,16 +13,30 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels import row_max_lse
+
 EXIT_MEASURES: tuple[str, ...] = ("prob", "margin")
 EXITS_OFF = 2.0
 """A threshold no confidence reaches (confidences lie in [0, 1]): exits off at that depth."""
 
 
-def confidence(logits: torch.Tensor, measure: str) -> torch.Tensor:
-    """Exit confidence in [0, 1] from logits [..., V]: max softmax prob or top-1 − top-2."""
-    probs = logits.float().softmax(-1)
+def confidence(
+    logits: torch.Tensor,
+    measure: str,
+    max_lse: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Exit confidence in [0, 1] from logits [..., V]: max softmax prob or top-1 − top-2.
+
+    "prob" is exp(max − logsumexp), from ``max_lse`` when the caller has them for these rows
+    (the sampler needs them too), else computed here; "margin" needs a softmax.
+    """
     if measure == "prob":
-        return probs.max(-1).values
+        if max_lse is None:
+            _, top, lse = row_max_lse(logits.reshape(-1, logits.shape[-1]))
+            return (top - lse).exp().reshape(logits.shape[:-1])
+        top, lse = max_lse
+        return (top - lse).exp()
+    probs = logits.float().softmax(-1)
     if measure == "margin":
         top = probs.topk(2, dim=-1).values
         return top[..., 0] - top[..., 1]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import write_kv
+from kernels import cpu_kernel_available, row_max_lse, write_kv
 from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
 from scheduler.exit_policy import confidence, exits, forced_exit_depth, may_exit
@@ -98,6 +98,8 @@ class ModelRunner:
         self.scale = model.config.arch.head_dim**-0.5
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.hidden: dict[str, torch.Tensor] = {}
+        if self.device.type == "cpu":
+            cpu_kernel_available()  # build (or load) the C++ kernels now, not in the first step
 
     def forget(self, request_id: str) -> None:
         """Drop a request's in-flight hidden rows (it was aborted)."""
@@ -198,12 +200,13 @@ class ModelRunner:
             return
         dev = self.device
         rows = torch.tensor([r for _, _, r in cand], device=dev)
-        logits = self.model.logits(batch.hidden.index_select(0, rows)).float()
+        logits = self.model.logits(batch.hidden.index_select(0, rows))
+        stats = row_max_lse(logits)  # greedy tokens, logprobs and the "prob" confidence
         leaving = torch.ones(len(cand), dtype=torch.bool, device=dev)
         early = [] if forced else [j for j, (_, d, _) in enumerate(cand) if d < last]
-        if early:  # confidence only where an exit is possible: a softmax over the vocabulary
+        if early:  # confidence only where an exit is possible
             at = torch.tensor(early, device=dev)
-            conf = confidence(logits.index_select(0, at), self.config.exit_measure)
+            conf = confidence(logits, self.config.exit_measure, stats[1:]).index_select(0, at)
             depth = torch.tensor([cand[j][1] for j in early], device=dev)
             thr = torch.tensor([cand[j][0].exit_thresholds[cand[j][1]] for j in early], device=dev)
             min_loops = torch.tensor([cand[j][0].min_loops for j in early], device=dev)
@@ -213,6 +216,7 @@ class ModelRunner:
             [it.params for it, _, _ in cand],
             [it.output_index for it, _, _ in cand],
             self.generator,
+            stats,
         )
         host = _to_host(leaving, drawn)
         fills: list[tuple[ScheduledItem, int, int]] = []

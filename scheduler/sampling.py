@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import row_max_lse
+
 MAX_LOGPROBS = 20
 
 
@@ -130,18 +132,18 @@ def sample_batch(
     params: list[SamplingParams],
     output_index: list[int],
     generator: torch.Generator,
+    max_lse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> SampledBatch:
-    """One token per row of ``logits [R, V]``: greedy rows by argmax, the others by the
-    Gumbel-max trick over their filtered distribution (exactly a draw from its softmax), all
-    in a few batched ops and without a host sync."""
-    logits = logits.float()
-    lse = logits.logsumexp(-1)
-    tokens = logits.argmax(-1)
+    """One token per row of ``logits [R, V]`` (any float dtype; computed in float32): greedy
+    rows by argmax, the others by the Gumbel-max trick over their filtered distribution
+    (exactly a draw from its softmax), all in a few batched ops and without a host sync.
+    ``max_lse``: ``row_max_lse(logits)`` when the caller has it already."""
+    tokens, _, lse = row_max_lse(logits) if max_lse is None else max_lse
     sampled = [j for j, p in enumerate(params) if not p.greedy]
     if sampled:
         dev = logits.device
         rows = torch.tensor(sampled, device=dev)
-        filtered = _mask_filters(logits.index_select(0, rows), [params[j] for j in sampled])
+        filtered = _mask_filters(logits.index_select(0, rows).float(), [params[j] for j in sampled])
         u = _uniform_noise(
             len(sampled),
             logits.shape[1],
@@ -152,9 +154,10 @@ def sample_batch(
         )
         gumbel = -(-u.clamp_min(torch.finfo(u.dtype).tiny).log()).log()
         tokens = tokens.index_copy(0, rows, (filtered + gumbel).argmax(-1))
-    logprobs = logits.gather(1, tokens[:, None])[:, 0] - lse
+    logprobs = logits.gather(1, tokens[:, None])[:, 0].float() - lse
     k = max((p.logprobs or 0) for p in params)
     top_ids = top_lp = None
     if k:
-        top_lp, top_ids = (logits - lse[:, None]).topk(k, dim=-1)
+        top, top_ids = logits.topk(k, dim=-1)
+        top_lp = top.float() - lse[:, None]
     return SampledBatch(tokens, logprobs, top_ids, top_lp)

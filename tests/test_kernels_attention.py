@@ -12,6 +12,7 @@ import torch
 from kernels import use_backend
 from kernels.paged_attention import (
     paged_attention,
+    paged_attention_cpu,
     paged_attention_ref,
     write_kv,
     write_kv_ref,
@@ -171,7 +172,34 @@ def test_twin_matches_naive_attention(case: str) -> None:
     assert_close_verbose(out, golden, fp32_bound(golden))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernel is the CPU path")
+
+
+@cpu_only
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cpu_kernel_matches_naive_attention(case: str) -> None:
+    """The C++ decode kernel (prefill chunks still go through the twin's SDPA) against the
+    float64 row-by-row golden; it computes in float32 whatever the input dtype."""
+    seqs, block_size, heads, dim = CASES[case]
+    p = make_paged(seqs, block_size, heads, dim, torch.float32, seed=11)
+    golden = naive_attention(p, 0.3)
+    out = paged_attention_cpu(p.q, p.k_cache, p.v_cache, p.meta, 0.3)
+    assert_close_verbose(out, golden, fp32_bound(golden), name=case)
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", LOW)
+def test_cpu_kernel_low_precision(dtype: torch.dtype) -> None:
+    seqs, block_size, heads, dim = CASES["decode"]
+    p = make_paged([*seqs, (1, 300), (1, 2)], block_size, heads, dim, dtype, seed=5)
+    golden = paged_attention_ref(*f64_cache(p), p.meta, 0.125)
+    eager = paged_attention_ref(p.q, p.k_cache, p.v_cache, p.meta, 0.125)
+    out = paged_attention_cpu(p.q, p.k_cache, p.v_cache, p.meta, 0.125)
+    assert out.dtype == dtype
+    assert_close_verbose(out, golden, lowp_bound(eager, golden))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 def test_entry_points_follow_the_forced_backend(tri: ModuleType, backend: str) -> None:
     p = make_paged(MIXED, 8, (6, 2), 32, torch.float32, seed=1)
     empty = [torch.full_like(p.k_cache, float("nan")) for _ in range(2)]

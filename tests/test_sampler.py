@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from kernels import row_max_lse, use_backend
 from scheduler.sampling import SamplingParams, sample_batch
 
 
@@ -80,3 +82,25 @@ def test_logprobs_are_of_the_raw_distribution_whatever_the_filters() -> None:
     out = sample_batch(logits, params, [0, 1, 2], torch.Generator())
     ref = logits.double().log_softmax(-1).gather(1, out.tokens[:, None])[:, 0]
     torch.testing.assert_close(out.logprobs.double(), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_row_max_lse_equals_the_float64_reference(backend: str, dtype: torch.dtype) -> None:
+    """First argmax on ties, max and logsumexp of every row — strided rows, -inf entries and a
+    row masked to -inf everywhere included."""
+    g = torch.Generator().manual_seed(3)
+    wide = (torch.randn(6, 2 * 1001, generator=g) * 4).to(dtype)
+    logits = wide[:, :1001]  # rows 2002 apart, V contiguous
+    logits[1, 7] = logits[1, 500] = logits[1].max() + 1  # a tie: the first index wins
+    logits[2, ::3] = float("-inf")
+    logits[3] = float("-inf")
+    with use_backend(backend):
+        argmax, top, lse = row_max_lse(logits)
+    ref = logits.double()
+    assert argmax.tolist()[:3] + argmax.tolist()[4:] == [
+        int(i) for j, i in enumerate(ref.argmax(-1)) if j != 3
+    ]
+    assert argmax[1] == 7
+    torch.testing.assert_close(top.double(), ref.max(-1).values, atol=0, rtol=0)
+    torch.testing.assert_close(lse.double(), ref.logsumexp(-1), atol=1e-5, rtol=1e-6)

@@ -1,0 +1,80 @@
+"""The C++ kernels of the CPU path (``cpu_kernels.cpp``), built on first use: paged decode
+attention and the per-row max / log-sum-exp of logits.
+
+torch's C++ extension loader compiles it once per machine into torch's extension cache
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; about a minute with the
+torch headers) and loads it from there afterwards. A machine without a C++ compiler keeps the
+torch twin and says so once in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+
+
+@cache
+def _extension() -> ModuleType | None:
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(
+            name="loopserve_cpu_kernels",
+            sources=[str(SOURCE)],
+            extra_cflags=[
+                "-O3",
+                "-march=native",
+                "-mprefer-vector-width=512",
+                "-fopenmp-simd",
+                "-fno-math-errno",
+                "-fno-trapping-math",
+            ],
+            verbose=False,
+        )
+    except Exception as e:  # a missing compiler or ninja: the twin runs instead
+        log.warning("C++ CPU kernels unavailable (%s); using the torch twins", e)
+        return None
+
+
+def cpu_kernel_available() -> bool:
+    """Whether the C++ kernels built (building them on the first call)."""
+    return _extension() is not None
+
+
+def _loaded() -> ModuleType:
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError("the C++ CPU kernels did not build (see the log)")
+    return ext
+
+
+def paged_decode_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    rows: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+) -> None:
+    """Write ``out[rows[s]]`` = attention of query row ``rows[s]`` over sequence ``s``'s keys.
+
+    q, out: [T, Hq, D]; caches [blocks, block_size, Hkv, D]; block_tables [S, W] int32,
+    context_lens [S] int32 (every length ≥ 1), rows [S] int64.
+    """
+    _loaded().paged_decode(q, k_cache, v_cache, block_tables, context_lens, rows, out, scale)
+
+
+def row_max_lse_cpu(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``logits [R, V]``: (first argmax int64, max float32, log-sum-exp float32)."""
+    argmax, top, lse = _loaded().row_max_lse(logits)
+    return argmax, top, lse
