@@ -214,9 +214,156 @@ std::vector<torch::Tensor> row_max_lse(const torch::Tensor& logits) {
   return {argmax, top, lse};
 }
 
+// ---- pointwise chains of a block layer, one pass each (torch runs them as 4-8 ops) ----------
+// Each rounds to the tensor dtype where the torch twin's ops round, so a bf16 model gets the
+// twin's values: RMSNorm normalises in float32, rounds, then multiplies by the weight.
+
+template <typename T>
+inline T round_to(float v) {
+  return static_cast<T>(v);
+}
+
+template <typename T>
+void rms_rows(const T* x, const T* w, T* out, int64_t rows, int64_t hidden, int64_t x_stride,
+              int64_t w_stride, float eps, const T* delta, T* sum_out) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> v(hidden);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * x_stride;
+      float part[LANES] = {};
+      const int64_t body = hidden - hidden % LANES;
+      for (int64_t i = 0; i < hidden; ++i) {
+        float a = load(xr, i);
+        if (delta != nullptr) {  // residual add first, rounded as torch's add would round it
+          const T s = round_to<T>(a + load(delta + r * hidden, i));
+          sum_out[r * hidden + i] = s;
+          a = static_cast<float>(s);
+        }
+        v[i] = a;
+      }
+      for (int64_t i = 0; i < body; i += LANES)
+        for (int64_t j = 0; j < LANES; ++j) part[j] += v[i + j] * v[i + j];
+      float ss = 0.0f;
+      for (int64_t j = 0; j < LANES; ++j) ss += part[j];
+      for (int64_t i = body; i < hidden; ++i) ss += v[i] * v[i];
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(hidden) + eps);
+      const T* wr = w + r * w_stride;
+      T* o = out + r * hidden;
+      for (int64_t i = 0; i < hidden; ++i)
+        o[i] = round_to<T>(load(wr, i) * static_cast<float>(round_to<T>(v[i] * inv)));
+    }
+  });
+}
+
+// x: [T, H] (rows may be strided); weight: [H] or [T, H]; residual: optional [T, H] added to x
+// first. Returns the normalised rows (and, with a residual, x + residual).
+std::vector<torch::Tensor> rms_norm(const torch::Tensor& x, const torch::Tensor& weight,
+                                    double eps, const c10::optional<torch::Tensor>& residual) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [T, H] with H contiguous");
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  TORCH_CHECK(weight.is_contiguous() && weight.size(-1) == hidden &&
+                  (weight.dim() == 1 || (weight.dim() == 2 && weight.size(0) == rows)),
+              "weight must be [H] or [T, H], contiguous");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight and x must share a dtype");
+  auto out = torch::empty({rows, hidden}, x.options());
+  torch::Tensor total;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes() &&
+                    residual->scalar_type() == x.scalar_type(),
+                "residual must be a contiguous [T, H] of x's dtype");
+    total = torch::empty({rows, hidden}, x.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    rms_rows<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                       out.data_ptr<scalar_t>(), rows, hidden, x.stride(0),
+                       weight.dim() == 2 ? hidden : 0, static_cast<float>(eps),
+                       residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
+                       residual.has_value() ? total.data_ptr<scalar_t>() : nullptr);
+  });
+  if (residual.has_value()) return {out, total};
+  return {out};
+}
+
+template <typename T>
+void rope_rows(T* x, const T* cos, const T* sin, int64_t rows, int64_t heads, int64_t dim,
+               int64_t row_stride) {
+  const int64_t half = dim / 2;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> v(dim);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* c = cos + r * dim;
+      const T* s = sin + r * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* xh = x + r * row_stride + h * dim;
+        for (int64_t i = 0; i < dim; ++i) v[i] = load(xh, i);
+        for (int64_t i = 0; i < dim; ++i) {
+          const float rot = i < half ? -v[i + half] : v[i - half];
+          // as torch: x * cos and rotated * sin each rounded, then their sum
+          const float a = static_cast<float>(round_to<T>(v[i] * load(c, i)));
+          const float b = static_cast<float>(round_to<T>(rot * load(s, i)));
+          xh[i] = round_to<T>(a + b);
+        }
+      }
+    }
+  });
+}
+
+// x: [T, heads, D] with D and heads contiguous (rows may be strided), rotated in place;
+// cos, sin: [T, D] contiguous.
+void rope_(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
+              "x must be [T, heads, D] with heads and D contiguous");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.sizes() == sin.sizes() &&
+                  cos.size(0) == x.size(0) && cos.size(1) == x.size(2),
+              "cos and sin must be contiguous [T, D]");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "cos, sin and x must share a dtype");
+  TORCH_CHECK(x.size(2) % 2 == 0, "head_dim must be even");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rope", [&] {
+    rope_rows<scalar_t>(x.data_ptr<scalar_t>(), cos.data_ptr<scalar_t>(),
+                        sin.data_ptr<scalar_t>(), x.size(0), x.size(1), x.size(2), x.stride(0));
+  });
+}
+
+template <typename T>
+void silu_mul_rows(const T* x, T* out, int64_t rows, int64_t inter, int64_t x_stride) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = x + r * x_stride;
+      const T* u = g + inter;
+      T* o = out + r * inter;
+      for (int64_t i = 0; i < inter; ++i) {
+        const float a = load(g, i);
+        // silu rounded as torch's silu rounds it, then the product
+        const float act = static_cast<float>(round_to<T>(a / (1.0f + vexp(-a))));
+        o[i] = round_to<T>(act * load(u, i));
+      }
+    }
+  });
+}
+
+// gate_up: [T, 2I] (gate | up, rows may be strided) -> silu(gate) * up [T, I]
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
+              "gate_up must be [T, 2I] with columns contiguous");
+  const int64_t inter = gate_up.size(1) / 2;
+  auto out = torch::empty({gate_up.size(0), inter}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_mul",
+                                  [&] {
+                                    silu_mul_rows<scalar_t>(gate_up.data_ptr<scalar_t>(),
+                                                            out.data_ptr<scalar_t>(),
+                                                            gate_up.size(0), inter,
+                                                            gate_up.stride(0));
+                                  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention (one query row per sequence)");
   m.def("row_max_lse", &row_max_lse, "per-row argmax, max and log-sum-exp of logits");
+  m.def("rms_norm", &rms_norm, "RMSNorm of rows, optionally after a residual add");
+  m.def("rope_", &rope_, "rotate-half RoPE in place");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
 }

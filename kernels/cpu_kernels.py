@@ -1,5 +1,6 @@
 """The C++ kernels of the CPU path (``cpu_kernels.cpp``), built on first use: paged decode
-attention and the per-row max / log-sum-exp of logits.
+attention, the per-row max / log-sum-exp of logits, and a block layer's pointwise chains
+(RMSNorm with an optional residual add, RoPE in place, silu·mul).
 
 torch's C++ extension loader compiles it once per machine into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; about a minute with the
@@ -78,3 +79,18 @@ def row_max_lse_cpu(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     """Per row of ``logits [R, V]``: (first argmax int64, max float32, log-sum-exp float32)."""
     argmax, top, lse = _loaded().row_max_lse(logits)
     return argmax, top, lse
+
+
+def rms_norm_cpu(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """[normed] or, with ``residual``, [normed(x + residual), x + residual]."""
+    return _loaded().rms_norm(x, weight, eps, residual)
+
+
+def rope_cpu_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    _loaded().rope_(x, cos, sin)
+
+
+def silu_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
+    return _loaded().silu_mul(gate_up)

@@ -69,7 +69,8 @@ def kernel_backend(x: torch.Tensor) -> Backend:
 def cpu_kernel_mode(x: torch.Tensor) -> Literal["off", "prefer", "require"]:
     """Whether a call on ``x`` runs a C++ CPU kernel: ``prefer`` for CPU tensors by default
     (the twin if the kernel did not build, which its loader logs), ``require`` when ``cpp`` is
-    forced (a kernel that did not build is an error), ``off`` otherwise."""
-    if x.device.type != "cpu":
+    forced (a kernel that did not build is an error), ``off`` otherwise — and for float64,
+    which the kernels would compute in float32."""
+    if x.device.type != "cpu" or x.dtype == torch.float64:
         return "off"
     return {"auto": "prefer", "cpp": "require"}.get(_forced.get(), "off")

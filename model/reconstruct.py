@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from kernels.pointwise import rms_norm
 from model.attention import CausalAttention
 from model.config import LINEAR_MODULES, ArchConfig
-from model.recursive import RecursiveLM, rms_norm
+from model.recursive import RecursiveLM
 from model.rope import apply_rope, rope_cos_sin
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (B [out, r], A [r, in]) in float64

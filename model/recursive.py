@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from kernels import dense_per_depth_linear, lora_linear
+from kernels.pointwise import add_rms_norm, apply_rope, rms_norm, silu_mul, silu_mul_ref
 from model.attention import AttentionBackend, CausalAttention
 from model.config import LINEAR_MODULES, ModelConfig
-from model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from model.rope import rope_cos_sin, rope_inv_freq
 
 BIAS_MODULES: tuple[str, ...] = ("q", "k", "v")
 QKV: tuple[str, ...] = ("q", "k", "v")
@@ -36,13 +37,6 @@ class Projection(Protocol):
         ...
 
     def __call__(self, layer: int, x: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor: ...
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in float32 (as transformers' Llama does), cast back; weight [H] or [T, H]."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 class RecursiveLM(nn.Module):
@@ -187,10 +181,17 @@ class RecursiveLM(nn.Module):
         q = apply_rope(q.view(-1, a.num_heads, a.head_dim), cos, sin)
         k = apply_rope(k.view(-1, a.num_kv_heads, a.head_dim), cos, sin)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
-        hidden = hidden + self._linear("o", layer, attention(layer, q, k, v), depth)
-        h = rms_norm(hidden, self.post_attn_norm[layer][depth], a.rms_norm_eps)
+        attn = self._linear("o", layer, attention(layer, q, k, v), depth)
+        hidden, h = add_rms_norm(hidden, attn, self.post_attn_norm[layer][depth], a.rms_norm_eps)
+        return hidden + self._linear("down", layer, self._mlp_act(layer, h, depth), depth)
+
+    def _mlp_act(self, layer: int, h: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor:
+        """silu(gate) · up; from the fused gate|up output in one pass when there is one."""
+        fused = self.fused.get(GATE_UP)
+        if fused is not None and not any(m in self.biases for m in GATE_UP):
+            return silu_mul(fused(layer, h, depth), self.config.arch.intermediate_size)
         gate, up = self._project(GATE_UP, layer, h, depth)
-        return hidden + self._linear("down", layer, nn.functional.silu(gate) * up, depth)
+        return silu_mul_ref(gate, up)
 
     def block_forward(
         self,

@@ -6,7 +6,10 @@ import math
 
 import torch
 
+from kernels.pointwise import apply_rope_ref as apply_rope
 from model.config import ArchConfig
+
+__all__ = ["apply_rope", "rope_cos_sin", "rope_inv_freq"]
 
 
 def rope_inv_freq(arch: ArchConfig) -> torch.Tensor:
@@ -39,10 +42,3 @@ def rope_cos_sin(
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]

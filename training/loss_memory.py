@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model.recursive import rms_norm
+from kernels.pointwise import rms_norm
 from training.loss import LossWeights, chunked_distill_loss, distill_loss
 
 
