@@ -116,6 +116,8 @@ def fuse_projections(model: RecursiveLM) -> list[tuple[str, ...]]:
     fused = []
     arch, layers, loops = model.config.arch, model.config.block_layers, model.config.loops
     for group in FUSED_GROUPS:
+        if not set(group) <= set(arch.linear_modules):  # GPT-NeoX's MLP has no gate
+            continue
         sizes = tuple(arch.linear_shape(m)[0] for m in group)
         kinds = {m in model.dense for m in group}
         if len(kinds) != 1:
