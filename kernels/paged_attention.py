@@ -28,8 +28,8 @@ class DecodeGather:
     rows: torch.Tensor  # [S_dec] query rows
     blocks: torch.Tensor  # [S_dec · width] block ids, padded entries clamped to 0
     span: int  # width · block_size keys per sequence
-    bias: torch.Tensor  # [S_dec · Hkv, 1, span] float32: 0, or -inf past each length
-    past_rows: torch.Tensor  # rows of the heads-major [S_dec · Hkv · span, D] K/V past a length
+    bias: torch.Tensor  # [S_dec · Hkv, 1, span] float32: 0, or -inf where a key is not seen
+    past_rows: torch.Tensor  # rows of the heads-major [S_dec · Hkv · span, D] K/V not seen
 
 
 @dataclass(frozen=True)
@@ -38,25 +38,34 @@ class TwinPlan:
 
     starts: list[int]  # query_start_loc
     lengths: list[int]  # context_lens
+    windows: list[int]  # sliding window per sequence, 0: none
     decode: DecodeGather | None
 
     @staticmethod
     def build(meta: PagedAttentionMetadata, block_size: int, heads_kv: int) -> TwinPlan:
         starts, lengths = meta.query_start_loc.tolist(), meta.context_lens.tolist()
+        w = meta.sliding_windows
+        windows = [0] * meta.num_seqs if w is None else w.tolist()
         seqs = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
         if not seqs:
-            return TwinPlan(starts, lengths, None)
+            return TwinPlan(starts, lengths, windows, None)
         device = meta.block_tables.device
         width = -(-max(lengths[i] for i in seqs) // block_size)
         span = width * block_size
         index = torch.tensor(seqs, device=device)
         tables = meta.block_tables.index_select(0, index)[:, :width]
-        past = torch.arange(span, device=device)[None, :] >= meta.context_lens[index, None]
+        keys = torch.arange(span, device=device)[None, :]
+        ctx = meta.context_lens[index, None]
+        past = keys >= ctx
+        if w is not None:  # the query at ctx - 1 sees keys past ctx - 1 - window
+            win = w[index, None]
+            past |= (win > 0) & (keys <= ctx - 1 - win)
         past = past[:, None, :].expand(len(seqs), heads_kv, span)  # [S, Hkv, span]
         bias = torch.zeros(past.shape, device=device).masked_fill_(past, float("-inf"))
         return TwinPlan(
             starts,
             lengths,
+            windows,
             DecodeGather(
                 rows=meta.query_start_loc[:-1].long()[index],
                 blocks=tables.long().clamp_min(0).flatten(),
@@ -129,10 +138,11 @@ def _decode_attention(
 ) -> torch.Tensor:
     """One batched attention for sequences with a single query row each.
 
-    q: [S, Hq, D]. Every table is gathered to the same width, heads-major, and the tail past
-    each length gets a -inf score and zero values: stale or NaN cache contents never reach the
-    output. Measured on the 2-core CPU (bf16, SmolLM2 heads, S = 32, 176 keys): 0.55 ms a
-    layer, against 1.25 ms for a broadcast mask and a scores copy; SDPA with a mask took 2-3 ms.
+    q: [S, Hq, D]. Every table is gathered to the same width, heads-major, and the keys a row
+    does not see (past its length, or before its sliding window) get a -inf score and zero
+    values: stale or NaN cache contents never reach the output. Measured on the 2-core CPU
+    (bf16, SmolLM2 heads, S = 32, 176 keys): 0.55 ms a layer, against 1.25 ms for a broadcast
+    mask and a scores copy; SDPA with a mask took 2-3 ms.
     """
     s, heads_q, dim = q.shape
     heads_kv, span = k_cache.shape[2], plan.span
@@ -164,7 +174,7 @@ def paged_attention_ref(
     scale: float,
 ) -> torch.Tensor:
     """Torch twin: decode rows in one batched call; each prefill chunk gathers its K/V and runs
-    causal-offset SDPA (GQA by repeating heads)."""
+    causal-offset SDPA (GQA by repeating heads), within its sliding window if it has one."""
     out = torch.empty_like(q)
     plan = twin_plan(meta, k_cache.shape[1], k_cache.shape[2])
     qsl, ctx = plan.starts, plan.lengths
@@ -181,7 +191,10 @@ def paged_attention_ref(
         v = gather_kv(v_cache, meta.block_tables[s], length).transpose(0, 1)
         k, v = (t.repeat_interleave(group, dim=0).to(q.dtype) for t in (k, v))
         q_pos = torch.arange(length - q_len, length, device=q.device)
-        mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, L]
+        back = q_pos[:, None] - torch.arange(length, device=q.device)[None, :]  # [q_len, L]
+        mask = back >= 0
+        if plan.windows[s]:
+            mask &= back < plan.windows[s]
         o = F.scaled_dot_product_attention(q_s, k, v, attn_mask=mask, scale=scale)
         out[qsl[s] : qsl[s + 1]] = o.transpose(0, 1)
     return out

@@ -12,7 +12,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-
 Window = torch.Tensor | int  # sliding window: one for all rows, or [T] per row; 0 = global
 
 

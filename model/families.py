@@ -53,7 +53,9 @@ class DepthTable:
     """An int per (block layer k, loop depth b), from one per original layer p = k + b·K."""
 
     def __init__(self, per_layer: tuple[int, ...], block_layers: int, loops: int) -> None:
-        self.rows = [[per_layer[k + b * block_layers] for b in range(loops)] for k in range(block_layers)]
+        self.rows = [
+            [per_layer[k + b * block_layers] for b in range(loops)] for k in range(block_layers)
+        ]
 
     def uniform(self, layer: int) -> int | None:
         """The layer's value when every depth has the same one, else None."""

@@ -73,10 +73,7 @@ class RecursiveLM(nn.Module):
         self.post_attn_norm = nn.Parameter(torch.ones(k_, b_, a.hidden_size, **kw))
         # the family's other per-position norms: LayerNorm biases, Gemma's output norms, QK-norm
         self.norms = nn.ParameterDict(
-            {
-                n: nn.Parameter(torch.zeros(k_, b_, a.norm_size(n), **kw))
-                for n in a.position_norms
-            }
+            {n: nn.Parameter(torch.zeros(k_, b_, a.norm_size(n), **kw)) for n in a.position_norms}
         )
         self.weights = nn.ParameterDict(
             {m: nn.Parameter(torch.zeros(k_, *a.linear_shape(m), **kw)) for m in a.linear_modules}
@@ -252,7 +249,9 @@ class RecursiveLM(nn.Module):
         if a.sandwich_norm:
             o = self._norm(o, "attn_out", layer, depth)
         if a.parallel_residual:  # GPT-NeoX: attention and MLP both read the layer's input
-            return hidden + o + self._mlp(layer, self._norm(hidden, "post_attn", layer, depth), depth)
+            return (
+                hidden + o + self._mlp(layer, self._norm(hidden, "post_attn", layer, depth), depth)
+            )
         hidden = hidden + o
         m = self._mlp(layer, self._norm(hidden, "post_attn", layer, depth), depth)
         if a.sandwich_norm:

@@ -251,7 +251,9 @@ def test_data_aware_deltas_refuse_other_layer_math(
     source = load_model(_family(request, family)[0])
     calibration = _ids(source.config.arch.vocab_size, n=2, s=16)
     with pytest.raises(ValueError, match="method 'plain'"):
-        convert(source, 2, "average", FULL, progress=False, method="whitened", calibration=calibration)
+        convert(
+            source, 2, "average", FULL, progress=False, method="whitened", calibration=calibration
+        )
 
 
 @pytest.mark.parametrize("family", ("neox", "gemma3"))
@@ -259,7 +261,9 @@ def test_converted_checkpoint_round_trips(
     request: pytest.FixtureRequest, family: str, tmp_path: Path
 ) -> None:
     d, _ = _family(request, family)
-    converted, _ = convert(load_model(d), 2, "average", dict.fromkeys(LINEAR_MODULES, 4), progress=False)
+    converted, _ = convert(
+        load_model(d), 2, "average", dict.fromkeys(LINEAR_MODULES, 4), progress=False
+    )
     save_checkpoint(converted, tmp_path)
     loaded = load_model(tmp_path)
     assert loaded.config == converted.config
@@ -302,11 +306,17 @@ def test_engine_equals_cache_free_reference(
     model = _relaxed(_family(request, family)[0], 2)
     vocab = model.config.arch.vocab_size
     rng = random.Random(0)
-    prompts = {f"r{i}": [rng.randrange(3, vocab) for _ in range(rng.randint(1, 30))] for i in range(8)}
+    prompts = {
+        f"r{i}": [rng.randrange(3, vocab) for _ in range(rng.randint(1, 30))] for i in range(8)
+    }
     want = {rid: greedy_generate(model, ids, GREEDY.max_tokens) for rid, ids in prompts.items()}
     prepare_for_serving(model)
     cfg = EngineConfig(
-        block_size=4, num_blocks=512, max_num_batched_tokens=48, max_model_len=128, batching=batching
+        block_size=4,
+        num_blocks=512,
+        max_num_batched_tokens=48,
+        max_model_len=128,
+        batching=batching,
     )
     got = {rid: outs[0] for rid, outs in Engine(model, cfg).generate(prompts, GREEDY).items()}
     assert got == want
