@@ -20,7 +20,6 @@ from model.config import (
     FULL_RANK,
     INIT_METHODS,
     LINEAR_MODULES,
-    ArchConfig,
     ModelConfig,
     RecursionConfig,
 )
@@ -57,21 +56,6 @@ class ConversionReport:
     @property
     def saved_fraction(self) -> float:
         return 1.0 - self.converted_params / self.source_params
-
-
-def llama_layer_math(arch: ArchConfig) -> bool:
-    """Whether ``model.reconstruct``'s copy of the layer math covers this architecture."""
-    return (
-        arch.norm == "rms"
-        and arch.hidden_act == "silu"
-        and arch.gated_mlp
-        and not (arch.parallel_residual or arch.sandwich_norm or arch.qk_norm)
-        and not any(arch.layer_windows)
-        and arch.rotary_dim == arch.head_dim
-        and arch.embed_scale == 1.0
-        and arch.attn_scale == arch.head_dim**-0.5
-        and set(arch.bias_modules) <= {"q", "k", "v"}
-    )
 
 
 def resolve_ranks(config: ModelConfig, ranks: dict[str, int]) -> dict[str, int]:
@@ -213,12 +197,6 @@ def convert(
         raise ValueError(f"method {method!r} / a rank budget needs calibration windows")
     if polish is not None and method != "sequential":
         raise ValueError("polish refines a sequential conversion; use method='sequential'")
-    if needs_data and not llama_layer_math(source.config.arch):
-        raise ValueError(
-            f"the data-aware deltas ({', '.join(DATA_METHODS)}) and rank budgets re-run the "
-            f"layer math of Llama/Qwen2 only; {source.config.arch.model_type} converts with "
-            "method 'plain'"
-        )
     base = source.config.with_recursion(
         RecursionConfig(loops=loops, init=init, ranks=dict.fromkeys(LINEAR_MODULES, 0))
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from model.checkpoint import CheckpointError, load_model, save_checkpoint
 from model.config import FULL_RANK, INIT_METHODS, LINEAR_MODULES, ConfigError
 from model.convert import convert
 from model.generate import greedy_generate
+from model.reconstruct import LayerMath, fitted_layer, source_position
 from model.recursive import RecursiveLM
 from model.serving import prepare_for_serving
 from scheduler.config import EngineConfig
@@ -244,16 +246,55 @@ def test_conversion_refuses_loops_that_do_not_divide_the_depth(
         convert(source, 3, "average", FULL, progress=False)
 
 
-@pytest.mark.parametrize("family", ("neox", "gemma3"))
-def test_data_aware_deltas_refuse_other_layer_math(
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reconstruct_layer_math_is_the_models(request: pytest.FixtureRequest, family: str) -> None:
+    """The conversion's own copy of the layer (model.reconstruct: forward for the polish,
+    fitted_layer for the fits) run over every source layer gives transformers' logits."""
+    d, hf = _family(request, family)
+    source = load_model(d)
+    ids = _ids(source.config.arch.vocab_size, n=2, s=24)
+    lm = LayerMath(source.config.arch, 24, 2)
+    h = hh = source.embed_tokens(ids.reshape(-1))
+    for p in range(source.config.arch.num_layers):
+        pw = source_position(source, p)
+        h = lm.forward(pw, h)
+        keep = lambda m, x, xh, pw=pw: pw.weights[m]  # noqa: E731 (fit nothing: the source)
+        _, hh = fitted_layer(lm, pw, replace(pw, weights=dict(pw.weights)), hh, hh, keep)
+    ref = hf(ids).logits
+    for out in (h, hh):
+        torch.testing.assert_close(source.logits(out).view(ref.shape), ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_data_aware_deltas_exact_at_full_rank_and_better_below(
     request: pytest.FixtureRequest, family: str
 ) -> None:
-    source = load_model(_family(request, family)[0])
-    calibration = _ids(source.config.arch.vocab_size, n=2, s=16)
-    with pytest.raises(ValueError, match="method 'plain'"):
-        convert(
-            source, 2, "average", FULL, progress=False, method="whitened", calibration=calibration
+    """The data-aware methods re-run each family's layer math (model.reconstruct): exact at
+    full rank, and at rank 8 closer to the source than the weight-space SVD on the calibration
+    windows (logit RMS error): a layer math that differed from the model's would fit the
+    wrong outputs and lose that."""
+    d, hf = _family(request, family)
+    source = load_model(d)
+    vocab = source.config.arch.vocab_size
+    calibration = _ids(vocab, n=32, s=32, seed=7)
+    ids = _ids(vocab)
+    ref = hf(ids).logits
+    for method in ("whitened", "sequential"):
+        converted, _ = convert(
+            source, 2, "average", FULL, progress=False, method=method, calibration=calibration
         )
+        diff = float((converted(ids) - ref).abs().max())
+        assert diff <= ATOL, f"{family} {method} full rank: max abs logit diff {diff}"
+    seen = calibration[:8]
+    want = source(seen)
+    err = {}
+    for method in ("plain", "whitened", "sequential"):
+        low = dict.fromkeys(LINEAR_MODULES, 8)
+        converted, _ = convert(
+            source, 2, "average", low, progress=False, method=method, calibration=calibration
+        )
+        err[method] = float((converted(seen) - want).pow(2).mean().sqrt())
+    assert err["whitened"] < 0.9 * err["plain"] and err["sequential"] < 0.9 * err["plain"], err
 
 
 @pytest.mark.parametrize("family", ("neox", "gemma3"))
