@@ -25,11 +25,13 @@ from model.convert import convert
 from model.generate import greedy_generate
 from model.reconstruct import LayerMath, fitted_layer, source_position
 from model.recursive import RecursiveLM
+from model.rope import rope_cos_sin
 from model.serving import prepare_for_serving
 from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.sampling import SamplingParams
 from tests.conftest import tiny_llama_config, write_hf_model
+from tests.test_exit_oracle import _prompts, _run_engine, _thresholds, oracle_decode
 
 ATOL = 1e-4  # what the Llama parity tests use
 FULL = dict.fromkeys(LINEAR_MODULES, FULL_RANK)
@@ -361,3 +363,47 @@ def test_engine_equals_cache_free_reference(
     )
     got = {rid: outs[0] for rid, outs in Engine(model, cfg).generate(prompts, GREEDY).items()}
     assert got == want
+
+
+@pytest.mark.parametrize("fill", ["propagate", "copy"])
+def test_gemma3_mixed_exits_equal_the_per_token_oracle(
+    gemma3: tuple[Path, PreTrainedModel], fill: str
+) -> None:
+    """Early exits at every depth with filled K/V read by later tokens, through windows and
+    RoPE bases that differ by depth (B = 2), against tests/test_exit_oracle.py's oracle."""
+    model = _relaxed(gemma3[0], 2).to(torch.float64)
+    thresholds = _thresholds(model)[:1]
+    prompts = _prompts()
+    want = {rid: oracle_decode(model, ids, thresholds, fill) for rid, ids in prompts.items()}
+    assert {d for o in want.values() for d in o.exit_depths} == {0, 1}
+    assert sum(o.fills_read for o in want.values()) > 0, "no later token read a fill"
+    got = _run_engine(model, prompts, fill, exit_thresholds=thresholds)
+    for rid, o in want.items():
+        tokens, exit_depths, logprobs = got[rid]
+        assert (tokens, exit_depths) == (o.tokens, o.exit_depths), rid
+        torch.testing.assert_close(logprobs, o.logprobs, atol=1e-5, rtol=0)
+
+
+def test_kv_projection_is_what_the_layer_attends_with(gemma3: tuple[Path, PreTrainedModel]) -> None:
+    """The propagate fill's K/V (``kv_projection``) equal the K/V the layer itself hands the
+    attention for the same input, rows at mixed depths (per-depth RoPE base and norms)."""
+    model = _relaxed(gemma3[0], 2)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def capture(
+        layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: object = 0
+    ) -> torch.Tensor:
+        seen.append((k, v))
+        return q.flatten(1)
+
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 48)
+    depth = torch.tensor([0, 1, 1, 0, 1, 0])
+    positions = torch.tensor([3, 9, 1, 4, 17, 30])
+    tables = [rope_cos_sin(f, positions, hidden.dtype) for f in model.rotary.inv_freqs]
+    for layer in range(model.config.block_layers):
+        cos, sin = model.rotary.select(tables, layer, depth)
+        model.layer_forward(layer, hidden, depth, cos, sin, capture)
+        k, v = model.kv_projection(layer, hidden, depth, positions)
+        torch.testing.assert_close(k, seen[-1][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(v, seen[-1][1], atol=1e-6, rtol=0)
