@@ -32,7 +32,6 @@ from kernels import (
     packing_supported,
     prefer_dense,
 )
-from model.config import LINEAR_MODULES
 from model.recursive import GATE_UP, KV, QKV, RecursiveLM
 
 FUSED_GROUPS: tuple[tuple[str, ...], ...] = (QKV, GATE_UP)
@@ -212,7 +211,7 @@ def pack_weights(model: RecursiveLM) -> list[tuple[str, ...]]:
         assert stack is not None
         model.fused[group] = PackedProjection(group, proj.sizes, _pack_stack(stack))
         packed.append(group)
-    for m in LINEAR_MODULES:
+    for m in model.config.arch.linear_modules:  # GPT-NeoX: no gate
         if any(m in group for group in model.fused):
             continue
         if m in model.dense:  # (its factors stay named in lora_a, freed)
