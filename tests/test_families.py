@@ -8,9 +8,11 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from transformers import (
+    AutoTokenizer,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     GPTNeoXConfig,
@@ -19,6 +21,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from model.build import convert_checkpoint
 from model.checkpoint import CheckpointError, load_model, save_checkpoint
 from model.config import FULL_RANK, INIT_METHODS, LINEAR_MODULES, ConfigError
 from model.convert import convert
@@ -30,7 +33,9 @@ from model.serving import prepare_for_serving
 from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.sampling import SamplingParams
+from server.settings import ServeSettings
 from tests.conftest import tiny_llama_config, write_hf_model
+from tests.server_support import SPECIALS, WORDS, LiveServer, write_tiny_tokenizer
 from tests.test_exit_oracle import _prompts, _run_engine, _thresholds, oracle_decode
 
 ATOL = 1e-4  # what the Llama parity tests use
@@ -407,3 +412,28 @@ def test_kv_projection_is_what_the_layer_attends_with(gemma3: tuple[Path, PreTra
         k, v = model.kv_projection(layer, hidden, depth, positions)
         torch.testing.assert_close(k, seen[-1][0], atol=1e-6, rtol=0)
         torch.testing.assert_close(v, seen[-1][1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["neox", "gemma3"])
+def test_server_greedy_equals_cache_free_reference(tmp_path: Path, family: str) -> None:
+    """Five prompts through ``loopserve serve``'s app (a converted B = 2 checkpoint with a
+    word-level tokenizer) give the cache-free greedy reference's text."""
+    src, out = tmp_path / "hf", tmp_path / "rrt"
+    vocab = len(SPECIALS) + len(WORDS)  # every id the model emits decodes
+    (write_neox if family == "neox" else write_gemma3)(src, vocab_size=vocab)
+    write_tiny_tokenizer(src)
+    ranks = dict.fromkeys(LINEAR_MODULES, 4)
+    convert_checkpoint(src, out, loops=2, init="average", ranks=ranks, evaluate=False)
+    model = load_model(out)
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(2, 20))] for _ in range(5)]
+    settings = ServeSettings(model=str(out), kv_cache_memory="8MiB", max_model_len=128, threads=1)
+    with LiveServer(settings) as live:
+        for ids in prompts:
+            body = {"model": live.info.name, "prompt": ids, "max_tokens": 6, "temperature": 0}
+            body["ignore_eos"] = True
+            r = httpx.post(f"{live.url}/v1/completions", json=body, timeout=60)
+            r.raise_for_status()
+            want = tok.decode(greedy_generate(model, ids, 6))
+            assert r.json()["choices"][0]["text"] == want
