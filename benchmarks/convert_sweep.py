@@ -31,7 +31,7 @@ from model.checkpoint import load_model
 from model.config import FULL_RANK, LINEAR_MODULES
 from model.convert import CONVERT_METHODS, convert, delta_parameters, rank_table
 from model.fidelity import measure_fidelity, reference_logprobs
-from model.pull import pull_default
+from model.pull import SMOLLM2, SOURCES, pull
 from model.reconstruct import Polish
 
 
@@ -107,17 +107,23 @@ def main(argv: list[str] | None = None) -> int:
         help="explicit rows B:method:rank[:pos0full|budget|polishSECONDS] instead of the grid",
     )
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/convert_sweep"))
+    p.add_argument(
+        "--model", choices=sorted(SOURCES), default=SMOLLM2.name, help="the pulled source model"
+    )
+    p.add_argument("--out", type=Path, help="default: benchmarks/results/convert_sweep[_MODEL]")
     p.add_argument(
         "--render", action="store_true", help="only redraw sweep.md from the run's sweep.json"
     )
     args = p.parse_args(argv)
+    if args.out is None:
+        tail = "" if args.model == SMOLLM2.name else f"_{args.model}"
+        args.out = Path(f"benchmarks/results/convert_sweep{tail}")
     if args.render:
         rows = json.loads((args.out / "sweep.json").read_text())
         (args.out / "sweep.md").write_text(_table(rows, args))
         return 0
     torch.set_num_threads(args.threads)
-    src = pull_default()
+    src = pull(SOURCES[args.model])
     source = load_model(src)
     tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     calib = calibration_windows(source, src, tok, tokens=args.calibration_tokens)
@@ -177,7 +183,7 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
     b, h = first["builtin"], first["heldout"]
     calibrated = max(r["calibration_tokens"] for r in rows)
     lines = [
-        f"Source: SmolLM2-135M-Instruct ({first['source_params']:,} parameters); perplexity "
+        f"Source: {args.model} ({first['source_params']:,} parameters); perplexity "
         f"{b['source_ppl']:.2f} on the built-in text ({b['tokens']:,} tokens), "
         f"{h['source_ppl']:.2f} on the held-out samples ({h['tokens']:,} tokens). "
         f"Calibration: {calibrated:,} tokens of the source's own samples (calibration "

@@ -59,7 +59,7 @@ inline float vexp(float x) {
 
 template <typename T>
 void decode(const T* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* lens,
-            const int64_t* rows, T* out, int64_t num_seqs, int64_t width, int64_t heads_q,
+            const int64_t* rows, const int32_t* windows, T* out, int64_t num_seqs, int64_t width, int64_t heads_q,
             int64_t heads_kv, int64_t dim, int64_t block_size, int64_t q_stride,
             int64_t out_stride, float scale) {
   const int64_t group = heads_q / heads_kv;
@@ -68,12 +68,17 @@ void decode(const T* q, const T* kc, const T* vc, const int32_t* tables, const i
   at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(width_q), acc(width_q), kv(row), scores;
     for (int64_t s = begin; s < end; ++s) {
-      const int64_t len = lens[s];
+      // a sliding window sees the last `window` keys: positions [first, ctx)
+      const int64_t ctx = lens[s];
+      const int64_t window = windows != nullptr ? windows[s] : 0;
+      const int64_t first = window > 0 && window < ctx ? ctx - window : 0;
+      const int64_t len = ctx - first;
       const T* qs = q + rows[s] * q_stride;
       for (int64_t j = 0; j < width_q; ++j) qf[j] = load(qs, j) * scale;
       scores.resize(heads_q * len);  // [Hq, len]
       for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = tables[s * width + t / block_size] * block_size + t % block_size;
+        const int64_t p = first + t;
+        const int64_t slot = tables[s * width + p / block_size] * block_size + p % block_size;
         const T* kp = kc + slot * row;
 #pragma omp simd
         for (int64_t j = 0; j < row; ++j) kv[j] = load(kp, j);
@@ -102,7 +107,8 @@ void decode(const T* q, const T* kc, const T* vc, const int32_t* tables, const i
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t t = 0; t < len; ++t) {
-        const int64_t slot = tables[s * width + t / block_size] * block_size + t % block_size;
+        const int64_t p = first + t;
+        const int64_t slot = tables[s * width + p / block_size] * block_size + p % block_size;
         const T* vp = vc + slot * row;
 #pragma omp simd
         for (int64_t j = 0; j < row; ++j) kv[j] = load(vp, j);
@@ -125,7 +131,7 @@ void decode(const T* q, const T* kc, const T* vc, const int32_t* tables, const i
 void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
                   const torch::Tensor& v_cache, const torch::Tensor& block_tables,
                   const torch::Tensor& context_lens, const torch::Tensor& rows,
-                  torch::Tensor& out, double scale) {
+                  const torch::Tensor& windows, torch::Tensor& out, double scale) {
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [T, Hq, D]");
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q rows must be contiguous");
   TORCH_CHECK(out.stride(2) == 1 && out.stride(1) == out.size(2), "out rows must be contiguous");
@@ -136,6 +142,9 @@ void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
               "block_tables must be contiguous int32");
   TORCH_CHECK(context_lens.scalar_type() == torch::kInt32 && rows.scalar_type() == torch::kInt64,
               "context_lens must be int32 and rows int64");
+  TORCH_CHECK(windows.scalar_type() == torch::kInt32 && windows.is_contiguous() &&
+                  (windows.numel() == 0 || windows.numel() == block_tables.size(0)),
+              "windows must be contiguous int32, one per sequence or none");
   const int64_t heads_q = q.size(1), dim = q.size(2), heads_kv = k_cache.size(2);
   TORCH_CHECK(heads_q % heads_kv == 0 && k_cache.size(3) == dim, "head shapes do not match");
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -143,6 +152,7 @@ void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
         decode<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
                          v_cache.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
                          context_lens.data_ptr<int32_t>(), rows.data_ptr<int64_t>(),
+                         windows.numel() ? windows.data_ptr<int32_t>() : nullptr,
                          out.data_ptr<scalar_t>(), block_tables.size(0), block_tables.size(1),
                          heads_q, heads_kv, dim, k_cache.size(1), q.stride(0), out.stride(0),
                          static_cast<float>(scale));

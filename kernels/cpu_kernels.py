@@ -64,15 +64,19 @@ def paged_decode_cpu(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     rows: torch.Tensor,
+    windows: torch.Tensor,
     out: torch.Tensor,
     scale: float,
 ) -> None:
-    """Write ``out[rows[s]]`` = attention of query row ``rows[s]`` over sequence ``s``'s keys.
+    """Write ``out[rows[s]]`` = attention of query row ``rows[s]`` over sequence ``s``'s keys
+    (the last ``windows[s]`` of them when that is > 0; ``windows`` empty: no windows).
 
     q, out: [T, Hq, D]; caches [blocks, block_size, Hkv, D]; block_tables [S, W] int32,
-    context_lens [S] int32 (every length ≥ 1), rows [S] int64.
+    context_lens [S] int32 (every length ≥ 1), rows [S] int64, windows [S] or [0] int32.
     """
-    _loaded().paged_decode(q, k_cache, v_cache, block_tables, context_lens, rows, out, scale)
+    _loaded().paged_decode(
+        q, k_cache, v_cache, block_tables, context_lens, rows, windows, out, scale
+    )
 
 
 def row_max_lse_cpu(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

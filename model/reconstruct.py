@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from kernels.pointwise import rms_norm
 from model.attention import CausalAttention
-from model.config import LINEAR_MODULES, ArchConfig
+from model.config import ArchConfig
+from model.families import Rotary, activate, norm
 from model.recursive import RecursiveLM
 from model.rope import apply_rope, rope_cos_sin
 
@@ -103,26 +102,32 @@ def _gram(x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
 
 @dataclass
 class PositionWeights:
-    """Dense weights of one unrolled position: linear maps [out, in], norms, biases."""
+    """Dense weights of unrolled position ``position``: linear maps [out, in], the norms
+    conversion refits (input, post_attn), the family's other norms and the biases."""
 
     weights: dict[str, torch.Tensor]
     input_norm: torch.Tensor
     post_attn_norm: torch.Tensor
     biases: dict[str, torch.Tensor]
+    position: int = 0
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def source_position(source: RecursiveLM, p: int) -> PositionWeights:
-    """The vanilla source's layer p."""
+    """The vanilla source's layer p (detached: conversion fits, it does not train)."""
     return PositionWeights(
-        weights={m: w[p] for m, w in source.weights.items()},
-        input_norm=source.input_norm[p, 0],
-        post_attn_norm=source.post_attn_norm[p, 0],
-        biases={m: bias[p, 0] for m, bias in source.biases.items()},
+        weights={m: w[p].detach() for m, w in source.weights.items()},
+        input_norm=source.input_norm[p, 0].detach(),
+        post_attn_norm=source.post_attn_norm[p, 0].detach(),
+        biases={m: bias[p, 0].detach() for m, bias in source.biases.items()},
+        position=p,
+        norms={n: t[p, 0].detach() for n, t in source.norms.items()},
     )
 
 
 class LayerMath:
-    """The Llama layer on dense per-position weights, split where conversion needs taps.
+    """The layer on dense per-position weights, split where conversion needs taps; the
+    family pieces are ``model.families``' (the model's own), per original position.
 
     Rows are ``n`` windows of ``seq_len`` tokens, concatenated: [n · seq_len, H].
     """
@@ -130,38 +135,76 @@ class LayerMath:
     def __init__(
         self,
         arch: ArchConfig,
-        inv_freq: torch.Tensor,
         seq_len: int,
         n: int,
         dtype: torch.dtype = torch.float32,
+        tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         self.arch = arch
-        positions = torch.arange(seq_len).repeat(n)
-        self.cos, self.sin = rope_cos_sin(inv_freq, positions, dtype)
+        self.rotary = Rotary(arch, arch.num_layers, 1)  # one "loop": a table per position
+        if tables is None:
+            positions = torch.arange(seq_len).repeat(n)
+            tables = [rope_cos_sin(f, positions, dtype) for f in self.rotary.inv_freqs]
+        self.tables = tables
         self.attention = CausalAttention([seq_len] * n)
+
+    def rows(self, n_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The RoPE tables of the first ``n_rows`` rows (whole windows: the same positions)."""
+        return [(c[:n_rows], s_[:n_rows]) for c, s_ in self.tables]
 
     def lin(self, pw: PositionWeights, m: str, x: torch.Tensor) -> torch.Tensor:
         y = x @ pw.weights[m].T
         return y + pw.biases[m] if m in pw.biases else y
 
+    def heads(self, pw: PositionWeights, m: str, x: torch.Tensor) -> torch.Tensor:
+        """q or k [T, heads, D] of normed input x: projection, QK-norm, RoPE."""
+        a = self.arch
+        y = self.lin(pw, m, x).view(x.shape[0], -1, a.head_dim)
+        if a.qk_norm:
+            y = norm(y, pw.norms[m], a)
+        cos, sin = self.rotary.select(self.tables, pw.position, 0)
+        return apply_rope(y, cos, sin)
+
     def attn(self, pw: PositionWeights, x: torch.Tensor) -> torch.Tensor:
         """Attention output before o: x [T, H] (normed) -> [T, Hq·D]."""
         a = self.arch
-        q = apply_rope(self.lin(pw, "q", x).view(-1, a.num_heads, a.head_dim), self.cos, self.sin)
-        k = apply_rope(
-            self.lin(pw, "k", x).view(-1, a.num_kv_heads, a.head_dim), self.cos, self.sin
-        )
+        q = self.heads(pw, "q", x)
+        if a.attn_scale != a.head_dim**-0.5:
+            q = q * (a.attn_scale * a.head_dim**0.5)
+        k = self.heads(pw, "k", x)
         v = self.lin(pw, "v", x).view(-1, a.num_kv_heads, a.head_dim)
+        window = a.layer_windows[pw.position] if a.layer_windows else 0
+        if window:
+            return self.attention(0, q, k, v, window=window)
         return self.attention(0, q, k, v)
 
-    def norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return rms_norm(h, weight, self.arch.rms_norm_eps)
+    def norm(self, h: torch.Tensor, pw: PositionWeights, name: str) -> torch.Tensor:
+        """Norm ``name`` of position ``pw``: input / post_attn (refitted), or a family one."""
+        a = self.arch
+        if name in ("input", "post_attn"):
+            weight = pw.input_norm if name == "input" else pw.post_attn_norm
+            bias = pw.norms[f"{name}_bias"] if a.norm == "layer" else None
+            return norm(h, weight, a, bias)
+        return norm(h, pw.norms[name], a)
+
+    def out_norm(self, h: torch.Tensor, pw: PositionWeights, name: str) -> torch.Tensor:
+        """Gemma's norm of the attention / MLP output; the identity elsewhere."""
+        return self.norm(h, pw, name) if self.arch.sandwich_norm else h
+
+    def mlp_inner(self, pw: PositionWeights, x: torch.Tensor) -> torch.Tensor:
+        """What ``down`` reads: act(gate) · up, or act(up) for an ungated MLP."""
+        act = self.arch.hidden_act
+        if self.arch.gated_mlp:
+            return activate(self.lin(pw, "gate", x), act) * self.lin(pw, "up", x)
+        return activate(self.lin(pw, "up", x), act)
 
     def forward(self, pw: PositionWeights, h: torch.Tensor) -> torch.Tensor:
-        mid = h + self.lin(pw, "o", self.attn(pw, self.norm(h, pw.input_norm)))
-        x2 = self.norm(mid, pw.post_attn_norm)
-        act = F.silu(self.lin(pw, "gate", x2)) * self.lin(pw, "up", x2)
-        return mid + self.lin(pw, "down", act)
+        o = self.out_norm(
+            self.lin(pw, "o", self.attn(pw, self.norm(h, pw, "input"))), pw, "attn_out"
+        )
+        mid = h + o
+        x2 = self.norm(h if self.arch.parallel_residual else mid, pw, "post_attn")
+        return mid + self.out_norm(self.lin(pw, "down", self.mlp_inner(pw, x2)), pw, "mlp_out")
 
 
 FitFn = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -189,7 +232,7 @@ def input_grams(
     if all((p, g) in grams for p in range(num_layers) for g in set(GROUP.values())):
         return grams
     n, s = windows.shape
-    lm = LayerMath(source.config.arch, source.inv_freq, s, n, source.dtype)
+    lm = LayerMath(source.config.arch, s, n, source.dtype)
     h = source.embed_tokens(windows.reshape(-1).to(source.device))
     for p in range(num_layers):
         pw = source_position(source, p)
@@ -199,8 +242,7 @@ def input_grams(
                 grams[(p, GROUP[m])] = _gram(x)
             return pw.weights[m]
 
-        frozen = PositionWeights(dict(pw.weights), pw.input_norm, pw.post_attn_norm, pw.biases)
-        h, _ = fitted_layer(lm, pw, frozen, h, None, record)
+        h, _ = fitted_layer(lm, pw, replace(pw, weights=dict(pw.weights)), h, None, record)
     return grams
 
 
@@ -215,27 +257,26 @@ def fitted_layer(
     """Run the original layer on ``h`` and the converted one on ``hh``, fitting each of the
     converted linear maps (``fit(m, X, X̂)`` -> dense weight) in data-flow order. With
     ``hh`` None only the original runs and every fit sees ``X̂ = X`` (the whitened method)."""
-    x = lm.norm(h, orig.input_norm)
-    xh = x if hh is None else lm.norm(hh, conv.input_norm)
+    same = hh is None
+    x = lm.norm(h, orig, "input")
+    xh = x if same else lm.norm(hh, conv, "input")
     for m in ("q", "k", "v"):
         conv.weights[m] = fit(m, x, xh)
     a = lm.attn(orig, x)
-    ah = a if hh is None else lm.attn(conv, xh)
+    ah = a if same else lm.attn(conv, xh)
     conv.weights["o"] = fit("o", a, ah)
-    mid = h + lm.lin(orig, "o", a)
-    x2 = lm.norm(mid, orig.post_attn_norm)
-    if hh is not None:
-        midh = hh + lm.lin(conv, "o", ah)
-        x2h = lm.norm(midh, conv.post_attn_norm)
-    else:
-        x2h = x2
-    for m in ("gate", "up"):
+    mid = h + lm.out_norm(lm.lin(orig, "o", a), orig, "attn_out")
+    midh = mid if same else hh + lm.out_norm(lm.lin(conv, "o", ah), conv, "attn_out")
+    parallel = lm.arch.parallel_residual  # the MLP reads the layer's input, not mid
+    x2 = lm.norm(h if parallel else mid, orig, "post_attn")
+    x2h = x2 if same else lm.norm(hh if parallel else midh, conv, "post_attn")
+    for m in ("gate", "up") if lm.arch.gated_mlp else ("up",):
         conv.weights[m] = fit(m, x2, x2h)
-    act = F.silu(lm.lin(orig, "gate", x2)) * lm.lin(orig, "up", x2)
-    acth = act if hh is None else F.silu(lm.lin(conv, "gate", x2h)) * lm.lin(conv, "up", x2h)
+    act = lm.mlp_inner(orig, x2)
+    acth = act if same else lm.mlp_inner(conv, x2h)
     conv.weights["down"] = fit("down", act, acth)
-    out = mid + lm.lin(orig, "down", act)
-    return out, (out if hh is None else midh + lm.lin(conv, "down", acth))
+    out = mid + lm.out_norm(lm.lin(orig, "down", act), orig, "mlp_out")
+    return out, (out if same else midh + lm.out_norm(lm.lin(conv, "down", acth), conv, "mlp_out"))
 
 
 @dataclass
@@ -271,7 +312,7 @@ def data_aware_deltas(
     arch = source.config.arch
     num_layers, k_size = arch.num_layers, arch.num_layers // loops
     n, s = windows.shape
-    lm = LayerMath(arch, source.inv_freq, s, n, source.dtype)
+    lm = LayerMath(arch, s, n, source.dtype)
     with torch.no_grad():
         h = source.embed_tokens(windows.reshape(-1).to(source.device))
     hh = h
@@ -285,15 +326,7 @@ def data_aware_deltas(
     bar = tqdm(total=num_layers, desc=f"{method} deltas", unit="layer", disable=not progress)
     for p in range(num_layers):
         orig = source_position(source, p)
-        orig = PositionWeights(
-            {m: w.detach() for m, w in orig.weights.items()},
-            orig.input_norm.detach(),
-            orig.post_attn_norm.detach(),
-            {m: b.detach() for m, b in orig.biases.items()},
-        )
-        conv = PositionWeights(
-            dict(orig.weights), orig.input_norm, orig.post_attn_norm, orig.biases
-        )
+        conv = replace(orig, weights=dict(orig.weights))
         k = p % k_size
 
         memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -316,7 +349,7 @@ def data_aware_deltas(
             return (ws + b @ a).to(source.dtype)
 
         if method == "whitened":
-            for m in LINEAR_MODULES:
+            for m in arch.linear_modules:
                 fit(m, orig.weights[m], orig.weights[m])
             norms["input_norm"].append(orig.input_norm)
             norms["post_attn_norm"].append(orig.post_attn_norm)
@@ -369,16 +402,20 @@ def _polish_position(
     opt = torch.optim.Adam(params.values(), lr=polish.lr)
     gen = torch.Generator().manual_seed(p)
     rows = min(polish.batch_windows, n)
-    local = LayerMath(lm.arch, torch.ones(1), s, rows)
     # the first rows·s positions are arange(s) repeated: reuse the real cos/sin
-    local.cos, local.sin = lm.cos[: rows * s], lm.sin[: rows * s]
+    local = LayerMath(lm.arch, s, rows, tables=lm.rows(rows * s))
 
     def weights() -> PositionWeights:
         w = {}
         for m in conv.weights:
             base = shared[m][k].to(dtype)
             w[m] = base + params[f"b.{m}"] @ params[f"a.{m}"] if f"b.{m}" in params else base
-        return PositionWeights(w, params["input_norm"], params["post_attn_norm"], conv.biases)
+        return replace(
+            conv,
+            weights=w,
+            input_norm=params["input_norm"],
+            post_attn_norm=params["post_attn_norm"],
+        )
 
     hv, tv = hh.view(n, s, -1), target.view(n, s, -1)
     scale = float(target.pow(2).mean())
@@ -401,10 +438,10 @@ def _polish_position(
             factors[m][p] = (params[f"b.{m}"].detach().double(), params[f"a.{m}"].detach().double())
     with torch.no_grad():
         final = weights()
-        final = PositionWeights(
-            {m: w.detach() for m, w in final.weights.items()},
-            final.input_norm.detach(),
-            final.post_attn_norm.detach(),
-            conv.biases,
+        final = replace(
+            final,
+            weights={m: w.detach() for m, w in final.weights.items()},
+            input_norm=final.input_norm.detach(),
+            post_attn_norm=final.post_attn_norm.detach(),
         )
         return final, lm.forward(final, hh)

@@ -1,9 +1,11 @@
 """The Relaxed Recursive Transformer: one implementation for vanilla and looped models.
 
 Unrolled position p = k + b·K (loop b, block layer k) uses shared weight ``W[k]`` plus the
-low-rank delta ``B[k, b] @ A[k, b]``; norms (and q/k/v biases) are kept per position. A vanilla
+low-rank delta ``B[k, b] @ A[k, b]``; norms (and biases) are kept per position. A vanilla
 model is loops = 1, K = L, every rank 0. Per-position tensors are stored layer-major
 (``[K, B, ...]``) so the slice a block layer needs (all depths) is contiguous for the kernels.
+Where the families differ (norm, activation, QK-norm, residual, RoPE, sliding window) the
+layer calls ``model.families``; the defaults are Llama's.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import torch
 from torch import nn
 
 from kernels import dense_per_depth_linear, lora_linear
-from kernels.pointwise import add_rms_norm, apply_rope, rms_norm, silu_mul, silu_mul_ref
+from kernels.pointwise import add_rms_norm, apply_rope, silu_mul
 from model.attention import AttentionBackend, CausalAttention
-from model.config import LINEAR_MODULES, ModelConfig
-from model.rope import rope_cos_sin, rope_inv_freq
+from model.config import ModelConfig
+from model.families import Rotary, activate, norm, window_table
+from model.rope import rope_cos_sin
 
-BIAS_MODULES: tuple[str, ...] = ("q", "k", "v")
 QKV: tuple[str, ...] = ("q", "k", "v")
 KV: tuple[str, ...] = ("k", "v")
 GATE_UP: tuple[str, ...] = ("gate", "up")
@@ -59,18 +61,25 @@ class RecursiveLM(nn.Module):
             else nn.Parameter(torch.zeros(a.vocab_size, a.hidden_size, **kw))
         )
         self.final_norm = nn.Parameter(torch.ones(a.hidden_size, **kw))
+        self.final_norm_bias = (
+            nn.Parameter(torch.zeros(a.hidden_size, **kw)) if a.norm == "layer" else None
+        )
         self.input_norm = nn.Parameter(torch.ones(k_, b_, a.hidden_size, **kw))
         self.post_attn_norm = nn.Parameter(torch.ones(k_, b_, a.hidden_size, **kw))
+        # the family's other per-position norms: LayerNorm biases, Gemma's output norms, QK-norm
+        self.norms = nn.ParameterDict(
+            {n: nn.Parameter(torch.zeros(k_, b_, a.norm_size(n), **kw)) for n in a.position_norms}
+        )
         self.weights = nn.ParameterDict(
-            {m: nn.Parameter(torch.zeros(k_, *a.linear_shape(m), **kw)) for m in LINEAR_MODULES}
+            {m: nn.Parameter(torch.zeros(k_, *a.linear_shape(m), **kw)) for m in a.linear_modules}
         )
         self.biases = nn.ParameterDict(
             {
                 m: nn.Parameter(torch.zeros(k_, b_, a.linear_shape(m)[0], **kw))
-                for m in (BIAS_MODULES if a.attention_bias else ())
+                for m in a.bias_modules
             }
         )
-        ranks = config.recursion.ranks
+        ranks = {m: config.recursion.ranks[m] for m in a.linear_modules}
         self.lora_a = nn.ParameterDict(
             {
                 m: nn.Parameter(torch.zeros(k_, b_, r, a.linear_shape(m)[1], **kw))
@@ -85,9 +94,8 @@ class RecursiveLM(nn.Module):
                 if r > 0
             }
         )
-        # float32 on the CPU on purpose: not a buffer, so .to(bfloat16) cannot round it;
-        # rope_cos_sin moves the 64 values to the positions' device.
-        self.inv_freq = rope_inv_freq(a)
+        self.rotary = Rotary(a, k_, b_)
+        self.windows = window_table(a, k_, b_)
         # Serving transforms (model.serving), not part of the checkpoint: module -> per-position
         # dense weights [K, B, out, in] for high-rank deltas; module group (or one module) ->
         # a projection that replaced their weights (fused and/or packed).
@@ -96,6 +104,11 @@ class RecursiveLM(nn.Module):
         self.packed_head: Callable[[torch.Tensor], torch.Tensor] | None = None
         # what the checkpoint holds, before a serving transform frees what it replaced
         self.checkpoint_parameters = self.num_parameters()
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies of the global-attention layers (all layers, but Gemma's)."""
+        return self.rotary.inv_freqs[0]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -140,6 +153,36 @@ class RecursiveLM(nn.Module):
         """Whether some module runs as per-depth dense weights (each depth: its own weight)."""
         return bool(self.dense) or any(f.per_depth for f in self.fused.values())
 
+    def _norm(
+        self, x: torch.Tensor, name: str, layer: int, depth: torch.Tensor | int
+    ) -> torch.Tensor:
+        """Per-position norm ``name`` (input / post_attn, or one of ``self.norms``)."""
+        a = self.config.arch
+        if name in ("input", "post_attn"):
+            weight = (self.input_norm if name == "input" else self.post_attn_norm)[layer][depth]
+            bias = self.norms[f"{name}_bias"][layer][depth] if a.norm == "layer" else None
+            return norm(x, weight, a, bias)
+        weight = self.norms[name][layer][depth]
+        if x.dim() == 3 and weight.dim() == 2:  # per-head norm, one weight per row
+            weight = weight[:, None]
+        return norm(x, weight, a)
+
+    def _heads(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        name: str,
+        depth: torch.Tensor | int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """q or k [T, heads, D]: QK-norm (Gemma), then RoPE (partial for GPT-NeoX)."""
+        a = self.config.arch
+        x = x.view(x.shape[0], -1, a.head_dim)
+        if a.qk_norm:
+            x = self._norm(x, name, layer, depth)
+        return apply_rope(x, cos, sin)
+
     def _kv(
         self,
         layer: int,
@@ -150,8 +193,8 @@ class RecursiveLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.config.arch
         k, v = self._project(KV, layer, h, depth)
-        k = k.view(-1, a.num_kv_heads, a.head_dim)
-        return apply_rope(k, cos, sin), v.view(-1, a.num_kv_heads, a.head_dim)
+        k = self._heads(layer, k, "k", depth, cos, sin)
+        return k, v.view(-1, a.num_kv_heads, a.head_dim)
 
     def kv_projection(
         self, layer: int, hidden: torch.Tensor, depth: torch.Tensor | int, positions: torch.Tensor
@@ -161,9 +204,27 @@ class RecursiveLM(nn.Module):
         This is CALM-style state propagation: an exited token's hidden state stands in for
         the inputs of the loops it skipped, so later tokens have K/V to attend to there.
         """
-        cos, sin = rope_cos_sin(self.inv_freq, positions, hidden.dtype)
-        h = rms_norm(hidden, self.input_norm[layer][depth], self.config.arch.rms_norm_eps)
+        tables = [rope_cos_sin(f, positions, hidden.dtype) for f in self.rotary.inv_freqs]
+        cos, sin = self.rotary.select(tables, layer, depth)
+        h = self._norm(hidden, "input", layer, depth)
         return self._kv(layer, h, depth, cos, sin)
+
+    def _biased(self, group: tuple[str, ...]) -> bool:
+        return any(m in self.biases for m in group)
+
+    def _mlp(self, layer: int, h: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor:
+        a = self.config.arch
+        act = a.hidden_act
+        fused = self.fused.get(GATE_UP)
+        if a.gated_mlp and act == "silu" and fused is not None and not self._biased(GATE_UP):
+            # silu(gate) · up straight from the fused gate|up output, one pass
+            inner = silu_mul(fused(layer, h, depth), a.intermediate_size)
+        elif a.gated_mlp:
+            gate, up = self._project(GATE_UP, layer, h, depth)
+            inner = activate(gate, act) * up
+        else:  # GPT-NeoX: up, activation, down
+            inner = activate(self._linear("up", layer, h, depth), act)
+        return self._linear("down", layer, inner, depth)
 
     def layer_forward(
         self,
@@ -176,22 +237,35 @@ class RecursiveLM(nn.Module):
     ) -> torch.Tensor:
         """One block layer for rows [T, H], each at its own loop depth."""
         a = self.config.arch
-        h = rms_norm(hidden, self.input_norm[layer][depth], a.rms_norm_eps)
+        h = self._norm(hidden, "input", layer, depth)
         q, k, v = self._project(QKV, layer, h, depth)
-        q = apply_rope(q.view(-1, a.num_heads, a.head_dim), cos, sin)
-        k = apply_rope(k.view(-1, a.num_kv_heads, a.head_dim), cos, sin)
+        q = self._heads(layer, q, "q", depth, cos, sin)
+        if a.attn_scale != a.head_dim**-0.5:  # backends scale by D^-0.5: fold the rest into q
+            q = q * (a.attn_scale * a.head_dim**0.5)
+        k = self._heads(layer, k, "k", depth, cos, sin)
         v = v.view(-1, a.num_kv_heads, a.head_dim)
-        attn = self._linear("o", layer, attention(layer, q, k, v), depth)
-        hidden, h = add_rms_norm(hidden, attn, self.post_attn_norm[layer][depth], a.rms_norm_eps)
-        return hidden + self._linear("down", layer, self._mlp_act(layer, h, depth), depth)
-
-    def _mlp_act(self, layer: int, h: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor:
-        """silu(gate) · up; from the fused gate|up output in one pass when there is one."""
-        fused = self.fused.get(GATE_UP)
-        if fused is not None and not any(m in self.biases for m in GATE_UP):
-            return silu_mul(fused(layer, h, depth), self.config.arch.intermediate_size)
-        gate, up = self._project(GATE_UP, layer, h, depth)
-        return silu_mul_ref(gate, up)
+        window = None if self.windows is None else self.windows.at(layer, depth)
+        if window is None:
+            out = attention(layer, q, k, v)
+        else:  # a backend that cannot window must fail here, not attend too far
+            out = attention(layer, q, k, v, window=window)
+        o = self._linear("o", layer, out, depth)
+        if a.sandwich_norm:
+            o = self._norm(o, "attn_out", layer, depth)
+        if a.parallel_residual:  # GPT-NeoX: attention and MLP both read the layer's input
+            return (
+                hidden + o + self._mlp(layer, self._norm(hidden, "post_attn", layer, depth), depth)
+            )
+        if a.norm == "rms":  # the residual add fused into the post-attention norm
+            weight = self.post_attn_norm[layer][depth]
+            hidden, h = add_rms_norm(hidden, o, weight, a.rms_norm_eps)
+        else:
+            hidden = hidden + o
+            h = self._norm(hidden, "post_attn", layer, depth)
+        m = self._mlp(layer, h, depth)
+        if a.sandwich_norm:
+            m = self._norm(m, "mlp_out", layer, depth)
+        return hidden + m
 
     def block_forward(
         self,
@@ -204,19 +278,23 @@ class RecursiveLM(nn.Module):
 
         hidden: [T, H]; depth: [T] loop depth per row (or one int); positions: [T].
         Rows at different depths share the block weights and differ only in their deltas,
-        norms and the KV the attention backend reads for their depth.
+        norms, RoPE base and window (per position) and the KV the backend reads for their depth.
         """
-        cos, sin = rope_cos_sin(self.inv_freq, positions, hidden.dtype)
+        tables = [rope_cos_sin(f, positions, hidden.dtype) for f in self.rotary.inv_freqs]
         for layer in range(self.config.block_layers):
+            cos, sin = self.rotary.select(tables, layer, depth)
             hidden = self.layer_forward(layer, hidden, depth, cos, sin, attention)
         return hidden
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed[input_ids]
+        x = self.embed[input_ids]
+        scale = self.config.arch.embed_scale
+        # Gemma: x · √H with the scale rounded to the weights' dtype first, as transformers does
+        return x if scale == 1.0 else x * torch.tensor(scale, dtype=x.dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: the exit head, applicable after any loop."""
-        h = rms_norm(hidden, self.final_norm, self.config.arch.rms_norm_eps)
+        h = norm(hidden, self.final_norm, self.config.arch, self.final_norm_bias)
         if self.packed_head is not None:
             return self.packed_head(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
         head = self.embed if self.lm_head is None else self.lm_head

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (Llama convention: rotate-half), with Llama-3 / linear scaling."""
+"""Rotary position embeddings (Llama convention: rotate-half), with Llama-3 / linear scaling,
+partial rotary (GPT-NeoX) and Gemma 3's separate base for sliding-window layers."""
 
 from __future__ import annotations
 
@@ -12,10 +13,19 @@ from model.config import ArchConfig
 __all__ = ["apply_rope", "rope_cos_sin", "rope_inv_freq"]
 
 
+def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def local_rope_inv_freq(arch: ArchConfig) -> torch.Tensor:
+    """Gemma 3's sliding-window layers: their own base, never scaled."""
+    assert arch.local_rope_theta is not None
+    return _base_inv_freq(arch.local_rope_theta, arch.rotary_dim)
+
+
 def rope_inv_freq(arch: ArchConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] in float32, after the checkpoint's scaling rule."""
-    dim = arch.head_dim
-    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    """Inverse frequencies [rotary_dim / 2] in float32, after the checkpoint's scaling rule."""
+    inv_freq = _base_inv_freq(arch.rope_theta, arch.rotary_dim)
     s = arch.rope_scaling
     if s is None:
         return inv_freq

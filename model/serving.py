@@ -35,7 +35,6 @@ from kernels import (
     packing_supported,
     prefer_dense,
 )
-from model.config import LINEAR_MODULES
 from model.recursive import GATE_UP, KV, QKV, RecursiveLM
 
 FUSED_GROUPS: tuple[tuple[str, ...], ...] = (QKV, GATE_UP)
@@ -119,6 +118,8 @@ def fuse_projections(model: RecursiveLM) -> list[tuple[str, ...]]:
     fused = []
     arch, layers, loops = model.config.arch, model.config.block_layers, model.config.loops
     for group in FUSED_GROUPS:
+        if not set(group) <= set(arch.linear_modules):  # GPT-NeoX's MLP has no gate
+            continue
         sizes = tuple(arch.linear_shape(m)[0] for m in group)
         kinds = {m in model.dense for m in group}
         if len(kinds) != 1:
@@ -213,7 +214,7 @@ def pack_weights(model: RecursiveLM) -> list[tuple[str, ...]]:
         assert stack is not None
         model.fused[group] = PackedProjection(group, proj.sizes, _pack_stack(stack))
         packed.append(group)
-    for m in LINEAR_MODULES:
+    for m in model.config.arch.linear_modules:  # GPT-NeoX: no gate
         if any(m in group for group in model.fused):
             continue
         if m in model.dense:  # (its factors stay named in lora_a, freed)

@@ -7,11 +7,12 @@ never bound to a module that runs once per loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kernels import PagedAttentionMetadata, paged_attention, write_kv
+from model.attention import Window
 from model.config import ModelConfig
 
 
@@ -79,12 +80,28 @@ class PagedAttention:
     metadata: PagedAttentionMetadata
     slot_mapping: torch.Tensor
     scale: float
+    # sliding-window layers: the batch with that one window for every sequence, per window
+    windowed: dict[int, PagedAttentionMetadata] = field(default_factory=dict)
 
     def __call__(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window = 0
     ) -> torch.Tensor:
         write_kv(k, v, self.cache.k[layer], self.cache.v[layer], self.slot_mapping)
-        out = paged_attention(
-            q, self.cache.k[layer], self.cache.v[layer], self.metadata, self.scale
-        )
+        meta = self._metadata(window)
+        out = paged_attention(q, self.cache.k[layer], self.cache.v[layer], meta, self.scale)
         return out.flatten(1)
+
+    def _metadata(self, window: Window) -> PagedAttentionMetadata:
+        """The step's metadata with ``window`` (one for all rows, or per row: a sequence's
+        rows share a depth, so its first row's window is the sequence's)."""
+        if isinstance(window, torch.Tensor):
+            first_rows = self.metadata.query_start_loc[:-1].long()
+            per_seq = window.index_select(0, first_rows).to(torch.int32)
+            return self.metadata.with_windows(per_seq)
+        if window == 0:
+            return self.metadata
+        if window not in self.windowed:
+            meta = self.metadata
+            every = torch.full_like(meta.context_lens, window)
+            self.windowed[window] = meta.with_windows(every)
+        return self.windowed[window]

@@ -32,7 +32,7 @@ def _edit_config(d: Path, **changes: object) -> None:
     ("changes", "message"),
     [
         ({"model_type": "gpt2"}, "model_type='gpt2' is not supported"),
-        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"hidden_act": "relu"}, "hidden_act='relu'"),
         ({"num_attention_heads": 5}, "num_attention_heads=5"),
         ({"vocab_size": None}, "'vocab_size' is missing"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_type='yarn'"),

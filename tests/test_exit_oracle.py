@@ -51,18 +51,21 @@ class OracleOutput:
 
 
 class ListAttention:
-    """Attention of one token at depth ``depth`` over that depth's K/V lists."""
+    """Attention of one token at depth ``depth`` over that depth's K/V lists (one entry per
+    position, in order; a sliding window keeps the last ``window`` of them)."""
 
     def __init__(self, kv: list[list[list[tuple]]], depth: int, filled: list[list[set]]) -> None:
         self.kv, self.depth, self.filled = kv, depth, filled
         self.reads = 0
 
     def __call__(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int = 0
     ) -> torch.Tensor:
-        entries = self.kv[self.depth][layer]
-        self.reads += len(self.filled[self.depth][layer])
-        entries.append((k, v))
+        everything = self.kv[self.depth][layer]
+        everything.append((k, v))
+        first = max(0, len(everything) - window) if window else 0  # entry index = position
+        entries = everything[first:]
+        self.reads += sum(p >= first for p in self.filled[self.depth][layer])
         keys = torch.cat([e[0] for e in entries]).transpose(0, 1)[None]  # [1, Hkv, P, D]
         values = torch.cat([e[1] for e in entries]).transpose(0, 1)[None]
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, enable_gqa=True)

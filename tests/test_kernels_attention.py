@@ -95,16 +95,21 @@ def make_paged(
 
 
 def naive_attention(p: Paged, scale: float) -> torch.Tensor:
-    """Float64 softmax attention row by row on the logical (unpaged) K/V."""
+    """Float64 softmax attention row by row on the logical (unpaged) K/V, within each
+    sequence's sliding window when the metadata has them."""
     out = torch.zeros(p.q.shape, dtype=torch.float64, device=DEVICE)
     qsl = p.meta.query_start_loc.tolist()
+    w = p.meta.sliding_windows
+    windows = [0] * len(p.keys) if w is None else w.tolist()
     group = p.q.shape[1] // p.keys[0].shape[1]
     for s, (k, v) in enumerate(zip(p.keys, p.values, strict=True)):
         q_len, ctx = qsl[s + 1] - qsl[s], k.shape[0]
         for j in range(q_len):
             for h in range(p.q.shape[1]):
                 visible = ctx - q_len + j + 1
-                kh, vh = k[:visible, h // group].double(), v[:visible, h // group].double()
+                first = max(0, visible - windows[s]) if windows[s] else 0
+                kh = k[first:visible, h // group].double()
+                vh = v[first:visible, h // group].double()
                 w = torch.softmax(kh @ p.q[qsl[s] + j, h].double() * scale, dim=0)
                 out[qsl[s] + j, h] = w @ vh
     return out
@@ -172,6 +177,49 @@ def test_twin_matches_naive_attention(case: str) -> None:
     assert_close_verbose(out, golden, fp32_bound(golden))
 
 
+# per-sequence windows: 0 (global) beside windows shorter than a block, across block edges,
+# longer than the context; the 130-key decode row starts its keys blocks in
+WINDOWED = {
+    "decode": (DECODE, 16, (6, 2), 32, [5, 0, 17, 100]),
+    "mixed_bs8": (MIXED, 8, (6, 2), 32, [3, 9, 0, 1, 20, 64]),
+    "prefill_gqa4": ([(19, 19), (12, 50)], 32, (8, 2), 64, [7, 33]),
+}
+
+
+def windowed(case: str, dtype: torch.dtype, seed: int) -> Paged:
+    seqs, block_size, heads, dim, windows = WINDOWED[case]
+    p = make_paged(seqs, block_size, heads, dim, dtype, seed=seed)
+    p.meta = p.meta.with_windows(torch.tensor(windows, dtype=torch.int32, device=DEVICE))
+    return p
+
+
+@pytest.mark.parametrize("case", sorted(WINDOWED))
+def test_twin_sliding_windows_match_naive_attention(case: str) -> None:
+    p = windowed(case, torch.float64, seed=11)
+    golden = naive_attention(p, 0.3)
+    out = paged_attention_ref(p.q, p.k_cache, p.v_cache, p.meta, 0.3)
+    assert_close_verbose(out, golden, fp32_bound(golden))
+    unwindowed = paged_attention_ref(p.q, p.k_cache, p.v_cache, p.meta.with_windows(None), 0.3)
+    assert (unwindowed - golden).abs().max() > 1e-3  # the windows do cut keys off
+
+
+@pytest.mark.parametrize("case", sorted(WINDOWED))
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_sliding_windows_fp32(tri: ModuleType, case: str, splits: int) -> None:
+    p = windowed(case, torch.float32, seed=5 + splits)
+    golden = paged_attention_ref(*f64_cache(p), p.meta, 0.2)
+    out = tri.paged_attention_triton(p.q, p.k_cache, p.v_cache, p.meta, 0.2, num_splits=splits)
+    assert_close_verbose(out, golden, fp32_bound(golden), name=f"{case}/splits={splits}")
+
+
+def test_triton_sliding_windows_bf16(tri: ModuleType) -> None:
+    p = windowed("mixed_bs8", torch.bfloat16, seed=3)
+    golden = paged_attention_ref(*f64_cache(p), p.meta, 0.125)
+    eager = paged_attention_ref(p.q, p.k_cache, p.v_cache, p.meta, 0.125)
+    out = tri.paged_attention_triton(p.q, p.k_cache, p.v_cache, p.meta, 0.125)
+    assert_close_verbose(out, golden, lowp_bound(eager, golden))
+
+
 cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernel is the CPU path")
 
 
@@ -199,6 +247,15 @@ def test_cpu_kernel_low_precision(dtype: torch.dtype) -> None:
     assert_close_verbose(out, golden, lowp_bound(eager, golden))
 
 
+@cpu_only
+@pytest.mark.parametrize("case", sorted(WINDOWED))
+def test_cpu_kernel_sliding_windows(case: str) -> None:
+    p = windowed(case, torch.float32, seed=13)
+    golden = naive_attention(p, 0.3)
+    out = paged_attention_cpu(p.q, p.k_cache, p.v_cache, p.meta, 0.3)
+    assert_close_verbose(out, golden, fp32_bound(golden), name=case)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 def test_entry_points_follow_the_forced_backend(tri: ModuleType, backend: str) -> None:
     p = make_paged(MIXED, 8, (6, 2), 32, torch.float32, seed=1)
@@ -217,6 +274,8 @@ def test_metadata_validation() -> None:
         PagedAttentionMetadata(tables, lens, torch.zeros(2, dtype=torch.int32), 1, 1)
     with pytest.raises(ValueError, match="context_lens"):
         PagedAttentionMetadata(tables, lens[:1], torch.zeros(3, dtype=torch.int32), 1, 1)
+    with pytest.raises(ValueError, match="sliding_windows"):
+        PagedAttentionMetadata(tables, lens, torch.zeros(3, dtype=torch.int32), 1, 1, lens[:1])
     p = make_paged(DECODE, 16, (6, 2), 32, torch.float32, seed=0)
     with pytest.raises(ValueError, match="multiple of 2 KV heads"):
         paged_attention(p.q[:, :5], p.k_cache, p.v_cache, p.meta, 1.0)

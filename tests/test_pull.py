@@ -30,13 +30,15 @@ def fake_convert(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Replace the GGUF lookup and conversion; returns the list of dirs converted into."""
     calls: list[Path] = []
 
-    def convert(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
+    def convert(
+        gguf_path: Path, out_dir: Path, source: pull.Source = pull.SMOLLM2
+    ) -> dict[str, Any]:
         calls.append(out_dir)
         (out_dir / "config.json").write_text('{"model_type": "llama"}')
         (out_dir / "model.safetensors").write_bytes(b"\0" * 64)
         return {"dtype": "float32"}
 
-    monkeypatch.setattr(pull, "locate_gguf", lambda: Path("/nonexistent/fake.gguf"))
+    monkeypatch.setattr(pull, "locate_gguf", lambda *_: Path("/nonexistent/fake.gguf"))
     monkeypatch.setattr(pull, "convert", convert)
     return calls
 
@@ -142,11 +144,13 @@ def test_same_size_corruption_needs_hash_check(fake_convert: list[Path], tmp_pat
 def test_failed_conversion_leaves_nothing_behind(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    def convert(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
+    def convert(
+        gguf_path: Path, out_dir: Path, source: pull.Source = pull.SMOLLM2
+    ) -> dict[str, Any]:
         (out_dir / "model.safetensors").write_bytes(b"partial")
         raise pull.PullError("logits differ")
 
-    monkeypatch.setattr(pull, "locate_gguf", lambda: Path("/nonexistent/fake.gguf"))
+    monkeypatch.setattr(pull, "locate_gguf", lambda *_: Path("/nonexistent/fake.gguf"))
     monkeypatch.setattr(pull, "convert", convert)
     with pytest.raises(pull.PullError, match="logits differ"):
         pull.pull_default(tmp_path)
@@ -159,9 +163,11 @@ def test_concurrent_pulls_convert_once(
 ) -> None:
     slow_convert = pull.convert
 
-    def convert(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
+    def convert(
+        gguf_path: Path, out_dir: Path, source: pull.Source = pull.SMOLLM2
+    ) -> dict[str, Any]:
         time.sleep(0.3)  # long enough that the second caller arrives mid-conversion
-        return slow_convert(gguf_path, out_dir)
+        return slow_convert(gguf_path, out_dir, source)
 
     monkeypatch.setattr(pull, "convert", convert)
     results: list[Path] = []

@@ -41,7 +41,7 @@ from training.loss import LossWeights, chunked_distill_loss, distill_loss, part_
 PARAM_GROUPS: dict[str, tuple[str, ...]] = {
     "shared": ("weights.", "biases."),
     "lora": ("lora_a.", "lora_b."),
-    "norms": ("input_norm", "post_attn_norm", "final_norm"),
+    "norms": ("input_norm", "post_attn_norm", "final_norm", "norms."),  # norms.: families
     "embeddings": ("embed", "lm_head"),
 }
 DEFAULT_GROUPS: tuple[str, ...] = ("shared", "lora", "norms")
