@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from scheduler.block_allocator import BlockAllocator
 from scheduler.config import EngineConfig
 from scheduler.request import FinishReason, Request, Status, WorkItem
-from scheduler.sampling import SampleResult, SamplingParams
+from scheduler.sampling import SampleResult, SamplingParams, TokenContext
 
 
 class RequestRejected(ValueError):
@@ -40,6 +40,7 @@ class ScheduledItem:
     output_index: int
     exit_thresholds: tuple[float, ...]  # per depth
     min_loops: int
+    context: TokenContext | None = None  # only for rows with penalties or min-token bans
 
     @property
     def num_tokens(self) -> int:
@@ -243,7 +244,19 @@ class Scheduler:
             output_index=len(req.output_ids),
             exit_thresholds=thresholds,
             min_loops=self.config.min_loops if p.min_loops is None else p.min_loops,
+            context=self._context(req),
         )
+
+    def _context(self, req: Request) -> TokenContext | None:
+        """The sampler's view of a request's tokens, when its parameters need one."""
+        p = req.params
+        banned: tuple[int, ...] = ()
+        if len(req.output_ids) < p.min_tokens:
+            eos = () if p.ignore_eos else tuple(self.eos_token_ids)
+            banned = eos + p.stop_token_ids
+        if not (p.penalised or banned):
+            return None
+        return TokenContext(req.prompt_ids, req.output_ids, banned)
 
     # -- results ---------------------------------------------------------------------------
 
