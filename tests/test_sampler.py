@@ -147,7 +147,7 @@ def test_penalised_draws_follow_the_reference_distribution() -> None:
     p = SamplingParams(
         temperature=0.8, top_k=8, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=1
     )
-    ctx = TokenContext([0, 1, 2], [1, 3, 3, 5], banned=(4,))
+    ctx = TokenContext([0, 1, 2], [6, 8, 8, 5], banned=(4,))
     draws = 4000
     params = [replace(p, seed=s) for s in range(draws)]
     out = sample_batch(
