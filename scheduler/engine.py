@@ -11,6 +11,7 @@ from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
 from scheduler.detokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler.kv_cache import KVCache
+from scheduler.prompt_logprobs import PromptLogprob, prompt_logprobs
 from scheduler.request import FinishReason
 from scheduler.runner import ModelRunner
 from scheduler.sampling import SampleResult, SamplingParams
@@ -75,7 +76,8 @@ class Engine:
             config.depth_alignment == "aligned"
             or (config.depth_alignment == "auto" and model.has_dense_weights)
         )
-        self.scheduler = Scheduler(config, self.loops, model.config.arch.eos_token_id, aligned)
+        eos = model.config.arch.eos_token_id + config.eos_token_ids
+        self.scheduler = Scheduler(config, self.loops, eos, aligned)
         cache = KVCache(
             model.config, config.num_blocks, config.block_size, model.dtype, model.device
         )
@@ -121,6 +123,12 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
+
+    def score_prompt(self, prompt_ids: list[int], top_n: int) -> list[PromptLogprob]:
+        """The prompt's own tokens' logprobs at full depth (see ``prompt_logprobs``)."""
+        if len(prompt_ids) > self.config.max_model_len:
+            raise ValueError(f"the prompt is longer than {self.config.max_model_len} tokens")
+        return prompt_logprobs(self.model, prompt_ids, top_n)
 
     def step(self) -> tuple[list[RequestOutput], EngineStats]:
         start = time.perf_counter()

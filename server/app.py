@@ -16,7 +16,7 @@ from server.limits import BodyLimit
 from server.loader import ModelInfo
 from server.metrics import Metrics
 from server.observer import EngineObserver, log_summaries
-from server.routes import chat, completions, info
+from server.routes import chat, completions, info, tokens
 from server.settings import ServeSettings
 from server.state import ServerState
 
@@ -56,6 +56,6 @@ def create_app(
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, timeout_seconds=settings.body_timeout
     )
-    for router in (completions.router, chat.router, info.router):
+    for router in (completions.router, chat.router, info.router, tokens.router):
         app.include_router(router)
     return app

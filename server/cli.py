@@ -85,4 +85,11 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     opt("--log-interval", type=float, help="seconds between engine summaries (default: 10)")
     opt("--shutdown-grace", type=float, help="seconds to drain on shutdown (default: 30)")
     opt("--seed", type=int, help="seed of unseeded sampling (default: 0)")
+    opt("--chat-template", help="chat template file (or Jinja text) replacing the model's")
+    opt(
+        "--generation-config",
+        choices=("auto", "vllm"),
+        help="auto: the model's generation_config.json gives EOS ids and the sampling defaults "
+        "of fields a request leaves out; vllm: ignore it (default: auto)",
+    )
     p.set_defaults(func=_cmd_serve)

@@ -135,7 +135,9 @@ def test_penalties_bias_and_bans_match_the_float64_reference() -> None:
     params = [p for p, _ in _ADJUSTED]
     contexts = [c for _, c in _ADJUSTED]
     out = sample_batch(logits, params, [0] * rows, torch.Generator(), contexts)
-    want = [_reference_scores(logits[j], p, c).argmax().item() for j, (p, c) in enumerate(_ADJUSTED)]
+    want = [
+        _reference_scores(logits[j], p, c).argmax().item() for j, (p, c) in enumerate(_ADJUSTED)
+    ]
     assert out.tokens.tolist() == want
     assert want != logits.argmax(-1).tolist()  # the adjustments changed something
     ref = logits.double().log_softmax(-1).gather(1, out.tokens[:, None])[:, 0]

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from jinja2 import TemplateError
 
 from scheduler.engine import RequestOutput
-from server.errors import bad_request
+from server.errors import ENGINE_ERRORS, bad_request, from_engine
 from server.generation import Generation
-from server.logprobs import chat_logprobs
-from server.params import check_chat, max_tokens_for, sampling_params
+from server.logprobs import chat_logprobs, vllm_prompt_logprobs
+from server.params import check_chat, ignored_fields, max_tokens_for, sampling_params
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -24,30 +25,88 @@ from server.protocol import (
     ChatMessage,
     DeltaMessage,
 )
-from server.routes.common import ERROR_RESPONSES, checked_ids, drain, new_request_id, now, usage
+from server.routes.common import (
+    ERROR_RESPONSES,
+    checked_ids,
+    drain,
+    new_request_id,
+    now,
+    usage,
+    with_ignored,
+)
 from server.state import ServerState, get_state, require_api_key
 from server.streaming import EventStream, events, prime, sse, unless_disconnected
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
+# apply_chat_template's own arguments: a request setting them would change what it returns
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "tools",
+        "documents",
+        "chat_template",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 
 
-def render(state: ServerState, messages: list[ChatMessage]) -> list[int]:
-    """Token ids of the conversation plus the assistant's turn opener."""
-    plain = [
-        {
-            "role": m.role,
-            "content": m.content
-            if isinstance(m.content, str)
-            else "".join(p.text for p in m.content),
-        }
-        for m in messages
-    ]
-    try:
-        text = state.tokenizer.apply_chat_template(
-            plain, add_generation_prompt=True, tokenize=False
+def _plain(m: ChatMessage) -> dict[str, str]:
+    content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+    message = {"role": m.role, "content": content}
+    if m.name is not None:
+        message["name"] = m.name
+    return message
+
+
+def render_text(
+    state: ServerState,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    template_kwargs: dict[str, Any],
+) -> str:
+    """The conversation as the chat template writes it; a message's ``name`` and the request's
+    ``chat_template_kwargs`` reach the template (the flags win over same-named kwargs)."""
+    if continue_final_message and (add_generation_prompt or messages[-1].role != "assistant"):
+        raise bad_request(
+            "continue_final_message needs add_generation_prompt=false and an assistant message "
+            "last",
+            "continue_final_message",
         )
-    except (TemplateError, ValueError) as e:  # templates raise on conversations they refuse
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(template_kwargs))
+    if reserved:
+        raise bad_request(
+            f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs"
+        )
+    flags = {
+        "add_generation_prompt": add_generation_prompt,
+        "continue_final_message": continue_final_message,
+    }
+    try:
+        return state.tokenizer.apply_chat_template(
+            [_plain(m) for m in messages], tokenize=False, **{**template_kwargs, **flags}
+        )
+    except (TemplateError, ValueError, TypeError) as e:  # templates raise on what they refuse
         raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
+
+
+def render(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    """Token ids of the conversation plus the assistant's turn opener (or, with
+    ``continue_final_message``, the last assistant message left open)."""
+    text = render_text(
+        state,
+        body.messages,
+        body.add_generation_prompt,
+        body.continue_final_message,
+        dict(body.chat_template_kwargs or {}),
+    )
     ids = state.tokenizer(text, add_special_tokens=False)["input_ids"]
     return checked_ids(state, ids, "messages")
 
@@ -56,23 +115,35 @@ def render(state: ServerState, messages: list[ChatMessage]) -> list[int]:
     "/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request
+    body: ChatCompletionRequest, request: Request, response: Response
 ) -> ChatCompletionResponse | Response:
     state = get_state(request)
+    ignored = ignored_fields(body)
     check_chat(body)
-    state.check_model(body.model)
-    ids = render(state, body.messages)
+    model = state.check_model(body.model)
+    ids = render(state, body)
     requested = body.max_completion_tokens or body.max_tokens
     tokens_param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
     max_tokens = max_tokens_for(
         requested, len(ids), state.info.max_model_len, True, "messages", tokens_param
     )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens, logprobs)
+    params = sampling_params(
+        body, max_tokens, logprobs, state.info.vocab_size, state.info.sampling_defaults
+    )
+    prompt_lp = None
+    if body.prompt_logprobs is not None:
+        scoring = state.engine.score_prompt(ids, body.prompt_logprobs)
+        try:
+            scored = await unless_disconnected(request, scoring)
+        except ENGINE_ERRORS as e:
+            raise from_engine(e) from e
+        prompt_lp = vllm_prompt_logprobs(state.tokenizer, scored)
     gen = Generation(state.engine, state.metrics, new_request_id("chatcmpl"), [ids], [params])
     if body.stream:
         outputs = await unless_disconnected(request, prime(gen.outputs()))
-        return EventStream(events(_chunks(state, body, gen, outputs)))
+        return with_ignored(EventStream(events(_chunks(state, body, model, gen, outputs))), ignored)
+    with_ignored(response, ignored)
     await unless_disconnected(request, drain(gen))
     choices = [
         ChatChoice(
@@ -84,21 +155,30 @@ async def create_chat_completion(
         for i, c in enumerate(gen.choices)
     ]
     return ChatCompletionResponse(
-        id=gen.request_id, created=now(), model=body.model, choices=choices, usage=usage(gen)
+        id=gen.request_id,
+        created=now(),
+        model=model,
+        choices=choices,
+        usage=usage(gen),
+        prompt_logprobs=prompt_lp,
     )
 
 
 async def _chunks(
     state: ServerState,
     body: ChatCompletionRequest,
+    model: str,
     gen: Generation,
     outputs: AsyncGenerator[tuple[int, RequestOutput]],
 ) -> AsyncGenerator[str]:
     created = now()
+    continuous = body.stream_options is not None and body.stream_options.continuous_usage_stats
 
     def chunk(choices: list[ChatChunkChoice], **kw: object) -> str:
+        if continuous and "usage" not in kw:
+            kw["usage"] = usage(gen)
         resp = ChatCompletionChunk(
-            id=gen.request_id, created=created, model=body.model, choices=choices, **kw
+            id=gen.request_id, created=created, model=model, choices=choices, **kw
         )
         return sse(resp)
 
