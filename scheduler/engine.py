@@ -31,6 +31,7 @@ class RequestOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    first_scheduled: float | None = None  # time.monotonic() the sequence first got a slot
 
     @property
     def finished(self) -> bool:
@@ -183,6 +184,7 @@ class Engine:
             finish_reason=reason.value if reason else None,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
+            first_scheduled=req.first_scheduled,
         )
 
     def _retire(self, request_id: str, sid: str) -> None:

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from transformers import PreTrainedTokenizerBase
 
 from scheduler.async_engine import AsyncEngine
+from server.access import ResponseCounter
 from server.errors import install_error_handlers
 from server.limits import BodyLimit
 from server.loader import ModelInfo
@@ -56,6 +57,7 @@ def create_app(
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, timeout_seconds=settings.body_timeout
     )
+    app.add_middleware(ResponseCounter, metrics=metrics)  # added last: outermost
     for router in (completions.router, chat.router, info.router, tokens.router):
         app.include_router(router)
     return app

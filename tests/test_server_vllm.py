@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from server_support import LiveServer, write_tiny_rrt
 
 from model.checkpoint import load_model
@@ -275,3 +276,63 @@ def test_token_endpoints_ping_and_model(live: LiveServer) -> None:
     assert httpx.post(f"{live.url}/ping").status_code == 200
     assert httpx.get(f"{live.url}/v1/models/tiny").json()["id"] == "tiny"
     assert httpx.get(f"{live.url}/v1/models/other").status_code == 404
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+
+def _samples(live: LiveServer) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{live.url}/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _http(samples: dict, route: str, method: str, status: str) -> float:
+    labels = {"model_name": "tiny", "route": route, "method": method, "status": status}
+    return samples.get(("loopserve:http_responses_total", tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_responses_and_vllm_series(live: LiveServer) -> None:
+    before = _samples(live)
+    complete(live, prompt="the cat", max_tokens=3, ignore_eos=True)
+    post(live, "/v1/completions", {"prompt": "hi", "temperature": -1})
+    httpx.get(f"{live.url}/no/such/path")
+    httpx.get(f"{live.url}/v1/models/other")
+    after = _samples(live)
+    for route, method, status in [
+        ("/v1/completions", "POST", "200"),
+        ("/v1/completions", "POST", "400"),
+        ("other", "GET", "404"),
+        ("/v1/models/{model}", "GET", "404"),
+    ]:
+        assert _http(after, route, method, status) == _http(before, route, method, status) + 1
+
+    def count(name: str) -> float:
+        key = (f"loopserve:{name}_count", (("model_name", "tiny"),))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    for name in (
+        "request_time_per_output_token_seconds",
+        "request_prefill_time_seconds",
+        "request_decode_time_seconds",
+        "request_inference_time_seconds",
+        "request_prompt_tokens",
+        "request_generation_tokens",
+    ):
+        assert count(name) == 1, name
+    assert count("iteration_tokens_total") >= 3
+    tokens = after[("loopserve:request_generation_tokens_sum", (("model_name", "tiny"),))]
+    assert (
+        tokens
+        - before.get(("loopserve:request_generation_tokens_sum", (("model_name", "tiny"),)), 0)
+        == 3
+    )
+    ttft_edges = {
+        float(dict(k[1])["le"])
+        for k in after
+        if k[0] == "loopserve:time_to_first_token_seconds_bucket"
+    }
+    assert max(e for e in ttft_edges if e != float("inf")) >= 60
