@@ -73,14 +73,32 @@ def exit_rule(config: ModelConfig, settings: ServeSettings) -> ExitRule:
 
 
 def resolve_model_dir(spec: str) -> Path:
-    """A model directory, building the default model first when asked for ``default``."""
+    """A model directory, building the default model first when asked for ``default``; an
+    ``org/name`` that is no directory here is looked up in the local Hugging Face cache (never
+    the network: nothing is downloaded)."""
     if spec != DEFAULT_MODEL:
-        return Path(spec)
+        path = Path(spec)
+        if path.exists() or spec.count("/") != 1 or spec.startswith(("/", ".")):
+            return path
+        return _from_hf_cache(spec)
     from model.default import default_model_dir, ensure_default_model
 
     if not (default_model_dir() / LOOPSERVE_CONFIG).exists():
         log.info("building the default model (first run: import and convert, a few minutes)")
     return ensure_default_model()
+
+
+def _from_hf_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as e:
+        raise ServeConfigError(
+            f"{repo_id!r} is neither a directory nor in the local Hugging Face cache (loopserve "
+            f"never downloads models): {e}"
+        ) from e
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from benchmarks.client.datasets import (
     random_requests,
     sharegpt_requests,
 )
-from benchmarks.client.metrics import RequestResult, compute_metrics, parse_goodput
+from benchmarks.client.metrics import RequestResult, compute_metrics, parse_goodput, peaks
 from benchmarks.client.report import RunInfo, format_report, result_dict
 from benchmarks.compare_report import agreement
 
@@ -194,3 +194,17 @@ def test_token_flops_count_every_linear_weight_twice(tiny_hf: tuple) -> None:
     prompt, output = token_flops(model.config.arch)
     assert prompt == 2 * linear
     assert output == 2 * (linear + model.embed.numel())
+
+
+def test_peaks_count_per_whole_second_as_vllm_does() -> None:
+    """Chunk arrivals and requests in flight bucketed by whole seconds from the first start."""
+    results = [
+        RequestResult(success=True, start=0.2, ttft=0.5, latency=1.0, itl=[0.1, 0.1, 0.25]),
+        RequestResult(success=True, start=0.9, ttft=0.2, latency=0.3, itl=[0.05]),
+        RequestResult(success=True, start=2.5, ttft=0.1, latency=0.2, itl=[]),
+        RequestResult(success=False, start=0.0, error="timeout"),
+    ]
+    # arrivals: 0.7 0.8 0.9 | 1.15 1.1 1.15 | 2.6 -> seconds 0: 3, 1: 3, 2: 1
+    # in flight: r0 in 0-1, r1 in 0-1, r2 in 2 (t0 = 0.0, the failed request's start)
+    assert peaks(results) == (3.0, 2)
+    assert peaks([]) == (0.0, 0)
