@@ -16,6 +16,7 @@ from scheduler.request import FinishReason
 from scheduler.runner import ModelRunner
 from scheduler.sampling import SampleResult, SamplingParams
 from scheduler.scheduler import Scheduler, TokenEvent
+from scheduler.structured import GrammarCompiler, GrammarState
 
 
 @dataclass
@@ -85,6 +86,19 @@ class Engine:
         self.runner = ModelRunner(model, cache, config, seed)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._groups: dict[str, list[str]] = {}
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
+
+    def _grammar(self, params: SamplingParams) -> GrammarState | None:
+        """A fresh matcher for one sample of a constrained request (compiled once, cached)."""
+        if params.grammar is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer")
+        if self._grammars is None:
+            stop = tuple(sorted(self.scheduler.eos_token_ids))
+            vocab = self.model.config.arch.vocab_size
+            self._grammars = GrammarCompiler(self.tokenizer, vocab, stop)
+        return self._grammars.start(params.grammar)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request (``params.n`` samples); raises RequestRejected if it cannot fit."""
@@ -98,7 +112,8 @@ class Engine:
             for i, sid in enumerate(ids):
                 seed = None if params.seed is None else params.seed + i
                 p = replace(params, seed=seed)
-                self.scheduler.add_request(sid, prompt_ids, p)
+                grammar = self._grammar(p)
+                self.scheduler.add_request(sid, prompt_ids, p).grammar = grammar
                 added.append(sid)
                 if self.tokenizer is not None:
                     self._detok[sid] = IncrementalDetokenizer(
@@ -163,6 +178,11 @@ class Engine:
         sid = event.request_id
         req = self.scheduler.requests[sid]
         reason = event.finish_reason
+        if req.grammar is not None:
+            req.grammar.accept(event.sample.token)
+            if req.grammar.finished and reason is None:  # the structure is complete
+                reason = FinishReason.STOP
+                self.scheduler.finish(sid, reason)
         text = ""
         detok = self._detok.get(sid)
         if detok is not None:

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from scheduler.sampling import SamplingParams
+from scheduler.structured import GrammarState
 
 
 class Status(enum.Enum):
@@ -57,6 +58,7 @@ class Request:
     item: WorkItem | None = None
     finish_reason: FinishReason | None = None
     first_scheduled: float | None = None
+    grammar: GrammarState | None = None  # where its structured output stands
 
     def __post_init__(self) -> None:
         if not self.block_tables:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from scheduler.structured import GrammarSpec
+
 MAX_LOGPROBS = 20
 
 
@@ -37,6 +39,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_tokens: int = 0  # EOS and stop_token_ids are masked until this many were generated
+    grammar: GrammarSpec | None = None  # structured output: masks logits before the exit rule
 
     def __post_init__(self) -> None:
         checks = [

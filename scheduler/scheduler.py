@@ -19,6 +19,7 @@ from scheduler.block_allocator import BlockAllocator
 from scheduler.config import EngineConfig
 from scheduler.request import FinishReason, Request, Status, WorkItem
 from scheduler.sampling import SampleResult, SamplingParams, TokenContext
+from scheduler.structured import GrammarState
 
 
 class RequestRejected(ValueError):
@@ -41,6 +42,7 @@ class ScheduledItem:
     exit_thresholds: tuple[float, ...]  # per depth
     min_loops: int
     context: TokenContext | None = None  # only for rows with penalties or min-token bans
+    grammar: GrammarState | None = None  # only for rows with a structured output
 
     @property
     def num_tokens(self) -> int:
@@ -245,6 +247,7 @@ class Scheduler:
             exit_thresholds=thresholds,
             min_loops=self.config.min_loops if p.min_loops is None else p.min_loops,
             context=self._context(req),
+            grammar=req.grammar,
         )
 
     def _context(self, req: Request) -> TokenContext | None:

@@ -3,10 +3,12 @@ cannot do, and listing the unknown fields it ignores."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 
 from scheduler.sampling import SamplingParams
+from scheduler.structured import GrammarSpec
 from server.errors import bad_request
 from server.protocol import (
     NEUTRAL_EXTENSIONS,
@@ -116,6 +118,41 @@ def logit_bias(req: SamplingFields, vocab_size: int) -> tuple[tuple[int, float],
     return tuple(pairs)
 
 
+def grammar_spec(req: SamplingFields) -> GrammarSpec | None:
+    """The output constraint a request asks for: ``response_format`` (OpenAI's) or
+    ``structured_outputs`` (vLLM's), at most one of them and one constraint each."""
+    fmt, so = req.response_format, req.structured_outputs
+    spec = None
+    if fmt is not None and fmt.type == "json_object":
+        spec = GrammarSpec("json_object", field="response_format")
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise bad_request("json_schema needs a schema", "response_format.json_schema")
+        spec = GrammarSpec("json", json.dumps(fmt.json_schema.schema_), "response_format")
+    if so is None:
+        return spec
+    given = [
+        name
+        for name in ("json_", "regex", "choice", "grammar", "json_object")
+        if getattr(so, name) not in (None, False)
+    ]
+    if len(given) != 1 or spec is not None:
+        raise bad_request(
+            "send exactly one constraint (structured_outputs: one of json, regex, choice, "
+            "grammar, json_object; not with a response_format other than text)",
+            "structured_outputs",
+        )
+    name = given[0]
+    if name == "json_":
+        value = so.json_ if isinstance(so.json_, str) else json.dumps(so.json_)
+        return GrammarSpec("json", value)
+    if name == "json_object":
+        return GrammarSpec("json_object")
+    if name == "choice":
+        return GrammarSpec("choice", json.dumps(so.choice))
+    return GrammarSpec(name, getattr(so, name))  # type: ignore[arg-type]
+
+
 def sampling_params(
     req: SamplingFields,
     max_tokens: int,
@@ -160,6 +197,7 @@ def sampling_params(
             frequency_penalty=req.frequency_penalty,
             logit_bias=logit_bias(req, vocab_size),
             min_tokens=req.min_tokens,
+            grammar=grammar_spec(req),
         )
     except ValueError as e:
         raise bad_request(str(e)) from e

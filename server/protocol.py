@@ -89,7 +89,6 @@ NEUTRAL_EXTENSIONS: dict[str, object] = {
     "guided_grammar": None,
     "guided_decoding_backend": None,
     "guided_whitespace_pattern": None,
-    "structured_outputs": None,
     "prompt_embeds": None,
     "documents": None,
     "mm_processor_kwargs": None,
@@ -105,6 +104,30 @@ NEUTRAL_EXTENSIONS: dict[str, object] = {
     "prompt": None,  # the other endpoint's input: sent here, the request is a mistake
     "messages": None,
 }
+
+
+class JsonSchemaFormat(_Request):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's: plain text, any JSON object, or JSON following ``json_schema.schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's ``structured_outputs``: exactly one constraint."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class StreamOptions(_Request):
@@ -136,6 +159,8 @@ class SamplingFields(_Request):
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # loopserve's extensions
     exit_threshold: float | None = Field(
         None, ge=0, description="early-exit confidence threshold; > 1 disables early exit"
@@ -171,10 +196,6 @@ class ChatMessage(_Request):
     name: str | None = Field(None, description="passed to the chat template")
 
 
-class ResponseFormat(_Request):
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -183,7 +204,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
     # vLLM's extensions
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True

@@ -93,7 +93,9 @@ CHAT_ONLY: list[tuple[str, object, str]] = [
     *[("top_logprobs", v, "top_logprobs") for v in (-1, 21, True, "2")],
     *[("tools", v, "tools") for v in ([{"type": "function"}], "x", 5)],
     *[("tool_choice", v, "tool_choice") for v in ("auto", "required", {"type": "function"}, 5)],
-    ("response_format", {"type": "json_object"}, "response_format.type"),
+    ("response_format", {"type": "xml"}, "response_format.type"),
+    ("response_format", {"type": "json_schema"}, "response_format.json_schema"),
+    ("structured_outputs", {"regex": "("}, "structured_outputs"),
     ("response_format", "json", "response_format"),
     ("prompt", "hi", "prompt"),
 ]
