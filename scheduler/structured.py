@@ -7,6 +7,9 @@ and leaves at the first depth it may, with the token full depth would have picke
 matcher advances only when a token is emitted (a row that loops on keeps its state), so a
 continuing row gets the same mask at every depth.
 
+JSON is compact (no whitespace between tokens): a small model let free there can spend its
+whole budget on blanks.
+
 xgrammar is imported on first use: a server that never sees a constrained request never loads
 it.
 """
@@ -75,7 +78,7 @@ class GrammarCompiler:
         c = self._compiler
         try:
             if spec.kind == "json":
-                compiled = c.compile_json_schema(spec.value)
+                compiled = c.compile_json_schema(spec.value, any_whitespace=False)
             elif spec.kind == "json_object":
                 compiled = c.compile_builtin_json_grammar()
             elif spec.kind == "regex":

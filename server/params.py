@@ -60,10 +60,6 @@ def check_completion(req: CompletionRequest) -> None:
 
 def check_chat(req: ChatCompletionRequest) -> None:
     check_supported(req)
-    if req.tools:
-        raise bad_request("tools are not supported by loopserve", "tools")
-    if req.tool_choice not in (None, "none"):
-        raise bad_request("tool_choice is not supported by loopserve", "tool_choice")
     if req.prompt_logprobs is not None and req.stream:
         raise bad_request("chat streams do not carry prompt_logprobs", "prompt_logprobs")
     if req.top_logprobs is not None and not req.logprobs:
@@ -159,9 +155,11 @@ def sampling_params(
     logprobs: int | None,
     vocab_size: int,
     defaults: Mapping[str, float] | None = None,
+    grammar: GrammarSpec | None = None,
 ) -> SamplingParams:
     """The engine's parameters; fields the request left out take the model's
-    ``generation_config.json`` value (``defaults``) where it has one."""
+    ``generation_config.json`` value (``defaults``) where it has one. ``grammar`` (a forced
+    tool choice) replaces the request's own constraint, which the caller has refused."""
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     given = {n: getattr(req, n) for n in DEFAULTABLE}
     for name, value in (defaults or {}).items():
@@ -197,7 +195,7 @@ def sampling_params(
             frequency_penalty=req.frequency_penalty,
             logit_bias=logit_bias(req, vocab_size),
             min_tokens=req.min_tokens,
-            grammar=grammar_spec(req),
+            grammar=grammar or grammar_spec(req),
         )
     except ValueError as e:
         raise bad_request(str(e)) from e

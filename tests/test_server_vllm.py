@@ -113,10 +113,10 @@ def test_unknown_fields_are_ignored_and_named_in_a_header(live: LiveServer) -> N
     chat = post(
         live,
         "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}], "max_tokens": 1},
+        {"messages": [{"role": "user", "content": "hi", "cache_control": "x"}], "max_tokens": 1},
     )
     assert chat.status_code == 200, chat.text
-    assert chat.headers[IGNORED_HEADER] == "messages.0.tool_call_id"
+    assert chat.headers[IGNORED_HEADER] == "messages.0.cache_control"
 
 
 # -- sampling controls -------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
@@ -24,6 +25,7 @@ from server.protocol import (
     ChatCompletionResponse,
     ChatMessage,
     DeltaMessage,
+    DeltaToolCall,
 )
 from server.routes.common import (
     ERROR_RESPONSES,
@@ -36,6 +38,7 @@ from server.routes.common import (
 )
 from server.state import ServerState, get_state, require_api_key
 from server.streaming import EventStream, events, prime, sse, unless_disconnected
+from server.tools import finish_reason, template_tools, tool_calls, tool_grammar
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 # apply_chat_template's own arguments: a request setting them would change what it returns
@@ -57,11 +60,35 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 )
 
 
-def _plain(m: ChatMessage) -> dict[str, str]:
-    content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-    message = {"role": m.role, "content": content}
+def _arguments(text: str) -> object:
+    """Tool-call arguments as templates expect them: the parsed JSON where it parses."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _plain(m: ChatMessage) -> dict[str, Any]:
+    content = m.content
+    if isinstance(content, list):
+        content = "".join(p.text for p in content)
+    message: dict[str, Any] = {"role": m.role, "content": content}
     if m.name is not None:
         message["name"] = m.name
+    if m.tool_call_id is not None:
+        message["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        message["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": c.type,
+                "function": {
+                    "name": c.function.name,
+                    "arguments": _arguments(c.function.arguments),
+                },
+            }
+            for c in m.tool_calls
+        ]
     return message
 
 
@@ -71,6 +98,7 @@ def render_text(
     add_generation_prompt: bool,
     continue_final_message: bool,
     template_kwargs: dict[str, Any],
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The conversation as the chat template writes it; a message's ``name`` and the request's
     ``chat_template_kwargs`` reach the template (the flags win over same-named kwargs)."""
@@ -88,6 +116,7 @@ def render_text(
     flags = {
         "add_generation_prompt": add_generation_prompt,
         "continue_final_message": continue_final_message,
+        "tools": tools,
     }
     try:
         return state.tokenizer.apply_chat_template(
@@ -106,6 +135,7 @@ def render(state: ServerState, body: ChatCompletionRequest) -> list[int]:
         body.add_generation_prompt,
         body.continue_final_message,
         dict(body.chat_template_kwargs or {}),
+        template_tools(body),
     )
     ids = state.tokenizer(text, add_special_tokens=False)["input_ids"]
     return checked_ids(state, ids, "messages")
@@ -121,6 +151,7 @@ async def create_chat_completion(
     ignored = ignored_fields(body)
     check_chat(body)
     model = state.check_model(body.model)
+    forced = tool_grammar(body)
     ids = render(state, body)
     requested = body.max_completion_tokens or body.max_tokens
     tokens_param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
@@ -129,7 +160,7 @@ async def create_chat_completion(
     )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(
-        body, max_tokens, logprobs, state.info.vocab_size, state.info.sampling_defaults
+        body, max_tokens, logprobs, state.info.vocab_size, state.info.sampling_defaults, forced
     )
     prompt_lp = None
     if body.prompt_logprobs is not None:
@@ -145,15 +176,20 @@ async def create_chat_completion(
         return with_ignored(EventStream(events(_chunks(state, body, model, gen, outputs))), ignored)
     with_ignored(response, ignored)
     await unless_disconnected(request, drain(gen))
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=c.text),
-            logprobs=chat_logprobs(state.tokenizer, c.samples) if body.logprobs else None,
-            finish_reason=c.finish_reason,
+    choices = []
+    for i, c in enumerate(gen.choices):
+        calls = tool_calls(body, c.text)
+        message = AssistantMessage(
+            content=c.text if calls is None else None, tool_calls=calls or []
         )
-        for i, c in enumerate(gen.choices)
-    ]
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=message,
+                logprobs=chat_logprobs(state.tokenizer, c.samples) if body.logprobs else None,
+                finish_reason=finish_reason(body, c.finish_reason, calls is not None),
+            )
+        )
     return ChatCompletionResponse(
         id=gen.request_id,
         created=now(),
@@ -182,16 +218,28 @@ async def _chunks(
         )
         return sse(resp)
 
+    forced = tool_grammar(body) is not None  # calls are sent whole, once each choice ends
     for i in range(len(gen.choices)):
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
     async with aclosing(outputs):
         async for i, out in outputs:
             lp = chat_logprobs(state.tokenizer, out.samples) if body.logprobs else None
-            if out.text or out.finish_reason or lp is not None:
-                delta = DeltaMessage(content=out.text) if out.text else DeltaMessage()
-                choice = ChatChunkChoice(
-                    index=i, delta=delta, logprobs=lp, finish_reason=out.finish_reason
-                )
+            delta = DeltaMessage(content=out.text) if out.text and not forced else DeltaMessage()
+            reason = out.finish_reason
+            if forced and reason is not None:
+                text = gen.choices[i].text
+                calls = tool_calls(body, text)
+                if calls is None:  # cut short: what there is, as text
+                    delta = DeltaMessage(content=text)
+                else:
+                    delta = DeltaMessage(
+                        tool_calls=[
+                            DeltaToolCall(index=k, **c.model_dump()) for k, c in enumerate(calls)
+                        ]
+                    )
+                reason = finish_reason(body, reason, calls is not None)
+            if delta.content or delta.tool_calls or reason or lp is not None:
+                choice = ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=reason)
                 yield chunk([choice])
     if body.stream_options is not None and body.stream_options.include_usage:
         yield chunk([], usage=usage(gen))
