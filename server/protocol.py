@@ -20,7 +20,6 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
-    model_validator,
 )
 
 from scheduler.sampling import MAX_LOGPROBS
@@ -202,24 +201,15 @@ class ToolCall(_Request):
 
 
 class ChatMessage(_Request):
-    """A turn: ``content`` may be null only on an assistant turn that made tool calls; a
-    ``tool`` turn answers the call named by ``tool_call_id``."""
+    """A turn: an assistant turn may carry the ``tool_calls`` it made (its ``content`` then
+    usually null), a ``tool`` turn answers the call named by ``tool_call_id``. Null content is
+    rendered as empty, as vLLM does."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None
     name: str | None = Field(None, description="passed to the chat template")
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
-
-    @model_validator(mode="after")
-    def _roles(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content may be null only on an assistant turn with tool_calls")
-        if self.tool_calls is not None and self.role != "assistant":
-            raise ValueError("only assistant turns carry tool_calls")
-        if self.role == "tool" and self.tool_call_id is None:
-            raise ValueError("a tool turn needs the tool_call_id it answers")
-        return self
 
 
 class FunctionDefinition(_Request):

@@ -72,6 +72,8 @@ def _plain(m: ChatMessage) -> dict[str, Any]:
     content = m.content
     if isinstance(content, list):
         content = "".join(p.text for p in content)
+    elif content is None:
+        content = ""
     message: dict[str, Any] = {"role": m.role, "content": content}
     if m.name is not None:
         message["name"] = m.name
