@@ -215,7 +215,7 @@ class ModelRunner:
             [it.params for it, _, _ in cand],
             [it.output_index for it, _, _ in cand],
             self.generator,
-            [it.context for it, _, _ in cand],
+            contexts=[it.context for it, _, _ in cand],
         )
         host = _to_host(leaving, drawn)
         fills: list[tuple[ScheduledItem, int, int]] = []
