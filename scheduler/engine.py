@@ -33,6 +33,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     first_scheduled: float | None = None  # time.monotonic() the sequence first got a slot
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -53,6 +54,8 @@ class EngineStats:
     preemptions: int
     tokens_emitted: int
     phase_seconds: dict[str, float]  # host wall time of the step's phases (see StepCounts)
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache so far
+    prefix_hits: int = 0  # of which were cached
 
 
 def _sample_id(request_id: str, index: int) -> str:
@@ -171,6 +174,8 @@ class Engine:
             preemptions=s.num_preemptions,
             tokens_emitted=len(events),
             phase_seconds=counts.phases,
+            prefix_queries=s.prefix_cache.queries if s.prefix_cache else 0,
+            prefix_hits=s.prefix_cache.hits if s.prefix_cache else 0,
         )
         return outputs, stats
 
@@ -205,6 +210,7 @@ class Engine:
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
             first_scheduled=req.first_scheduled,
+            cached_tokens=req.cached_tokens,
         )
 
     def _retire(self, request_id: str, sid: str) -> None:

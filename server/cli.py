@@ -98,6 +98,11 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     opt("--seed", type=int, help="seed of unseeded sampling (default: 0)")
     opt("--chat-template", help="chat template file (or Jinja text) replacing the model's")
     opt(
+        "--enable-prefix-caching",
+        action="store_true",
+        help="share full prompt blocks across requests (default: off)",
+    )
+    opt(
         "--generation-config",
         choices=("auto", "vllm"),
         help="auto: the model's generation_config.json gives EOS ids and the sampling defaults "

@@ -55,6 +55,8 @@ class Generation:
         self.choices = [Choice() for _ in range(len(prompts) * self.n)]
         self.start = time.monotonic()
         self.first_token_at: float | None = None
+        self._cached: dict[int, int] = {}  # per prompt: tokens its first sample found cached
+        self.caching = engine.engine.config.enable_prefix_caching
 
     @property
     def prompt_tokens(self) -> int:
@@ -63,6 +65,11 @@ class Generation:
     @property
     def completion_tokens(self) -> int:
         return sum(len(c.token_ids) for c in self.choices)
+
+    @property
+    def cached_tokens(self) -> int | None:
+        """Prompt tokens served from the prefix cache (None: caching is off)."""
+        return sum(self._cached.values()) if self.caching else None
 
     @property
     def mean_loops(self) -> float | None:
@@ -111,6 +118,7 @@ class Generation:
             self.metrics.ttft.observe(now - self.start)
         if not choice.token_ids and out.index == 0:
             self.metrics.prompt_tokens.inc(out.prompt_tokens)
+            self._cached[index // self.n] = out.cached_tokens
         if choice.last_token_at is not None:
             self.metrics.itl.observe(now - choice.last_token_at)
         choice.first_token_at = choice.first_token_at or now

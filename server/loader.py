@@ -182,6 +182,7 @@ def engine_config(
         num_blocks=num_blocks,
         max_model_len=max_len,
         eos_token_ids=eos_token_ids,
+        enable_prefix_caching=settings.enable_prefix_caching,
     )
 
 

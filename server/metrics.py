@@ -145,8 +145,15 @@ class Metrics:
         self.preemptions = counter("loopserve:num_preemptions", "Preempted requests.").labels(
             **label
         )
+        self.prefix_queries = counter(
+            "loopserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        ).labels(**label)
+        self.prefix_hits = counter(
+            "loopserve:prefix_cache_hits", "Prompt tokens found in the prefix cache."
+        ).labels(**label)
         self._label = label
         self._preempted = 0
+        self._queried = self._hit = 0
 
     def finished(self, reason: str) -> None:
         self._success.labels(finished_reason=reason, **self._label).inc()
@@ -171,6 +178,10 @@ class Metrics:
                     self.loops_per_token.observe(depth + 1)
             if fills:
                 self._fills.labels(depth=d, **self._label).inc(fills)
+        if stats.prefix_queries > self._queried:
+            self.prefix_queries.inc(stats.prefix_queries - self._queried)
+            self.prefix_hits.inc(stats.prefix_hits - self._hit)
+            self._queried, self._hit = stats.prefix_queries, stats.prefix_hits
         if stats.preemptions > self._preempted:
             self.preemptions.inc(stats.preemptions - self._preempted)
             self._preempted = stats.preemptions

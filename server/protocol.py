@@ -272,10 +272,17 @@ class DetokenizeRequest(_Request):
 # -- responses ---------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = Field(
+        None, description="with --enable-prefix-caching: prompt tokens served from the cache"
+    )
     mean_loops_per_token: float | None = Field(
         None, description="loopserve: loops of the shared block run per generated token"
     )

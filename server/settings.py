@@ -71,4 +71,5 @@ class ServeSettings(BaseSettings):
     shutdown_grace: float = Field(30.0, ge=0)
     seed: int = 0
     chat_template: str | None = None
+    enable_prefix_caching: bool = False
     generation_config: Literal["auto", "vllm"] = "auto"

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from server.errors import bad_request
 from server.generation import Generation
 from server.params import IGNORED_HEADER
-from server.protocol import Usage
+from server.protocol import PromptTokensDetails, Usage
 from server.state import ServerState
 
 R = TypeVar("R", bound=Response)
@@ -71,6 +71,9 @@ def usage(gen: Generation) -> Usage:
         completion_tokens=completion,
         total_tokens=prompt + completion,
         mean_loops_per_token=gen.mean_loops,
+        prompt_tokens_details=None
+        if gen.cached_tokens is None
+        else PromptTokensDetails(cached_tokens=gen.cached_tokens),
     )
 
 
