@@ -126,6 +126,11 @@ def test_random_prompts(tokenizer: object) -> None:
     assert not any("<|im_end|>" in r.prompt for r in reqs)  # no special tokens
     fixed = random_requests(tokenizer, 5, input_len=7, output_len=3, range_ratio=0.0, seed=1)
     assert {(r.prompt_len, r.output_len) for r in fixed} == {(7, 3)}
+    shared = random_requests(tokenizer, 6, 5, 3, 0.0, seed=2, prefix_len=12)
+    assert {r.prompt_len for r in shared} == {17}
+    words = [r.prompt.split() for r in shared]
+    assert all(w[:12] == words[0][:12] for w in words)  # one system prompt for all
+    assert len({" ".join(w[12:]) for w in words}) == 6
 
 
 def test_jsonl_prompts(tmp_path: Path, tokenizer: object) -> None:

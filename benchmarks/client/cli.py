@@ -3,7 +3,7 @@ conventions. A run always finishes: failures are counted, the exit status stays 
 
 Flags and result keys follow ``vllm bench serve``: its spellings are accepted (``--dataset-name``,
 ``--random-input-len``, ``--random-output-len``, ``--random-range-ratio``,
-``--metric-percentiles``, ``--backend``), ``--save-result`` is a switch that writes to
+``--random-prefix-len``, ``--metric-percentiles``, ``--backend``), ``--save-result`` is a switch that writes to
 ``--result-dir``/``--result-filename`` under vLLM's default name, and the JSON has its keys
 (``start_times``, ``latencies``, ``label``, ``max_output_tokens_per_s``,
 ``max_concurrent_requests``). Where it differs: without ``--tokenizer`` the tokenizer is the
@@ -84,6 +84,12 @@ def add_load_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help=f"tokens to ask for (default: {DEFAULT_OUTPUT_LEN}; "
         "ShareGPT: the recorded reply's length)",
+    )
+    opt(
+        "--random-prefix-len",
+        type=int,
+        default=0,
+        help="random prompts: a prefix of this many tokens shared by all (default: 0)",
     )
     opt(
         "--range-ratio",
@@ -170,8 +176,16 @@ def build_requests(args: argparse.Namespace, tokenizer: Any) -> list[SampleReque
                 "random prompts need --tokenizer DIR (the server names no model directory "
                 "readable here)"
             )
+        if args.random_prefix_len < 0:
+            raise BenchError(f"--random-prefix-len must be >= 0, got {args.random_prefix_len}")
         return random_requests(
-            tokenizer, args.num_prompts, args.input_len, out_len, args.range_ratio, args.seed
+            tokenizer,
+            args.num_prompts,
+            args.input_len,
+            out_len,
+            args.range_ratio,
+            args.seed,
+            args.random_prefix_len,
         )
     if not args.dataset_path:
         raise BenchError(f"--dataset {args.dataset} needs --dataset-path")
