@@ -3,8 +3,9 @@ conventions. A run always finishes: failures are counted, the exit status stays 
 
 Flags and result keys follow ``vllm bench serve``: its spellings are accepted (``--dataset-name``,
 ``--random-input-len``, ``--random-output-len``, ``--random-range-ratio``,
-``--random-prefix-len``, ``--metric-percentiles``, ``--backend``), ``--save-result`` is a switch that writes to
-``--result-dir``/``--result-filename`` under vLLM's default name, and the JSON has its keys
+``--random-prefix-len``, ``--metric-percentiles``, ``--backend``), ``--save-result`` is a
+switch that writes to ``--result-dir``/``--result-filename`` under vLLM's default name, and the
+JSON has its keys
 (``start_times``, ``latencies``, ``label``, ``max_output_tokens_per_s``,
 ``max_concurrent_requests``). Where it differs: without ``--tokenizer`` the tokenizer is the
 model directory the server names in ``/v1/models`` (``root``) when that directory is readable
