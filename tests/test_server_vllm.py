@@ -336,3 +336,22 @@ def test_metrics_count_responses_and_vllm_series(live: LiveServer) -> None:
         if k[0] == "loopserve:time_to_first_token_seconds_bucket"
     }
     assert max(e for e in ttft_edges if e != float("inf")) >= 60
+
+
+def test_streamed_echo_carries_the_prompt_scores_first(live: LiveServer) -> None:
+    body = {"prompt": "the cat", "max_tokens": 3, "ignore_eos": True, "echo": True}
+    body |= {"logprobs": 1, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{live.url}/v1/completions", json=body, timeout=60) as resp:
+        chunks = [json.loads(ln[6:]) for ln in resp.iter_lines() if ln.startswith("data: {")]
+    first = chunks[0]["choices"][0]
+    assert first["text"] == "the cat" and first["logprobs"]["tokens"] == ["the", "cat"]
+    assert first["logprobs"]["token_logprobs"][0] is None
+    whole = complete(live, **{k: v for k, v in body.items() if k != "stream"})
+    streamed = [
+        lp
+        for c in chunks
+        for ch in c["choices"]
+        if ch["logprobs"]
+        for lp in ch["logprobs"]["token_logprobs"]
+    ]
+    assert streamed == pytest.approx(whole["choices"][0]["logprobs"]["token_logprobs"], abs=1e-5)
