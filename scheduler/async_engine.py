@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.engine import Engine, EngineStats, RequestOutput
+from scheduler.prompt_logprobs import PromptLogprob
 from scheduler.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,14 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         await self._call("abort", request_id)
 
+    async def score_prompt(self, prompt_ids: list[int], top_n: int) -> list[PromptLogprob]:
+        """The prompt's own tokens' logprobs, computed on the engine thread between steps."""
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down")
+        return await self._call("score", prompt_ids, top_n)
+
     async def shutdown(self, grace_seconds: float = 30.0) -> None:
         """Stop accepting, let in-flight requests finish for up to ``grace_seconds``, abort
         whatever is left, and stop the engine thread."""
@@ -290,7 +299,12 @@ class AsyncEngine:
             except queue.Empty:
                 return
             try:
-                handler = self._add if cmd.kind == "add" else self.engine.abort
+                handlers = {
+                    "add": self._add,
+                    "abort": self.engine.abort,
+                    "score": self.engine.score_prompt,
+                }
+                handler = handlers[cmd.kind]
                 result = handler(*cmd.args)
             except Exception as e:
                 self._resolve(cmd, error=e)

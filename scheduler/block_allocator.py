@@ -43,6 +43,13 @@ class BlockAllocator:
             self._refs[b] = 1
         return blocks
 
+    def share(self, blocks: list[int]) -> None:
+        """One more reference on blocks in use (a cached prefix another holder keeps)."""
+        for b in blocks:
+            if self._refs[b] <= 0:
+                raise ValueError(f"cannot share free block {b}")
+            self._refs[b] += 1
+
     def free(self, blocks: list[int]) -> None:
         for b in blocks:
             if self._refs[b] <= 0:

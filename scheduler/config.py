@@ -39,6 +39,9 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int = 1024
     max_model_len: int = 2048
+    enable_prefix_caching: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    """End-of-sequence ids beside the model config's (e.g. from generation_config.json)."""
     forced_exit_weights: tuple[float, ...] = ()
     """Benchmark mode, never a serving default: each token's exit depth is drawn from these
     per-depth weights, deterministically from (request, position), instead of by confidence —

@@ -11,10 +11,12 @@ from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
 from scheduler.detokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler.kv_cache import KVCache
+from scheduler.prompt_logprobs import PromptLogprob, prompt_logprobs
 from scheduler.request import FinishReason
 from scheduler.runner import ModelRunner
 from scheduler.sampling import SampleResult, SamplingParams
 from scheduler.scheduler import Scheduler, TokenEvent
+from scheduler.structured import GrammarCompiler, GrammarState
 
 
 @dataclass
@@ -30,6 +32,8 @@ class RequestOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    first_scheduled: float | None = None  # time.monotonic() the sequence first got a slot
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -50,6 +54,8 @@ class EngineStats:
     preemptions: int
     tokens_emitted: int
     phase_seconds: dict[str, float]  # host wall time of the step's phases (see StepCounts)
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache so far
+    prefix_hits: int = 0  # of which were cached
 
 
 def _sample_id(request_id: str, index: int) -> str:
@@ -75,13 +81,27 @@ class Engine:
             config.depth_alignment == "aligned"
             or (config.depth_alignment == "auto" and model.has_dense_weights)
         )
-        self.scheduler = Scheduler(config, self.loops, model.config.arch.eos_token_id, aligned)
+        eos = model.config.arch.eos_token_id + config.eos_token_ids
+        self.scheduler = Scheduler(config, self.loops, eos, aligned)
         cache = KVCache(
             model.config, config.num_blocks, config.block_size, model.dtype, model.device
         )
         self.runner = ModelRunner(model, cache, config, seed)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._groups: dict[str, list[str]] = {}
+        self._grammars: GrammarCompiler | None = None  # built on the first constrained request
+
+    def _grammar(self, params: SamplingParams) -> GrammarState | None:
+        """A fresh matcher for one sample of a constrained request (compiled once, cached)."""
+        if params.grammar is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer")
+        if self._grammars is None:
+            stop = tuple(sorted(self.scheduler.eos_token_ids))
+            vocab = self.model.config.arch.vocab_size
+            self._grammars = GrammarCompiler(self.tokenizer, vocab, stop)
+        return self._grammars.start(params.grammar)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request (``params.n`` samples); raises RequestRejected if it cannot fit."""
@@ -95,7 +115,8 @@ class Engine:
             for i, sid in enumerate(ids):
                 seed = None if params.seed is None else params.seed + i
                 p = replace(params, seed=seed)
-                self.scheduler.add_request(sid, prompt_ids, p)
+                grammar = self._grammar(p)
+                self.scheduler.add_request(sid, prompt_ids, p).grammar = grammar
                 added.append(sid)
                 if self.tokenizer is not None:
                     self._detok[sid] = IncrementalDetokenizer(
@@ -122,6 +143,12 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    def score_prompt(self, prompt_ids: list[int], top_n: int) -> list[PromptLogprob]:
+        """The prompt's own tokens' logprobs at full depth (see ``prompt_logprobs``)."""
+        if len(prompt_ids) > self.config.max_model_len:
+            raise ValueError(f"the prompt is longer than {self.config.max_model_len} tokens")
+        return prompt_logprobs(self.model, prompt_ids, top_n)
+
     def step(self) -> tuple[list[RequestOutput], EngineStats]:
         start = time.perf_counter()
         scheduled = self.scheduler.schedule()
@@ -147,6 +174,8 @@ class Engine:
             preemptions=s.num_preemptions,
             tokens_emitted=len(events),
             phase_seconds=counts.phases,
+            prefix_queries=s.prefix_cache.queries if s.prefix_cache else 0,
+            prefix_hits=s.prefix_cache.hits if s.prefix_cache else 0,
         )
         return outputs, stats
 
@@ -154,6 +183,11 @@ class Engine:
         sid = event.request_id
         req = self.scheduler.requests[sid]
         reason = event.finish_reason
+        if req.grammar is not None:
+            req.grammar.accept(event.sample.token)
+            if req.grammar.finished and reason is None:  # the structure is complete
+                reason = FinishReason.STOP
+                self.scheduler.finish(sid, reason)
         text = ""
         detok = self._detok.get(sid)
         if detok is not None:
@@ -175,6 +209,8 @@ class Engine:
             finish_reason=reason.value if reason else None,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
+            first_scheduled=req.first_scheduled,
+            cached_tokens=req.cached_tokens,
         )
 
     def _retire(self, request_id: str, sid: str) -> None:

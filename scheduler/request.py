@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from scheduler.sampling import SamplingParams
+from scheduler.structured import GrammarState
 
 
 class Status(enum.Enum):
@@ -57,6 +58,10 @@ class Request:
     item: WorkItem | None = None
     finish_reason: FinishReason | None = None
     first_scheduled: float | None = None
+    grammar: GrammarState | None = None  # where its structured output stands
+    block_keys: list[bytes] | None = None  # prefix-cache keys of its full prompt blocks
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    cached_blocks: int = 0  # its prompt blocks the prefix cache holds (found or inserted)
 
     def __post_init__(self) -> None:
         if not self.block_tables:
@@ -88,4 +93,5 @@ class Request:
         self.num_computed = 0
         self.prefilled = False
         self.item = None
+        self.cached_blocks = 0
         return blocks

@@ -19,6 +19,7 @@ from scheduler.exit_policy import confidence, exits, forced_exit_depth, may_exit
 from scheduler.kv_cache import KVCache, PagedAttention, attention_metadata
 from scheduler.sampling import SampledBatch, SampleResult, SamplingParams, sample_batch
 from scheduler.scheduler import ItemResult, ScheduledItem, SchedulerOutput
+from scheduler.structured import apply_masks
 
 
 @dataclass
@@ -201,6 +202,7 @@ class ModelRunner:
         dev = self.device
         rows = torch.tensor([r for _, _, r in cand], device=dev)
         logits = self.model.logits(batch.hidden.index_select(0, rows))
+        logits = apply_masks(logits, [it.grammar for it, _, _ in cand])  # before the exit rule
         stats = row_max_lse(logits)  # greedy tokens, logprobs and the "prob" confidence
         leaving = torch.ones(len(cand), dtype=torch.bool, device=dev)
         early = [] if forced else [j for j, (_, d, _) in enumerate(cand) if d < last]
@@ -216,7 +218,8 @@ class ModelRunner:
             [it.params for it, _, _ in cand],
             [it.output_index for it, _, _ in cand],
             self.generator,
-            stats,
+            contexts=[it.context for it, _, _ in cand],
+            max_lse=stats,
         )
         host = _to_host(leaving, drawn)
         fills: list[tuple[ScheduledItem, int, int]] = []

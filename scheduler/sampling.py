@@ -6,11 +6,13 @@ request's tokens do not depend on which other requests share its batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kernels import row_max_lse
+from scheduler.structured import GrammarSpec
 
 MAX_LOGPROBS = 20
 
@@ -33,6 +35,12 @@ class SamplingParams:
     exit_threshold: float | None = None
     min_loops: int | None = None
     include_stop_str_in_output: bool = False
+    repetition_penalty: float = 1.0  # vLLM's: over prompt and output tokens; 1 disables
+    presence_penalty: float = 0.0  # OpenAI's: over output tokens
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many were generated
+    grammar: GrammarSpec | None = None  # structured output: masks logits before the exit rule
 
     def __post_init__(self) -> None:
         checks = [
@@ -52,6 +60,11 @@ class SamplingParams:
             ),
             (self.min_loops is None or self.min_loops >= 1, "min_loops must be >= 1"),
             (all(s for s in self.stop), "stop strings must be non-empty"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
+            (all(t >= 0 for t, _ in self.logit_bias), "logit_bias token ids must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -60,6 +73,26 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the sampler needs this request's token history."""
+        return (
+            self.repetition_penalty != 1
+            or self.presence_penalty != 0
+            or self.frequency_penalty != 0
+        )
+
+
+@dataclass(frozen=True)
+class TokenContext:
+    """What the sampler must know of a row's tokens beyond its parameters, given only to rows
+    that need it: the history penalties count (views of the request's lists, not copies) and
+    the ids banned at this step (EOS and stop ids before ``min_tokens``)."""
+
+    prompt_ids: Sequence[int] = ()
+    output_ids: Sequence[int] = ()
+    banned: tuple[int, ...] = ()
 
 
 @dataclass
@@ -81,7 +114,7 @@ class SampledBatch:
     top_logprobs: torch.Tensor | None  # [R, k] float32
 
 
-def _mask_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+def _mask_filters(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k / min-p / top-p masking of rows [R, V] (float32), each row by its
     own parameters; a filter that no row uses costs nothing."""
     dev = logits.device
@@ -127,23 +160,77 @@ def _uniform_noise(
     return u
 
 
+def _counts(rows: list[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """Occurrences of each token id per row, [R, V] float32, by one scatter-add for all rows."""
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    ids = torch.tensor([t for r in rows for t in r], dtype=torch.int64, device=device)
+    row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), lengths)
+    counts = torch.zeros(len(rows), vocab, device=device)
+    return counts.index_put_((row_of, ids), torch.ones_like(ids, dtype=counts.dtype), True)
+
+
+def _adjust(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    contexts: Sequence[TokenContext | None],
+) -> torch.Tensor:
+    """Logit bias, min-token bans, then repetition / frequency / presence penalties (vLLM's
+    order and formulas), each one batched op over the rows that use it."""
+    dev = logits.device
+    bias = [(j, t, b) for j, p in enumerate(params) for t, b in p.logit_bias]
+    if bias:
+        rows, ids, values = zip(*bias, strict=True)
+        at = (torch.tensor(rows, device=dev), torch.tensor(ids, device=dev))
+        logits = logits.index_put(at, torch.tensor(values, device=dev), accumulate=True)
+    banned = [(j, t) for j, c in enumerate(contexts) if c is not None for t in c.banned]
+    if banned:
+        rows, ids = zip(*banned, strict=True)
+        at = (torch.tensor(rows, device=dev), torch.tensor(ids, device=dev))
+        logits = logits.index_put(at, torch.tensor(float("-inf"), device=dev))
+    ctx = {j: c for j, c in enumerate(contexts) if c is not None and params[j].penalised}
+    if not ctx:
+        return logits
+    pen = list(ctx)
+    vocab = logits.shape[1]
+    rows_t = torch.tensor(pen, device=dev)
+    sub = logits.index_select(0, rows_t)
+    out = _counts([c.output_ids for c in ctx.values()], vocab, dev)
+
+    def column(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(params[j], name) for j in pen], device=dev)[:, None]
+
+    if any(params[j].repetition_penalty != 1 for j in pen):
+        seen = (out + _counts([c.prompt_ids for c in ctx.values()], vocab, dev)) > 0
+        rp = column("repetition_penalty")
+        sub = torch.where(seen, torch.where(sub > 0, sub / rp, sub * rp), sub)
+    sub = sub - column("frequency_penalty") * out - column("presence_penalty") * (out > 0)
+    return logits.index_copy(0, rows_t, sub)
+
+
 def sample_batch(
     logits: torch.Tensor,
-    params: list[SamplingParams],
-    output_index: list[int],
+    params: Sequence[SamplingParams],
+    output_index: Sequence[int],
     generator: torch.Generator,
+    contexts: Sequence[TokenContext | None] | None = None,
     max_lse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> SampledBatch:
-    """One token per row of ``logits [R, V]`` (any float dtype; computed in float32): greedy
-    rows by argmax, the others by the Gumbel-max trick over their filtered distribution
-    (exactly a draw from its softmax), all in a few batched ops and without a host sync.
-    ``max_lse``: ``row_max_lse(logits)`` when the caller has it already."""
+    """One token per row of ``logits [R, V]`` (any float dtype; computed in float32): bias,
+    bans and penalties first, then greedy rows by argmax, the others by the Gumbel-max trick
+    over their filtered distribution (exactly a draw from its softmax), all in a few batched
+    ops and without a host sync. ``contexts`` (per row, None where a row needs none) feeds the
+    penalties and bans; ``max_lse``: ``row_max_lse(logits)`` when the caller has it already.
+    Logprobs are of the raw distribution, as vLLM's default ``raw_logprobs``."""
     tokens, _, lse = row_max_lse(logits) if max_lse is None else max_lse
+    scores = logits
+    if any(p.logit_bias for p in params) or any(c is not None for c in contexts or ()):
+        scores = _adjust(logits.float(), params, contexts or [None] * len(params))
+        tokens = scores.argmax(-1)
     sampled = [j for j, p in enumerate(params) if not p.greedy]
     if sampled:
         dev = logits.device
         rows = torch.tensor(sampled, device=dev)
-        filtered = _mask_filters(logits.index_select(0, rows).float(), [params[j] for j in sampled])
+        filtered = _mask_filters(scores.index_select(0, rows).float(), [params[j] for j in sampled])
         u = _uniform_noise(
             len(sampled),
             logits.shape[1],

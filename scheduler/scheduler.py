@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 from scheduler.block_allocator import BlockAllocator
 from scheduler.config import EngineConfig
+from scheduler.prefix_cache import PrefixCache, block_keys
 from scheduler.request import FinishReason, Request, Status, WorkItem
-from scheduler.sampling import SampleResult, SamplingParams
+from scheduler.sampling import SampleResult, SamplingParams, TokenContext
+from scheduler.structured import GrammarState
 
 
 class RequestRejected(ValueError):
@@ -40,6 +42,8 @@ class ScheduledItem:
     output_index: int
     exit_thresholds: tuple[float, ...]  # per depth
     min_loops: int
+    context: TokenContext | None = None  # only for rows with penalties or min-token bans
+    grammar: GrammarState | None = None  # only for rows with a structured output
 
     @property
     def num_tokens(self) -> int:
@@ -92,6 +96,9 @@ class Scheduler:
         self.eos_token_ids = set(eos_token_ids)
         self.exit_thresholds = config.thresholds_for(loops)
         self.allocator = BlockAllocator(config.num_blocks)
+        self.prefix_cache = (
+            PrefixCache(self.allocator, config.block_size) if config.enable_prefix_caching else None
+        )
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -185,6 +192,8 @@ class Scheduler:
     def _start_item(self, req: Request, budget: int) -> int:
         """Give ``req`` its next work item if KV blocks allow; returns its size (0: none)."""
         target = req.num_tokens  # KV is needed for every known token; the last one yields logits
+        if req.num_computed == 0 and not req.block_tables[0]:
+            self._reuse_prefix(req)
         n = 1 if req.prefilled else min(target - req.num_computed, budget)
         end = req.num_computed + n
         while not self._reserve(req, end):
@@ -203,12 +212,44 @@ class Scheduler:
         )
         return n
 
+    def _reuse_prefix(self, req: Request) -> None:
+        """Start a (re)computed request on the cached blocks of its prompt's longest cached
+        prefix; the last known token is always computed (it yields the logits)."""
+        if self.prefix_cache is None:
+            return
+        bs = self.config.block_size
+        if req.block_keys is None:
+            req.block_keys = block_keys(req.prompt_ids, bs)
+        limit = (req.num_tokens - 1) // bs
+        found = self.prefix_cache.match(req.block_keys, limit, len(req.prompt_ids))
+        for blocks in found:
+            for table, block in zip(req.block_tables, blocks, strict=True):
+                table.append(block)
+        req.cached_blocks = len(found)
+        req.num_computed = req.cached_tokens = len(found) * bs
+
+    def _cache_prompt(self, req: Request) -> None:
+        """Offer the prompt blocks whose K/V are now complete at every depth to the cache."""
+        if self.prefix_cache is None or req.block_keys is None:
+            return
+        full = min(req.num_computed, len(req.prompt_ids)) // self.config.block_size
+        for i in range(req.cached_blocks, full):
+            self.prefix_cache.insert(req.block_keys[i], tuple(t[i] for t in req.block_tables))
+        req.cached_blocks = max(req.cached_blocks, full)
+
+    def _allocate(self, n: int) -> list[int] | None:
+        """``n`` blocks, evicting cached prefixes nobody runs on before giving up."""
+        blocks = self.allocator.allocate(n)
+        while blocks is None and self.prefix_cache is not None and self.prefix_cache.evict():
+            blocks = self.allocator.allocate(n)
+        return blocks
+
     def _reserve(self, req: Request, end: int) -> bool:
         """Blocks for positions [0, end) at every depth, all or nothing."""
         per_depth = math.ceil(end / self.config.block_size) - len(req.block_tables[0])
         if per_depth <= 0:
             return True
-        blocks = self.allocator.allocate(per_depth * self.loops)
+        blocks = self._allocate(per_depth * self.loops)
         if blocks is None:
             return False
         for d, table in enumerate(req.block_tables):
@@ -243,7 +284,20 @@ class Scheduler:
             output_index=len(req.output_ids),
             exit_thresholds=thresholds,
             min_loops=self.config.min_loops if p.min_loops is None else p.min_loops,
+            context=self._context(req),
+            grammar=req.grammar,
         )
+
+    def _context(self, req: Request) -> TokenContext | None:
+        """The sampler's view of a request's tokens, when its parameters need one."""
+        p = req.params
+        banned: tuple[int, ...] = ()
+        if len(req.output_ids) < p.min_tokens:
+            eos = () if p.ignore_eos else tuple(self.eos_token_ids)
+            banned = eos + p.stop_token_ids
+        if not (p.penalised or banned):
+            return None
+        return TokenContext(req.prompt_ids, req.output_ids, banned)
 
     # -- results ---------------------------------------------------------------------------
 
@@ -270,6 +324,7 @@ class Scheduler:
                 req.num_computed = item.start + item.num_tokens
                 req.prefilled = item.sampled  # the next item is the one new token
                 req.item = None
+                self._cache_prompt(req)
         return events
 
     def _emit(self, req: Request, sample: SampleResult, exit_depth: int) -> TokenEvent:

@@ -11,12 +11,13 @@ from fastapi import FastAPI
 from transformers import PreTrainedTokenizerBase
 
 from scheduler.async_engine import AsyncEngine
+from server.access import ResponseCounter
 from server.errors import install_error_handlers
 from server.limits import BodyLimit
 from server.loader import ModelInfo
 from server.metrics import Metrics
 from server.observer import EngineObserver, log_summaries
-from server.routes import chat, completions, info
+from server.routes import chat, completions, info, tokens
 from server.settings import ServeSettings
 from server.state import ServerState
 
@@ -56,6 +57,7 @@ def create_app(
     app.add_middleware(
         BodyLimit, max_bytes=settings.max_body_bytes, timeout_seconds=settings.body_timeout
     )
-    for router in (completions.router, chat.router, info.router):
+    app.add_middleware(ResponseCounter, metrics=metrics)  # added last: outermost
+    for router in (completions.router, chat.router, info.router, tokens.router):
         app.include_router(router)
     return app

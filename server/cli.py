@@ -24,7 +24,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from server.loader import build_engine
     from server.settings import ServeSettings
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "model_tag")}
+    tag = getattr(args, "model_tag", None)
+    if tag is not None:
+        if "model" in overrides and overrides["model"] != tag:
+            raise ServeConfigError(f"two models given: {tag!r} and --model {overrides['model']!r}")
+        overrides["model"] = tag
     settings = ServeSettings(**overrides)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -55,6 +60,12 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
         argument_default=argparse.SUPPRESS,
     )
     opt = p.add_argument
+    opt(
+        "model_tag",
+        nargs="?",
+        metavar="MODEL",
+        help="the model, as `vllm serve MODEL` takes it (the same as --model)",
+    )
     opt("--model", help="model directory, or 'default' (built on first use; the default)")
     opt("--host", help="address to bind (default: 127.0.0.1)")
     opt("--port", type=int, help="port (default: 8000)")
@@ -85,4 +96,16 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     opt("--log-interval", type=float, help="seconds between engine summaries (default: 10)")
     opt("--shutdown-grace", type=float, help="seconds to drain on shutdown (default: 30)")
     opt("--seed", type=int, help="seed of unseeded sampling (default: 0)")
+    opt("--chat-template", help="chat template file (or Jinja text) replacing the model's")
+    opt(
+        "--enable-prefix-caching",
+        action="store_true",
+        help="share full prompt blocks across requests (default: off)",
+    )
+    opt(
+        "--generation-config",
+        choices=("auto", "vllm"),
+        help="auto: the model's generation_config.json gives EOS ids and the sampling defaults "
+        "of fields a request leaves out; vllm: ignore it (default: auto)",
+    )
     p.set_defaults(func=_cmd_serve)

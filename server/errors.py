@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler.async_engine import EngineDeadError, EngineOverloaded, RequestFailed, ShuttingDown
 from scheduler.scheduler import RequestRejected
+from scheduler.structured import InvalidGrammar
 from server.protocol import ErrorDetail, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ def from_engine(error: Exception) -> APIError:
     retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     if isinstance(error, RequestRejected):
         return bad_request(str(error), param="prompt")
+    if isinstance(error, InvalidGrammar):
+        return bad_request(str(error), param=error.field)
     if isinstance(error, EngineOverloaded):
         return APIError(429, str(error), code="queue_full", headers=retry)
     if isinstance(error, RequestFailed):  # its own rows made the step fail: not a retry case
@@ -80,7 +83,14 @@ def from_engine(error: Exception) -> APIError:
     return APIError(503, str(error), code="unavailable", headers=retry)  # shutting down, dead
 
 
-ENGINE_ERRORS = (RequestRejected, EngineOverloaded, RequestFailed, ShuttingDown, EngineDeadError)
+ENGINE_ERRORS = (
+    RequestRejected,
+    InvalidGrammar,
+    EngineOverloaded,
+    RequestFailed,
+    ShuttingDown,
+    EngineDeadError,
+)
 
 
 def _validation_param(loc: tuple) -> str | None:

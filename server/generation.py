@@ -32,7 +32,9 @@ class Choice:
     exit_depths: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    first_token_at: float | None = None
     last_token_at: float | None = None
+    scheduled_at: float | None = None
 
 
 class Generation:
@@ -53,6 +55,8 @@ class Generation:
         self.choices = [Choice() for _ in range(len(prompts) * self.n)]
         self.start = time.monotonic()
         self.first_token_at: float | None = None
+        self._cached: dict[int, int] = {}  # per prompt: tokens its first sample found cached
+        self.caching = engine.engine.config.enable_prefix_caching
 
     @property
     def prompt_tokens(self) -> int:
@@ -61,6 +65,11 @@ class Generation:
     @property
     def completion_tokens(self) -> int:
         return sum(len(c.token_ids) for c in self.choices)
+
+    @property
+    def cached_tokens(self) -> int | None:
+        """Prompt tokens served from the prefix cache (None: caching is off)."""
+        return sum(self._cached.values()) if self.caching else None
 
     @property
     def mean_loops(self) -> float | None:
@@ -109,8 +118,11 @@ class Generation:
             self.metrics.ttft.observe(now - self.start)
         if not choice.token_ids and out.index == 0:
             self.metrics.prompt_tokens.inc(out.prompt_tokens)
+            self._cached[index // self.n] = out.cached_tokens
         if choice.last_token_at is not None:
             self.metrics.itl.observe(now - choice.last_token_at)
+        choice.first_token_at = choice.first_token_at or now
+        choice.scheduled_at = choice.scheduled_at or out.first_scheduled
         choice.last_token_at = now
         choice.token_ids += out.token_ids
         choice.samples += out.samples
@@ -121,8 +133,24 @@ class Generation:
             choice.finish_reason = out.finish_reason
             self.metrics.finished(out.finish_reason)
             self.metrics.e2e.observe(now - self.start)
+            self._observe_phases(choice, now)
+
+    def _observe_phases(self, choice: Choice, now: float) -> None:
+        """vLLM's per-sequence phase histograms, once a choice has finished."""
+        first = choice.first_token_at
+        assert first is not None
+        decode = now - first
+        self.metrics.decode_time.observe(decode)
+        if len(choice.token_ids) > 1:
+            self.metrics.tpot.observe(decode / (len(choice.token_ids) - 1))
+        if choice.scheduled_at is not None:
+            self.metrics.prefill_time.observe(first - choice.scheduled_at)
+            self.metrics.inference_time.observe(now - choice.scheduled_at)
 
     def _log(self) -> None:
+        if all(c.finish_reason is not None for c in self.choices):
+            self.metrics.request_prompt_tokens.observe(self.prompt_tokens)
+            self.metrics.request_generation_tokens.observe(self.completion_tokens)
         reasons = sorted({c.finish_reason or "aborted" for c in self.choices})
         ttft = "-" if self.first_token_at is None else f"{self.first_token_at - self.start:.3f}s"
         loops = self.mean_loops

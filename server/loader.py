@@ -3,8 +3,9 @@ the exit rule, and describe the model for ``/v1/models``."""
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from scheduler.async_engine import AsyncEngine
 from scheduler.config import EXITS_OFF, EngineConfig
 from scheduler.engine import Engine
 from scheduler.kv_cache import KVCache
+from server.params import DEFAULTABLE
 from server.settings import DEFAULT_MODEL, ServeConfigError, ServeSettings
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class ModelInfo:
     exit_thresholds: list[float] | None  # per depth; None: early exit off
     exit_measure: str
     min_loops: int
+    sampling_defaults: dict[str, float] = field(default_factory=dict)  # generation_config.json
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,14 @@ def exit_rule(config: ModelConfig, settings: ServeSettings) -> ExitRule:
 
 
 def resolve_model_dir(spec: str) -> Path:
-    """A model directory, building the default model first when asked for ``default``."""
+    """A model directory, building the default model first when asked for ``default``; an
+    ``org/name`` that is no directory here is looked up in the local Hugging Face cache (never
+    the network: nothing is downloaded)."""
     if spec != DEFAULT_MODEL:
-        return Path(spec)
+        path = Path(spec)
+        if path.exists() or spec.count("/") != 1 or spec.startswith(("/", ".")):
+            return path
+        return _from_hf_cache(spec)
     from model.default import default_model_dir, ensure_default_model
 
     if not (default_model_dir() / LOOPSERVE_CONFIG).exists():
@@ -80,14 +88,74 @@ def resolve_model_dir(spec: str) -> Path:
     return ensure_default_model()
 
 
-def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+def _from_hf_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as e:
+        raise ServeConfigError(
+            f"{repo_id!r} is neither a directory nor in the local Hugging Face cache (loopserve "
+            f"never downloads models): {e}"
+        ) from e
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What a model directory's ``generation_config.json`` says about decoding: EOS ids beside
+    config.json's, and the sampling defaults requests that leave a field out get (as vLLM's
+    ``--generation-config auto``)."""
+
+    eos_token_ids: tuple[int, ...] = ()
+    defaults: dict[str, float] = field(default_factory=dict)
+
+
+def read_generation_config(model_dir: Path, use: bool = True) -> GenerationConfig:
+    path = model_dir / "generation_config.json"
+    if not use or not path.exists():
+        return GenerationConfig()
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ServeConfigError(f"cannot read {path}: {e}") from e
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    if not all(isinstance(t, int) and t >= 0 for t in eos_ids):
+        raise ServeConfigError(f"{path}: eos_token_id must be token ids, got {eos!r}")
+    defaults = {}
+    if cfg.get("do_sample") is not False:  # do_sample false: its sampling fields are unused
+        for name in DEFAULTABLE:
+            value = cfg.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                defaults[name] = float(value)
+    return GenerationConfig(eos_ids, defaults)
+
+
+def load_tokenizer(model_dir: Path, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; ``chat_template`` (a file, or the Jinja text itself, as vLLM's
+    ``--chat-template``) replaces the template it ships with."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ServeConfigError(f"cannot load a tokenizer from {model_dir}: {e}") from e
+    if chat_template is not None:
+        path = Path(chat_template)
+        if path.is_file():
+            tokenizer.chat_template = path.read_text()
+        elif "{" in chat_template:
+            tokenizer.chat_template = chat_template
+        else:
+            raise ServeConfigError(f"--chat-template: no such file {chat_template!r}")
+    return tokenizer
 
 
-def engine_config(model: RecursiveLM, settings: ServeSettings, dtype: torch.dtype) -> EngineConfig:
+def engine_config(
+    model: RecursiveLM,
+    settings: ServeSettings,
+    dtype: torch.dtype,
+    eos_token_ids: tuple[int, ...] = (),
+) -> EngineConfig:
     """Engine limits from the settings; the KV pool is as many blocks as the memory holds."""
     per_block = KVCache.bytes_per_block(model.config, settings.block_size, dtype)
     num_blocks = settings.kv_cache_memory // per_block
@@ -113,6 +181,8 @@ def engine_config(model: RecursiveLM, settings: ServeSettings, dtype: torch.dtyp
         block_size=settings.block_size,
         num_blocks=num_blocks,
         max_model_len=max_len,
+        eos_token_ids=eos_token_ids,
+        enable_prefix_caching=settings.enable_prefix_caching,
     )
 
 
@@ -122,7 +192,13 @@ def _active_thresholds(config: EngineConfig, loops: int) -> list[float] | None:
     return per_depth if any(t <= 1.0 for t in per_depth) else None
 
 
-def model_info(model: RecursiveLM, model_dir: Path, config: EngineConfig, name: str) -> ModelInfo:
+def model_info(
+    model: RecursiveLM,
+    model_dir: Path,
+    config: EngineConfig,
+    name: str,
+    sampling_defaults: dict[str, float] | None = None,
+) -> ModelInfo:
     provenance: dict[str, Any] = {}
     if (model_dir / LOOPSERVE_CONFIG).exists():
         provenance = read_loopserve_meta(model_dir).get("provenance") or {}
@@ -140,6 +216,7 @@ def model_info(model: RecursiveLM, model_dir: Path, config: EngineConfig, name: 
         exit_thresholds=_active_thresholds(config, model.config.loops),
         exit_measure=config.exit_measure,
         min_loops=config.min_loops,
+        sampling_defaults=dict(sampling_defaults or {}),
     )
 
 
@@ -157,7 +234,8 @@ def build_engine(
     tokenizer = engine.tokenizer
     assert isinstance(tokenizer, PreTrainedTokenizerBase)
     name = settings.served_model_name or model_dir.resolve().name
-    info = model_info(engine.model, model_dir, engine.config, name)
+    defaults = read_generation_config(model_dir, settings.generation_config == "auto").defaults
+    info = model_info(engine.model, model_dir, engine.config, name, defaults)
     log.info(
         "serving %s (%s): %d loops, %d parameters, %s batching, %d KV blocks of %d tokens, "
         "max_model_len %d, early exit %s",
@@ -197,9 +275,10 @@ def load_engine(settings: ServeSettings, model_dir: Path) -> Engine:
         "weights packed for oneDNN: %s",
         ", ".join("|".join(g) for g in plan.packed) or "none (needs bfloat16 on a bf16 CPU)",
     )
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, settings.chat_template)
+    generation = read_generation_config(model_dir, settings.generation_config == "auto")
     try:
-        config = engine_config(model, settings, dtype)
+        config = engine_config(model, settings, dtype, generation.eos_token_ids)
     except ValueError as e:
         raise ServeConfigError(str(e)) from e
     return Engine(model, config, tokenizer, seed=settings.seed)

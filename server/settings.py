@@ -70,3 +70,6 @@ class ServeSettings(BaseSettings):
     log_interval: float = Field(10.0, gt=0)
     shutdown_grace: float = Field(30.0, ge=0)
     seed: int = 0
+    chat_template: str | None = None
+    enable_prefix_caching: bool = False
+    generation_config: Literal["auto", "vllm"] = "auto"

@@ -26,14 +26,16 @@ class ServerState:
     metrics: Metrics
     settings: ServeSettings
 
-    def check_model(self, name: str) -> None:
-        if name != self.info.name:
+    def check_model(self, name: str | None) -> str:
+        """The served model's name, if ``name`` (optional, as in vLLM) names it."""
+        if name is not None and name != self.info.name:
             raise APIError(
                 404,
                 f"the model {name!r} does not exist; this server serves {self.info.name!r}",
                 param="model",
                 code="model_not_found",
             )
+        return self.info.name
 
 
 def get_state(request: Request) -> ServerState:

@@ -93,7 +93,8 @@ def test_failures_are_counted_not_fatal(fake_url: str, tmp_path: Path) -> None:
     result, plot = tmp_path / "r.json", tmp_path / "r.png"
     rc = run(
         f"bench serve --base-url {fake_url}/v1 --dataset jsonl --dataset-path {dataset} "
-        f"--timeout 1 --max-concurrency 4 --disable-tqdm --save-result {result} --plot {plot}"
+        f"--timeout 1 --max-concurrency 4 --disable-tqdm --save-result "
+        f"--result-filename {result} --plot {plot}"
     )
     assert rc == 0
     data = json.loads(result.read_text())
@@ -123,7 +124,8 @@ def test_max_duration_cuts_the_run(fake_url: str, tmp_path: Path) -> None:
     start = time.monotonic()
     rc = run(
         f"bench serve --base-url {fake_url} --model fake --dataset jsonl --dataset-path {dataset} "
-        f"--max-duration 0.5 --max-concurrency 2 --disable-tqdm --save-result {result}"
+        f"--max-duration 0.5 --max-concurrency 2 --disable-tqdm --save-result "
+        f"--result-filename {result}"
     )
     assert rc == 0 and time.monotonic() - start < 2.5
     data = json.loads(result.read_text())
@@ -148,24 +150,34 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_against_live_loopserve(tiny_dir: Path, tmp_path: Path) -> None:
+    """vLLM's spellings, no --tokenizer (the server's /v1/models names the model directory),
+    and --save-result writing vLLM's keys under vLLM's file name."""
     settings = ServeSettings(
         model=str(tiny_dir), kv_cache_memory="4MiB", block_size=4, max_model_len=128, threads=1
     )
-    result = tmp_path / "r.json"
     with LiveServer(settings) as live:
         rc = run(
-            f"bench serve --base-url {live.url} --tokenizer {tiny_dir} --num-prompts 6 "
-            "--input-len 8 --output-len 6 --ignore-eos --request-rate 50 --max-concurrency 3 "
-            f"--api chat --goodput ttft:60000 --disable-tqdm --save-result {result}"
+            f"bench serve --base-url {live.url} --num-prompts 6 --dataset-name random "
+            "--random-input-len 8 --random-output-len 6 --ignore-eos --request-rate 50 "
+            "--max-concurrency 3 --backend openai-chat --goodput ttft:60000 --disable-tqdm "
+            f"--save-result --result-dir {tmp_path} --label tiny-chat"
         )
     assert rc == 0
+    (result,) = tmp_path.glob("tiny-chat-50qps-concurrency3-rrt-*.json")
     data = json.loads(result.read_text())
     assert (data["completed"], data["failed"]) == (6, 0)
+    assert data["label"] == "tiny-chat" and data["backend"] == "openai-chat"
     assert data["output_lens"] == [6] * 6  # ignore_eos honoured, counted from the usage
     assert data["input_lens"][0] > 8  # the chat template's tokens are counted by the server
     assert data["request_goodput"] == pytest.approx(data["request_throughput"])
     assert all(len(itl) == 5 for itl in data["itls"])
     assert data["mean_tpot_ms"] > 0 and data["p99_e2el_ms"] >= data["median_e2el_ms"]
+    assert len(data["start_times"]) == 6 and sorted(data["start_times"]) == data["start_times"]
+    assert data["latencies"] == pytest.approx(
+        [t + sum(i) for t, i in zip(data["ttfts"], data["itls"], strict=True)], abs=0.05
+    )
+    assert 1 <= data["max_concurrent_requests"] <= 6  # vLLM's: requests during one second
+    assert 1 <= data["max_output_tokens_per_s"] <= 36
 
 
 def test_compare_on_tiny_models(tiny_dir: Path, fake_url: str, tmp_path: Path) -> None:

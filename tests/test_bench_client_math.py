@@ -19,7 +19,7 @@ from benchmarks.client.datasets import (
     random_requests,
     sharegpt_requests,
 )
-from benchmarks.client.metrics import RequestResult, compute_metrics, parse_goodput
+from benchmarks.client.metrics import RequestResult, compute_metrics, parse_goodput, peaks
 from benchmarks.client.report import RunInfo, format_report, result_dict
 from benchmarks.compare_report import agreement
 
@@ -126,6 +126,11 @@ def test_random_prompts(tokenizer: object) -> None:
     assert not any("<|im_end|>" in r.prompt for r in reqs)  # no special tokens
     fixed = random_requests(tokenizer, 5, input_len=7, output_len=3, range_ratio=0.0, seed=1)
     assert {(r.prompt_len, r.output_len) for r in fixed} == {(7, 3)}
+    shared = random_requests(tokenizer, 6, 5, 3, 0.0, seed=2, prefix_len=12)
+    assert {r.prompt_len for r in shared} == {17}
+    words = [r.prompt.split() for r in shared]
+    assert all(w[:12] == words[0][:12] for w in words)  # one system prompt for all
+    assert len({" ".join(w[12:]) for w in words}) == 6
 
 
 def test_jsonl_prompts(tmp_path: Path, tokenizer: object) -> None:
@@ -194,3 +199,17 @@ def test_token_flops_count_every_linear_weight_twice(tiny_hf: tuple) -> None:
     prompt, output = token_flops(model.config.arch)
     assert prompt == 2 * linear
     assert output == 2 * (linear + model.embed.numel())
+
+
+def test_peaks_count_per_whole_second_as_vllm_does() -> None:
+    """Chunk arrivals and requests in flight bucketed by whole seconds from the first start."""
+    results = [
+        RequestResult(success=True, start=0.2, ttft=0.5, latency=1.0, itl=[0.1, 0.1, 0.25]),
+        RequestResult(success=True, start=0.9, ttft=0.2, latency=0.3, itl=[0.05]),
+        RequestResult(success=True, start=2.5, ttft=0.1, latency=0.2, itl=[]),
+        RequestResult(success=False, start=0.0, error="timeout"),
+    ]
+    # arrivals: 0.7 0.8 0.9 | 1.15 1.1 1.15 | 2.6 -> seconds 0: 3, 1: 3, 2: 1
+    # in flight: r0 in 0-1, r1 in 0-1, r2 in 2 (t0 = 0.0, the failed request's start)
+    assert peaks(results) == (3.0, 2)
+    assert peaks([]) == (0.0, 0)

@@ -73,10 +73,10 @@ def test_promtool_checks_config_and_rules() -> None:
     promtool = promstack.require_tool("promtool")
     run(promtool, "check", "config", "prometheus/prometheus.yml")
     out = run(promtool, "check", "rules", "prometheus/alerts.yml")
-    assert "SUCCESS: 4 rules found" in out
+    assert "SUCCESS: 6 rules found" in out
     names = set(promstack.alert_expressions())
     assert {"LoopserveDown", "LoopserveQueueGrowing", "LoopserveHighTTFT"} < names
-    assert "LoopserveKVCacheNearlyFull" in names
+    assert {"LoopserveKVCacheNearlyFull", "LoopserveShedding", "LoopserveServerErrors"} <= names
 
 
 def test_every_query_parses(tmp_path: Path) -> None:
@@ -106,6 +106,9 @@ def test_dashboard_has_the_panels() -> None:
         "Exits per depth",
         "Rows per step by depth",
         "Preemptions",
+        "HTTP responses by status",
+        "Time per output token",
+        "Prefill and decode time",
     } <= titles
     for panel in promstack.dashboard_panels():
         if "latency" in panel.title.lower() or "first token" in panel.title.lower():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from kernels import row_max_lse, use_backend
-from scheduler.sampling import SamplingParams, sample_batch
+from scheduler.sampling import SamplingParams, TokenContext, sample_batch
 
 
 def _reference_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -104,3 +106,82 @@ def test_row_max_lse_equals_the_float64_reference(backend: str, dtype: torch.dty
     assert argmax[1] == 7
     torch.testing.assert_close(top.double(), ref.max(-1).values, atol=0, rtol=0)
     torch.testing.assert_close(lse.double(), ref.logsumexp(-1), atol=1e-5, rtol=1e-6)
+
+
+def _reference_scores(
+    logits: torch.Tensor, p: SamplingParams, ctx: TokenContext | None
+) -> torch.Tensor:
+    """Float64, one row, token by token: logit bias, bans, then vLLM's repetition penalty over
+    prompt + output and OpenAI's frequency / presence penalties over the output."""
+    x = logits.double().clone()
+    for t, b in p.logit_bias:
+        x[t] += b
+    if ctx is None:
+        return x
+    for t in ctx.banned:
+        x[t] = float("-inf")
+    seen = set(ctx.prompt_ids) | set(ctx.output_ids)
+    for t in range(x.numel()):
+        if t in seen and p.repetition_penalty != 1:
+            x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+        count = list(ctx.output_ids).count(t)
+        x[t] -= p.frequency_penalty * count + p.presence_penalty * (count > 0)
+    return x
+
+
+_ADJUSTED = [
+    (SamplingParams(temperature=0.0, repetition_penalty=1.7), TokenContext([1, 2, 3], [4, 4, 9])),
+    (SamplingParams(temperature=0.0, frequency_penalty=1.5), TokenContext([5], [7, 7, 7, 8])),
+    (SamplingParams(temperature=0.0, presence_penalty=-2.0), TokenContext([5], [11, 12, 12])),
+    (SamplingParams(temperature=0.0, logit_bias=((3, 9.0), (6, -100.0))), None),
+    (SamplingParams(temperature=0.0), TokenContext(banned=(0, 1, 2))),
+    (SamplingParams(temperature=0.0), None),
+    (
+        SamplingParams(
+            temperature=0.0,
+            repetition_penalty=0.6,
+            presence_penalty=0.5,
+            frequency_penalty=-0.7,
+            logit_bias=((0, 2.5),),
+        ),
+        TokenContext([0, 1, 1, 13], [2, 13, 13, 14], banned=(14,)),
+    ),
+]
+
+
+def test_penalties_bias_and_bans_match_the_float64_reference() -> None:
+    """Rows with and without adjustments in one batch: each greedy token is the argmax of its
+    own reference scores, and logprobs stay those of the raw distribution."""
+    rows = len(_ADJUSTED)
+    logits = _logits(rows, 16, seed=5)
+    # make the adjusted tokens the contenders, so every rule changes some row's choice
+    logits[:, :15] += torch.linspace(3, 0, 15)
+    params = [p for p, _ in _ADJUSTED]
+    contexts = [c for _, c in _ADJUSTED]
+    out = sample_batch(logits, params, [0] * rows, torch.Generator(), contexts)
+    want = [
+        _reference_scores(logits[j], p, c).argmax().item() for j, (p, c) in enumerate(_ADJUSTED)
+    ]
+    assert out.tokens.tolist() == want
+    assert want != logits.argmax(-1).tolist()  # the adjustments changed something
+    ref = logits.double().log_softmax(-1).gather(1, out.tokens[:, None])[:, 0]
+    torch.testing.assert_close(out.logprobs.double(), ref, atol=1e-5, rtol=0)
+
+
+def test_penalised_draws_follow_the_reference_distribution() -> None:
+    logits = _logits(1, 12, seed=6)[0]
+    p = SamplingParams(
+        temperature=0.8, top_k=8, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=1
+    )
+    ctx = TokenContext([0, 1, 2], [6, 8, 8, 5], banned=(4,))
+    draws = 4000
+    params = [replace(p, seed=s) for s in range(draws)]
+    out = sample_batch(
+        logits.expand(draws, -1), params, [0] * draws, torch.Generator(), [ctx] * draws
+    )
+    x = _reference_scores(logits, p, ctx) / p.temperature
+    x = x.masked_fill(x < x.topk(p.top_k).values[-1], float("-inf"))
+    want = x.softmax(-1)
+    freq = torch.bincount(out.tokens, minlength=12).double() / draws
+    assert (freq[want == 0] == 0).all()
+    assert (freq - want).abs().max() < 0.03, (freq, want)

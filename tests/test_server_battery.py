@@ -21,19 +21,28 @@ RAW = object()  # marks a value spliced into the body as raw JSON text
 
 # (field, bad value, param it must name); shared by both endpoints
 SHARED: list[tuple[str, object, str]] = [
-    *[("model", v, "model") for v in (123, None, [], {}, True)],
+    *[("model", v, "model") for v in (123, [], {}, True)],
     *[("temperature", v, "temperature") for v in (-0.1, -1e9, True, "1", [], {}, None)],
     *[("top_p", v, "top_p") for v in (0, -1, 1.5, True, "x", None)],
     *[("n", v, "n") for v in (0, -1, 129, 10**9, True, 1.5, "2", None)],
     *[("stop", v, "stop") for v in ("", [""], ["a"] * 17, 5, [5], True, {"a": 1})],
     *[("seed", v, "seed") for v in (True, 1.5, "1", 2**64, -(2**63) - 1, [])],
     *[("stream", v, "stream") for v in ("yes", 1, None, [])],
-    *[("stream_options", v, "stream_options") for v in ("x", 5, [], {"bogus": 1})],
+    *[("stream_options", v, "stream_options") for v in ("x", 5, [])],
+    ("stream_options", {"continuous_usage_stats": 1}, "stream_options.continuous_usage_stats"),
     ("stream_options", {"include_usage": "yes"}, "stream_options.include_usage"),
     *[("user", v, "user") for v in (5, ["a"], True, {})],
-    *[("presence_penalty", v, "presence_penalty") for v in (0.5, -1, 3, True, "x")],
-    *[("frequency_penalty", v, "frequency_penalty") for v in (0.5, 2, -3, True, "x")],
-    *[("logit_bias", v, "logit_bias") for v in ({"5": 1}, "x", {"5": "a"}, [1], 5)],
+    *[("presence_penalty", v, "presence_penalty") for v in (2.5, -3, True, "x", None)],
+    *[("frequency_penalty", v, "frequency_penalty") for v in (2.01, -3, True, "x", None)],
+    *[("repetition_penalty", v, "repetition_penalty") for v in (0, -1, 11, True, "x", None)],
+    *[
+        ("logit_bias", v, "logit_bias")
+        for v in ("x", {"5": "a"}, [1], 5, {"x": 1}, {"-1": 1}, {"101": 1}, {"5": 101})
+    ],
+    *[("min_tokens", v, "min_tokens") for v in (-1, True, "1", 1.5, 10**6)],
+    *[("stop_token_ids", v, "stop_token_ids") for v in (5, [-1], [101], ["a"], [1] * 17)],
+    *[("include_stop_str_in_output", v, "include_stop_str_in_output") for v in (1, "x")],
+    *[("prompt_logprobs", v, "prompt_logprobs") for v in (-1, 21, True, "1")],
     *[("top_k", v, "top_k") for v in (-2, True, 1.5, "3", None)],
     *[("min_p", v, "min_p") for v in (-0.1, 1.1, True, "x", None)],
     *[("ignore_eos", v, "ignore_eos") for v in ("yes", 1, None, [])],
@@ -41,7 +50,9 @@ SHARED: list[tuple[str, object, str]] = [
     *[("min_loops", v, "min_loops") for v in (0, -1, True, 1.5, "2")],
     # JSON's non-standard NaN / Infinity tokens, which Python's json accepts
     *[(f, (RAW, v), f) for f in ("temperature", "top_p", "min_p") for v in ("NaN", "-Infinity")],
-    *[(f, 1, f) for f in ("bogus", "functions", "prompt_cache_key")],  # unknown fields
+    # vLLM extensions away from their neutral value
+    *[(f, v, f) for f, v in (("use_beam_search", True), ("guided_json", {}), ("functions", 1))],
+    *[(f, v, f) for f, v in (("skip_special_tokens", False), ("chat_template", "{{ x }}"))],
 ]
 
 COMPLETION_ONLY: list[tuple[str, object, str]] = [
@@ -64,15 +75,14 @@ CHAT_ONLY: list[tuple[str, object, str]] = [
     *[("messages", v, "messages") for v in ([], "x", None, 5, {}, [[]], ["hi"])],
     ("messages", [{}], "messages.0"),
     ("messages", [{"role": "x", "content": "a"}], "messages.0.role"),
-    ("messages", [{"role": "tool", "content": "a"}], "messages.0.role"),
+    ("messages", [{"role": "tool", "content": "a", "tool_call_id": 5}], "messages.0.tool_call_id"),
+    ("messages", [{"role": "assistant", "content": "a", "tool_calls": [{}]}], "messages.0"),
     ("messages", [{"role": 5, "content": "a"}], "messages.0.role"),
     ("messages", [{"role": "user"}], "messages.0.content"),
     ("messages", [{"role": "user", "content": 5}], "messages.0.content"),
-    ("messages", [{"role": "user", "content": None}], "messages.0.content"),
     ("messages", [{"role": "user", "content": [{"type": "image", "text": "a"}]}], "messages.0"),
     ("messages", [{"role": "user", "content": [{"type": "text"}]}], "messages.0"),
     ("messages", [{"role": "user", "content": "a", "name": 5}], "messages.0.name"),
-    ("messages", [{"role": "user", "content": "a", "bogus": 1}], "messages.0.bogus"),
     ("messages", [{"role": "user", "content": "the " * 70}], "messages"),
     ("messages", (RAW, '[{"role": "user", "content": "\\ud800"}]'), "messages.0.content"),
     ("messages", (RAW, '[{"role": "user", "content": "a", "name": "\\udc00"}]'), "messages.0"),
@@ -81,15 +91,22 @@ CHAT_ONLY: list[tuple[str, object, str]] = [
     *[("logprobs", v, "logprobs") for v in ("x", 1, None, [])],
     ("top_logprobs", 2, "top_logprobs"),
     *[("top_logprobs", v, "top_logprobs") for v in (-1, 21, True, "2")],
-    *[("tools", v, "tools") for v in ([{"type": "function"}], "x", 5)],
-    *[("tool_choice", v, "tool_choice") for v in ("auto", "required", {"type": "function"}, 5)],
-    ("response_format", {"type": "json_object"}, "response_format.type"),
+    *[("tools", v, "tools") for v in ("x", 5, [])],
+    ("tools", [{"type": "function"}], "tools.0.function"),
+    ("tools", [{"type": "function", "function": {"name": "a b"}}], "tools.0.function.name"),
+    *[("tool_choice", v, "tool_choice") for v in ("auto", "required", "any", 5)],
+    ("tool_choice", {"type": "function"}, "tool_choice"),
+    ("response_format", {"type": "xml"}, "response_format.type"),
+    ("response_format", {"type": "json_schema"}, "response_format.json_schema"),
+    ("structured_outputs", {"regex": "("}, "structured_outputs"),
     ("response_format", "json", "response_format"),
     ("prompt", "hi", "prompt"),
 ]
 
 CONFLICTS: list[tuple[str, dict, str]] = [
-    (COMPLETIONS, {"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+    (COMPLETIONS, {"prompt": "hi", "max_tokens": 0, "logprobs": 1}, "max_tokens"),
+    (COMPLETIONS, {"prompt": "hi", "min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+    (CHAT, {"messages": HI, "prompt_logprobs": 1}, "prompt_logprobs"),
     (COMPLETIONS, {"prompt": "hi", "n": 2, "best_of": 3}, "best_of"),
     (COMPLETIONS, {"prompt": "hi", "max_tokens": 64}, "max_tokens"),
     (CHAT, {"messages": HI, "max_tokens": 2, "max_completion_tokens": 3}, "max_completion_tokens"),
@@ -185,6 +202,8 @@ def test_conflicting_fields(
 ) -> None:
     if "stream_options" in body and stream:
         pytest.skip("stream_options is valid with stream=true")
+    if "prompt_logprobs" in body and not stream:
+        pytest.skip("chat answers prompt_logprobs when not streamed")
     resp = post(live, path, json.dumps({"model": "tiny", **body, "stream": stream}).encode())
     assert_openai_error(resp, param)
 
@@ -196,7 +215,7 @@ def test_conflicting_fields(
 )
 def test_malformed_bodies(live: LiveServer, path: str, content: bytes) -> None:
     resp = post(live, path, content)
-    param = "model" if content == b"{}" else None
+    param = None if content != b"{}" else ("prompt" if path == COMPLETIONS else "messages")
     assert_openai_error(resp, param)
 
 

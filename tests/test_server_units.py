@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 from pydantic import ValidationError
 from transformers import LlamaForCausalLM
@@ -18,7 +19,7 @@ from model.serving import materialise_high_rank
 from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.exit_policy import EXITS_OFF
-from server.loader import batching_label, engine_config, exit_rule, model_info
+from server.loader import batching_label, engine_config, exit_rule, model_info, resolve_model_dir
 from server.settings import ServeConfigError, ServeSettings, parse_size
 
 ARCH = ArchConfig(
@@ -101,6 +102,26 @@ def test_serve_reports_bad_input_without_a_traceback(
     assert "does not exist" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path), "--kv-cache-memory", "lots"]) == 2
     assert "kv_cache_memory" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "missing")]) == 2  # vLLM's positional MODEL
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["serve", "a", "--model", "b"]) == 2
+    assert "two models given" in capsys.readouterr().err
+
+
+def test_org_name_resolves_from_the_local_hf_cache_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache layout huggingface_hub reads: refs/main names the snapshot."""
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert resolve_model_dir("org/tiny") == snapshot
+    with pytest.raises(ServeConfigError, match="local Hugging Face cache"):
+        resolve_model_dir("org/absent")
 
 
 def test_calibrated_thresholds_reach_the_engine_per_depth(

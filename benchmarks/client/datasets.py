@@ -58,8 +58,11 @@ def random_requests(
     output_len: int,
     range_ratio: float,
     seed: int,
+    prefix_len: int = 0,
 ) -> list[SampleRequest]:
     """Random non-special token ids decoded to text; ``prompt_len`` is the re-encoded count.
+    With ``prefix_len`` (vLLM's ``--random-prefix-len``) every prompt starts with the same
+    ``prefix_len`` random tokens, a shared system prompt for prefix caching to find.
 
     Decoding then encoding merges or splits tokens (BPE), so the ids are re-encoded and cut
     or topped up a few times to land on the drawn length.
@@ -69,9 +72,11 @@ def random_requests(
     vocab = np.array([i for i in range(len(tokenizer)) if i not in special])
     ins = _lengths(input_len, range_ratio, n, rng)
     outs = _lengths(output_len, range_ratio, n, rng)
+    prefix = rng.choice(vocab, size=prefix_len).tolist() if prefix_len else []
     requests = []
-    for in_len, out_len in zip(ins, outs, strict=True):
-        ids = rng.choice(vocab, size=int(in_len)).tolist()
+    for own_len, out_len in zip(ins, outs, strict=True):
+        in_len = prefix_len + int(own_len)
+        ids = prefix + rng.choice(vocab, size=int(own_len)).tolist()
         for _ in range(_LENGTH_FIXES):
             ids = tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False)
             if len(ids) == in_len:

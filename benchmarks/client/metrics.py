@@ -73,6 +73,31 @@ class BenchmarkMetrics:
     output_throughput: float
     total_token_throughput: float
     latency: dict[str, Distribution]
+    max_output_tokens_per_s: float = 0.0
+    max_concurrent_requests: int = 0
+
+
+def peaks(results: list[RequestResult]) -> tuple[float, int]:
+    """vLLM's peak lines, its way: whole seconds from the first request's start; the most
+    content chunks (tokens, when each chunk holds one) arriving within one second, and the
+    most requests whose [start, end] touches one second (requests *during* that second, not
+    at one instant: it can exceed ``--max-concurrency``)."""
+    ok = [r for r in results if r.success]
+    if not ok:
+        return 0.0, 0
+    t0 = min(r.start for r in results)
+    arrivals = []
+    for r in ok:
+        t = r.start + r.ttft
+        arrivals.append(t)
+        for gap in r.itl:
+            t += gap
+            arrivals.append(t)
+    tokens = np.bincount(np.floor(np.asarray(arrivals) - t0).astype(np.int64)).max()
+    concurrent = np.zeros(int(max(r.start + r.latency for r in ok) - t0) + 2, dtype=np.int64)
+    for r in ok:
+        concurrent[int(r.start - t0) : int(r.start + r.latency - t0) + 1] += 1
+    return float(tokens), int(concurrent.max())
 
 
 def parse_goodput(specs: list[str]) -> dict[str, float]:
@@ -125,6 +150,7 @@ def compute_metrics(
     goodput = None
     if slos:
         goodput = sum(meets_slos(r, slos) for r in ok) * per_second
+    peak_tokens, peak_requests = peaks(results)
     return BenchmarkMetrics(
         completed=len(ok),
         failed=len(results) - len(ok),
@@ -137,4 +163,6 @@ def compute_metrics(
         output_throughput=total_out * per_second,
         total_token_throughput=(total_in + total_out) * per_second,
         latency={m: Distribution.of(series[m], percentiles) for m in METRICS},
+        max_output_tokens_per_s=peak_tokens,
+        max_concurrent_requests=peak_requests,
     )

@@ -34,6 +34,7 @@ class RunInfo:
     request_rate: float
     burstiness: float
     max_concurrency: int | None
+    label: str | None = None
 
 
 def pct_name(p: float) -> str:
@@ -61,6 +62,8 @@ def format_report(m: BenchmarkMetrics, info: RunInfo) -> str:
     if m.request_goodput is not None:
         lines.append(_row("Request goodput (req/s):", m.request_goodput))
     lines.append(_row("Output token throughput (tok/s):", m.output_throughput))
+    lines.append(_row("Peak output token throughput (tok/s):", m.max_output_tokens_per_s))
+    lines.append(_row("Peak concurrent requests:", m.max_concurrent_requests))
     lines.append(_row("Total Token throughput (tok/s):", m.total_token_throughput))
     for metric in METRICS:
         title, short = _TITLES[metric]
@@ -90,6 +93,8 @@ def result_dict(m: BenchmarkMetrics, info: RunInfo, results: list[RequestResult]
         request_goodput=m.request_goodput,
         output_throughput=m.output_throughput,
         total_token_throughput=m.total_token_throughput,
+        max_output_tokens_per_s=m.max_output_tokens_per_s,
+        max_concurrent_requests=m.max_concurrent_requests,
     )
     for metric, d in m.latency.items():
         out[f"mean_{metric}_ms"] = d.mean
@@ -100,7 +105,8 @@ def result_dict(m: BenchmarkMetrics, info: RunInfo, results: list[RequestResult]
     out.update(
         input_lens=[r.prompt_len for r in results],
         output_lens=[r.output_len for r in results],
-        starts=[r.start for r in results],
+        start_times=[r.start for r in results],
+        latencies=[r.latency for r in results],
         ttfts=[r.ttft for r in results],
         itls=[r.itl for r in results],
         generated_texts=[r.generated_text for r in results],
@@ -109,5 +115,17 @@ def result_dict(m: BenchmarkMetrics, info: RunInfo, results: list[RequestResult]
     return out
 
 
+def result_path(info: RunInfo, result_dir: str | None, filename: str | None, date: str) -> Path:
+    """Where ``--save-result`` writes: vLLM's default name,
+    ``{label or backend}-{rate}qps[-concurrency{c}]-{model}-{date}.json``, in ``result_dir``."""
+    if filename is None:
+        rate = "inf" if math.isinf(info.request_rate) else f"{info.request_rate:g}"
+        concurrency = f"-concurrency{info.max_concurrency}" if info.max_concurrency else ""
+        model = info.model_id.split("/")[-1]
+        filename = f"{info.label or info.backend}-{rate}qps{concurrency}-{model}-{date}.json"
+    return Path(result_dir or ".") / filename
+
+
 def save_result(path: str | Path, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(data, indent=2) + "\n")

@@ -164,10 +164,15 @@ async def send(
     return result
 
 
-async def first_model(base_url: str, api_key: str | None, timeout: float = 30.0) -> str:
-    """The first model id the server lists (for a run without ``--model``)."""
+async def first_card(base_url: str, api_key: str | None, timeout: float = 30.0) -> dict[str, Any]:
+    """The first model object the server lists."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(timeout=timeout) as client:
         response = await client.get(root_url(base_url) + "/v1/models", headers=headers)
         response.raise_for_status()
-        return response.json()["data"][0]["id"]
+        return response.json()["data"][0]
+
+
+async def first_model(base_url: str, api_key: str | None, timeout: float = 30.0) -> str:
+    """The first model id the server lists (for a run without ``--model``)."""
+    return (await first_card(base_url, api_key, timeout))["id"]

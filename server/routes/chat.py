@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from jinja2 import TemplateError
 
 from scheduler.engine import RequestOutput
-from server.errors import bad_request
+from server.errors import ENGINE_ERRORS, bad_request, from_engine
 from server.generation import Generation
-from server.logprobs import chat_logprobs
-from server.params import check_chat, max_tokens_for, sampling_params
+from server.logprobs import chat_logprobs, vllm_prompt_logprobs
+from server.params import check_chat, ignored_fields, max_tokens_for, sampling_params
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -23,31 +25,120 @@ from server.protocol import (
     ChatCompletionResponse,
     ChatMessage,
     DeltaMessage,
+    DeltaToolCall,
 )
-from server.routes.common import ERROR_RESPONSES, checked_ids, drain, new_request_id, now, usage
+from server.routes.common import (
+    ERROR_RESPONSES,
+    checked_ids,
+    drain,
+    new_request_id,
+    now,
+    usage,
+    with_ignored,
+)
 from server.state import ServerState, get_state, require_api_key
 from server.streaming import EventStream, events, prime, sse, unless_disconnected
+from server.tools import finish_reason, template_tools, tool_calls, tool_grammar
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
+# apply_chat_template's own arguments: a request setting them would change what it returns
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "tools",
+        "documents",
+        "chat_template",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 
 
-def render(state: ServerState, messages: list[ChatMessage]) -> list[int]:
-    """Token ids of the conversation plus the assistant's turn opener."""
-    plain = [
-        {
-            "role": m.role,
-            "content": m.content
-            if isinstance(m.content, str)
-            else "".join(p.text for p in m.content),
-        }
-        for m in messages
-    ]
+def _arguments(text: str) -> object:
+    """Tool-call arguments as templates expect them: the parsed JSON where it parses."""
     try:
-        text = state.tokenizer.apply_chat_template(
-            plain, add_generation_prompt=True, tokenize=False
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _plain(m: ChatMessage) -> dict[str, Any]:
+    content = m.content
+    if isinstance(content, list):
+        content = "".join(p.text for p in content)
+    elif content is None:
+        content = ""
+    message: dict[str, Any] = {"role": m.role, "content": content}
+    if m.name is not None:
+        message["name"] = m.name
+    if m.tool_call_id is not None:
+        message["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        message["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": c.type,
+                "function": {
+                    "name": c.function.name,
+                    "arguments": _arguments(c.function.arguments),
+                },
+            }
+            for c in m.tool_calls
+        ]
+    return message
+
+
+def render_text(
+    state: ServerState,
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    template_kwargs: dict[str, Any],
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    """The conversation as the chat template writes it; a message's ``name`` and the request's
+    ``chat_template_kwargs`` reach the template (the flags win over same-named kwargs)."""
+    if continue_final_message and (add_generation_prompt or messages[-1].role != "assistant"):
+        raise bad_request(
+            "continue_final_message needs add_generation_prompt=false and an assistant message "
+            "last",
+            "continue_final_message",
         )
-    except (TemplateError, ValueError) as e:  # templates raise on conversations they refuse
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(template_kwargs))
+    if reserved:
+        raise bad_request(
+            f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs"
+        )
+    flags = {
+        "add_generation_prompt": add_generation_prompt,
+        "continue_final_message": continue_final_message,
+        "tools": tools,
+    }
+    try:
+        return state.tokenizer.apply_chat_template(
+            [_plain(m) for m in messages], tokenize=False, **{**template_kwargs, **flags}
+        )
+    except (TemplateError, ValueError, TypeError) as e:  # templates raise on what they refuse
         raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
+
+
+def render(state: ServerState, body: ChatCompletionRequest) -> list[int]:
+    """Token ids of the conversation plus the assistant's turn opener (or, with
+    ``continue_final_message``, the last assistant message left open)."""
+    text = render_text(
+        state,
+        body.messages,
+        body.add_generation_prompt,
+        body.continue_final_message,
+        dict(body.chat_template_kwargs or {}),
+        template_tools(body),
+    )
     ids = state.tokenizer(text, add_special_tokens=False)["input_ids"]
     return checked_ids(state, ids, "messages")
 
@@ -56,62 +147,101 @@ def render(state: ServerState, messages: list[ChatMessage]) -> list[int]:
     "/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request
+    body: ChatCompletionRequest, request: Request, response: Response
 ) -> ChatCompletionResponse | Response:
     state = get_state(request)
+    ignored = ignored_fields(body)
     check_chat(body)
-    state.check_model(body.model)
-    ids = render(state, body.messages)
+    model = state.check_model(body.model)
+    forced = tool_grammar(body)
+    ids = render(state, body)
     requested = body.max_completion_tokens or body.max_tokens
     tokens_param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
     max_tokens = max_tokens_for(
         requested, len(ids), state.info.max_model_len, True, "messages", tokens_param
     )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens, logprobs)
+    params = sampling_params(
+        body, max_tokens, logprobs, state.info.vocab_size, state.info.sampling_defaults, forced
+    )
+    prompt_lp = None
+    if body.prompt_logprobs is not None:
+        scoring = state.engine.score_prompt(ids, body.prompt_logprobs)
+        try:
+            scored = await unless_disconnected(request, scoring)
+        except ENGINE_ERRORS as e:
+            raise from_engine(e) from e
+        prompt_lp = vllm_prompt_logprobs(state.tokenizer, scored)
     gen = Generation(state.engine, state.metrics, new_request_id("chatcmpl"), [ids], [params])
     if body.stream:
         outputs = await unless_disconnected(request, prime(gen.outputs()))
-        return EventStream(events(_chunks(state, body, gen, outputs)))
+        return with_ignored(EventStream(events(_chunks(state, body, model, gen, outputs))), ignored)
+    with_ignored(response, ignored)
     await unless_disconnected(request, drain(gen))
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=c.text),
-            logprobs=chat_logprobs(state.tokenizer, c.samples) if body.logprobs else None,
-            finish_reason=c.finish_reason,
+    choices = []
+    for i, c in enumerate(gen.choices):
+        calls = tool_calls(body, c.text)
+        message = AssistantMessage(
+            content=c.text if calls is None else None, tool_calls=calls or []
         )
-        for i, c in enumerate(gen.choices)
-    ]
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=message,
+                logprobs=chat_logprobs(state.tokenizer, c.samples) if body.logprobs else None,
+                finish_reason=finish_reason(body, c.finish_reason, calls is not None),
+            )
+        )
     return ChatCompletionResponse(
-        id=gen.request_id, created=now(), model=body.model, choices=choices, usage=usage(gen)
+        id=gen.request_id,
+        created=now(),
+        model=model,
+        choices=choices,
+        usage=usage(gen),
+        prompt_logprobs=prompt_lp,
     )
 
 
 async def _chunks(
     state: ServerState,
     body: ChatCompletionRequest,
+    model: str,
     gen: Generation,
     outputs: AsyncGenerator[tuple[int, RequestOutput]],
 ) -> AsyncGenerator[str]:
     created = now()
+    continuous = body.stream_options is not None and body.stream_options.continuous_usage_stats
 
     def chunk(choices: list[ChatChunkChoice], **kw: object) -> str:
+        if continuous and "usage" not in kw:
+            kw["usage"] = usage(gen)
         resp = ChatCompletionChunk(
-            id=gen.request_id, created=created, model=body.model, choices=choices, **kw
+            id=gen.request_id, created=created, model=model, choices=choices, **kw
         )
         return sse(resp)
 
+    forced = tool_grammar(body) is not None  # calls are sent whole, once each choice ends
     for i in range(len(gen.choices)):
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
     async with aclosing(outputs):
         async for i, out in outputs:
             lp = chat_logprobs(state.tokenizer, out.samples) if body.logprobs else None
-            if out.text or out.finish_reason or lp is not None:
-                delta = DeltaMessage(content=out.text) if out.text else DeltaMessage()
-                choice = ChatChunkChoice(
-                    index=i, delta=delta, logprobs=lp, finish_reason=out.finish_reason
-                )
+            delta = DeltaMessage(content=out.text) if out.text and not forced else DeltaMessage()
+            reason = out.finish_reason
+            if forced and reason is not None:
+                text = gen.choices[i].text
+                calls = tool_calls(body, text)
+                if calls is None:  # cut short: what there is, as text
+                    delta = DeltaMessage(content=text)
+                else:
+                    delta = DeltaMessage(
+                        tool_calls=[
+                            DeltaToolCall(index=k, **c.model_dump()) for k, c in enumerate(calls)
+                        ]
+                    )
+                reason = finish_reason(body, reason, calls is not None)
+            if delta.content or delta.tool_calls or reason or lp is not None:
+                choice = ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=reason)
                 yield chunk([choice])
     if body.stream_options is not None and body.stream_options.include_usage:
         yield chunk([], usage=usage(gen))

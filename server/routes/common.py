@@ -5,12 +5,18 @@ from __future__ import annotations
 import time
 import uuid
 from contextlib import aclosing
+from typing import TypeVar
+
+from fastapi.responses import Response
 
 from server.errors import bad_request
 from server.generation import Generation
-from server.protocol import Usage
+from server.params import IGNORED_HEADER
+from server.protocol import PromptTokensDetails, Usage
 from server.state import ServerState
 
+R = TypeVar("R", bound=Response)
+MAX_IGNORED_LISTED = 32
 ERROR_RESPONSES: dict[int | str, dict] = {
     code: {"description": desc}
     for code, desc in {
@@ -45,6 +51,19 @@ def checked_ids(state: ServerState, ids: list[int], param: str) -> list[int]:
     return ids
 
 
+def with_ignored(response: R, ignored: list[str]) -> R:
+    """Name the request fields loopserve ignored in a response header, so a client can see
+    that e.g. an unknown sampling field had no effect (ASCII-escaped, the first
+    ``MAX_IGNORED_LISTED``, then how many more)."""
+    if ignored:
+        names = [n.encode("unicode_escape").decode() for n in ignored]
+        listed = names[:MAX_IGNORED_LISTED]
+        if len(names) > len(listed):
+            listed.append(f"...{len(names) - len(listed)} more")
+        response.headers[IGNORED_HEADER] = ",".join(listed)
+    return response
+
+
 def usage(gen: Generation) -> Usage:
     prompt, completion = gen.prompt_tokens, gen.completion_tokens
     return Usage(
@@ -52,6 +71,9 @@ def usage(gen: Generation) -> Usage:
         completion_tokens=completion,
         total_tokens=prompt + completion,
         mean_loops_per_token=gen.mean_loops,
+        prompt_tokens_details=None
+        if gen.cached_tokens is None
+        else PromptTokensDetails(cached_tokens=gen.cached_tokens),
     )
 
 

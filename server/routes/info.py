@@ -64,6 +64,13 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+@router.get("/ping", operation_id="ping_get")
+@router.post("/ping", operation_id="ping_post")
+async def ping(request: Request) -> JSONResponse:
+    """vLLM's (and SageMaker's) liveness probe: the same answer as ``/health``."""
+    return await health(request)
+
+
 @router.get("/version")
 async def version() -> dict[str, str]:
     return {

@@ -1,0 +1,105 @@
+"""Tool calling without a model-specific parser: ``tool_choice: "required"`` or a named
+function constrains the reply (xgrammar) to JSON the functions' schemas allow, and that JSON
+becomes ``tool_calls``. ``auto`` would need a parser for the model's own tool-call format
+(vLLM's ``--tool-call-parser``); loopserve has none and says so."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from scheduler.structured import GrammarSpec
+from server.errors import bad_request
+from server.protocol import ChatCompletionRequest, FunctionCallOut, ToolCallOut
+
+
+def _forced(body: ChatCompletionRequest) -> bool:
+    return body.tools is not None and body.tool_choice not in (None, "none", "auto")
+
+
+def tool_grammar(body: ChatCompletionRequest) -> GrammarSpec | None:
+    """The JSON schema a tool choice forces, or None when the reply is free text."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none"):
+            raise bad_request("tool_choice needs tools", "tool_choice")
+        return None
+    if choice is None or choice == "auto":
+        raise bad_request(
+            "tool_choice 'auto' (the default with tools) needs a parser for the model's own "
+            "tool-call format, which loopserve does not have; send 'required', a named "
+            "function, or 'none'",
+            "tool_choice",
+        )
+    if choice == "none":
+        return None
+    if choice == "required":
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": t.function.name},
+                    "arguments": t.function.parameters,
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for t in body.tools
+        ]
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if body.parallel_tool_calls is False:
+            schema["maxItems"] = 1
+    else:
+        named = [t for t in body.tools if t.function.name == choice.function.name]
+        if not named:
+            raise bad_request(
+                f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                "tool_choice",
+            )
+        schema = named[0].function.parameters
+    if body.response_format is not None and body.response_format.type != "text":
+        raise bad_request(
+            "a forced tool choice and a response_format both constrain", "tool_choice"
+        )
+    if body.structured_outputs is not None:
+        raise bad_request(
+            "a forced tool choice and structured_outputs both constrain", "tool_choice"
+        )
+    return GrammarSpec("json", json.dumps(schema), "tool_choice")
+
+
+def template_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tools as the chat template sees them (none with ``tool_choice: "none"``)."""
+    if not body.tools or body.tool_choice == "none":
+        return None
+    return [t.model_dump(exclude_none=True) for t in body.tools]
+
+
+def tool_calls(body: ChatCompletionRequest, text: str) -> list[ToolCallOut] | None:
+    """The calls a forced reply spells, or None for free text (or a reply cut short)."""
+    if not _forced(body):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if body.tool_choice == "required":
+        pairs = [(c["name"], c["arguments"]) for c in value]
+    else:
+        assert not isinstance(body.tool_choice, str) and body.tool_choice is not None
+        pairs = [(body.tool_choice.function.name, value)]
+    return [
+        ToolCallOut(
+            id=f"call_{uuid.uuid4().hex[:24]}",
+            function=FunctionCallOut(name=name, arguments=json.dumps(args)),
+        )
+        for name, args in pairs
+    ]
+
+
+def finish_reason(body: ChatCompletionRequest, reason: str | None, called: bool) -> str | None:
+    """OpenAI's: ``tool_calls`` when ``required`` made calls; a named function ends ``stop``."""
+    if called and reason == "stop" and body.tool_choice == "required":
+        return "tool_calls"
+    return reason
