@@ -155,10 +155,6 @@ class Scheduler:
         """Sequences queued, including samples held for their leader's prefill."""
         return len(self.waiting) + sum(len(f) for f in self._followers.values())
 
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def abort(self, request_id: str) -> bool:
         """Finish a request early (client gone); its blocks return to the pool at once."""
         req = self.requests.get(request_id)
@@ -166,6 +162,10 @@ class Scheduler:
             return False
         self._finish(req, FinishReason.ABORT)
         return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
 
     # -- scheduling ------------------------------------------------------------------------
 
