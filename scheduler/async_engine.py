@@ -114,7 +114,7 @@ class AsyncEngine:
     @property
     def num_waiting(self) -> int:
         """Sequences waiting for a slot, including adds not yet taken in by the engine."""
-        return len(self.engine.scheduler.waiting) + self._inbound
+        return self.engine.scheduler.num_waiting + self._inbound
 
     @property
     def num_running(self) -> int:
@@ -156,7 +156,7 @@ class AsyncEngine:
     def _reserve(self, sequences: int) -> None:
         """Count ``sequences`` as waiting, or refuse them if the queue cannot hold them."""
         with self._admission:
-            waiting = len(self.engine.scheduler.waiting) + self._inbound
+            waiting = self.engine.scheduler.num_waiting + self._inbound
             if waiting + sequences > self.max_queue:
                 raise EngineOverloaded(
                     f"the request queue is full: {waiting} of {self.max_queue} sequences "

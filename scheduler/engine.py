@@ -116,7 +116,8 @@ class Engine:
                 seed = None if params.seed is None else params.seed + i
                 p = replace(params, seed=seed)
                 grammar = self._grammar(p)
-                self.scheduler.add_request(sid, prompt_ids, p).grammar = grammar
+                leader = ids[0] if i and self.config.enable_prefix_caching else None
+                self.scheduler.add_request(sid, prompt_ids, p, leader).grammar = grammar
                 added.append(sid)
                 if self.tokenizer is not None:
                     self._detok[sid] = IncrementalDetokenizer(
@@ -169,7 +170,7 @@ class Engine:
             exits_per_depth=counts.exits,
             fills_per_depth=counts.fills,
             num_running=len(s.running),
-            num_waiting=len(s.waiting),
+            num_waiting=s.num_waiting,
             kv_usage=s.allocator.usage,
             preemptions=s.num_preemptions,
             tokens_emitted=len(events),

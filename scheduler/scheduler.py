@@ -102,14 +102,23 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        # samples 1..n-1 of a request wait here until sample 0 has prefilled (and cached) the
+        # prompt they share; then they join the queue's front
+        self._followers: dict[str, list[Request]] = {}
         self.num_preemptions = 0
         self._dropped: list[str] = []
 
     # -- admission -------------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        follows: str | None = None,
     ) -> Request:
+        """Queue a request; with ``follows`` (prefix caching), hold it until that request has
+        computed the prompt both start with."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
@@ -129,8 +138,22 @@ class Scheduler:
             )
         req = Request(request_id, list(prompt_ids), params, time.monotonic(), self.loops)
         self.requests[request_id] = req
-        self.waiting.append(req)
+        leader = self.requests.get(follows) if follows is not None else None
+        if leader is not None and not leader.finished and not leader.prefilled:
+            self._followers.setdefault(leader.request_id, []).append(req)
+        else:
+            self.waiting.append(req)
         return req
+
+    def _release_followers(self, leader: Request) -> None:
+        for req in reversed(self._followers.pop(leader.request_id, [])):
+            if not req.finished:
+                self.waiting.appendleft(req)
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences queued, including samples held for their leader's prefill."""
+        return len(self.waiting) + sum(len(f) for f in self._followers.values())
 
     def abort(self, request_id: str) -> bool:
         """Finish a request early (client gone); its blocks return to the pool at once."""
@@ -325,6 +348,8 @@ class Scheduler:
                 req.prefilled = item.sampled  # the next item is the one new token
                 req.item = None
                 self._cache_prompt(req)
+                if req.prefilled:
+                    self._release_followers(req)
         return events
 
     def _emit(self, req: Request, sample: SampleResult, exit_depth: int) -> TokenEvent:
@@ -349,6 +374,7 @@ class Scheduler:
             self._finish(req, reason)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
+        self._release_followers(req)
         self.allocator.free(req.release_blocks())
         if req in self.running:
             self.running.remove(req)

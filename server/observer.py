@@ -62,7 +62,7 @@ class EngineObserver:
         return (
             f"engine: {steps / elapsed:.1f} steps/s ({100 * busy / elapsed:.0f}% busy), "
             f"{tokens / elapsed:.1f} tokens/s, running {len(s.running)}, waiting "
-            f"{len(s.waiting)}, KV {100 * s.allocator.usage:.1f}%, loops/token {loops:.2f}, "
+            f"{s.num_waiting}, KV {100 * s.allocator.usage:.1f}%, loops/token {loops:.2f}, "
             f"exits per depth {exits}, preemptions {s.num_preemptions}"
         )
 

@@ -130,3 +130,25 @@ def test_cached_tokens_in_usage_and_metrics(tmp_path: Path) -> None:
     assert second["choices"][0]["text"] == first["choices"][0]["text"]
     hits = [ln for ln in text.splitlines() if ln.startswith("loopserve:prefix_cache_hits_total")]
     assert hits and float(hits[0].split()[-1]) == 8
+
+
+def test_n_samples_share_their_prompt(rrt: RecursiveLM) -> None:
+    """Samples 1..n-1 wait for sample 0's prefill, then start on its cached blocks; seeded
+    draws make each sample's tokens the same as without caching."""
+    prompts = {"a": list(range(3, 21)), "b": list(range(40, 51))}  # 4 and 2 full blocks
+    params = SamplingParams(max_tokens=4, temperature=1.0, seed=7, n=4, ignore_eos=True)
+    cfg = {"block_size": 4, "num_blocks": 512, "max_model_len": 128}
+    want = Engine(rrt, EngineConfig(**cfg)).generate(prompts, params)
+    on = Engine(rrt, EngineConfig(enable_prefix_caching=True, **cfg))
+    cached: dict[tuple[str, int], int] = {}
+    for rid, ids in prompts.items():
+        on.add_request(rid, ids, params)
+    assert on.scheduler.num_waiting == 8 and len(on.scheduler.waiting) == 2
+    got: dict[str, list[list[int]]] = {rid: [[] for _ in range(4)] for rid in prompts}
+    while on.has_work:
+        for o in on.step()[0]:
+            got[o.request_id][o.index] += o.token_ids
+            cached[o.request_id, o.index] = o.cached_tokens
+    assert got == want
+    assert [cached["a", i] for i in range(4)] == [0, 16, 16, 16]
+    assert [cached["b", i] for i in range(4)] == [0, 8, 8, 8]

@@ -206,6 +206,7 @@ def test_echo_scores_match_generation_and_a_float64_forward(
         "completion_tokens": 0,
         "total_tokens": len(full),
         "mean_loops_per_token": None,
+        "prompt_tokens_details": None,  # prefix caching is off
     }
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     assert len(lp["tokens"]) == len(full)
