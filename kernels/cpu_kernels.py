@@ -4,13 +4,18 @@ attention, the per-row max / log-sum-exp of logits, and a block layer's pointwis
 
 torch's C++ extension loader compiles it once per machine into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; about a minute with the
-torch headers) and loads it from there afterwards. A machine without a C++ compiler keeps the
-torch twin and says so once in the log.
+torch headers) and loads it from there afterwards. The build directory is named after a hash
+of the source and flags, so checkouts with different versions never rebuild over each other;
+a build lock older than ``STALE_LOCK_S`` (left by a killed build, on which torch's loader
+would wait forever) is removed first. A machine without a C++ compiler keeps the torch twins
+and says so once in the log.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -20,26 +25,33 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+CFLAGS = (
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-fopenmp-simd",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+)
+STALE_LOCK_S = 600.0
+
+
+def _build_name() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()
+    return f"loopserve_cpu_kernels_{digest[:12]}"
 
 
 @cache
 def _extension() -> ModuleType | None:
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
+    name = _build_name()
     try:
-        return load(
-            name="loopserve_cpu_kernels",
-            sources=[str(SOURCE)],
-            extra_cflags=[
-                "-O3",
-                "-march=native",
-                "-mprefer-vector-width=512",
-                "-fopenmp-simd",
-                "-fno-math-errno",
-                "-fno-trapping-math",
-            ],
-            verbose=False,
-        )
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing a stale build lock %s (a killed build left it)", lock)
+            lock.unlink(missing_ok=True)
+        return load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), verbose=False)
     except Exception as e:  # a missing compiler or ninja: the twin runs instead
         log.warning("C++ CPU kernels unavailable (%s); using the torch twins", e)
         return None
