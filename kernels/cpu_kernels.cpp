@@ -73,13 +73,16 @@ void decode(const T* q, const T* kc, const T* vc, const int32_t* tables, const i
       const int64_t window = windows != nullptr ? windows[s] : 0;
       const int64_t first = window > 0 && window < ctx ? ctx - window : 0;
       const int64_t len = ctx - first;
+      const int32_t* table = tables + s * width;
+      auto slot = [&](int64_t t) {  // cache slot of the t-th key seen
+        const int64_t p = first + t;
+        return static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size;
+      };
       const T* qs = q + rows[s] * q_stride;
       for (int64_t j = 0; j < width_q; ++j) qf[j] = load(qs, j) * scale;
       scores.resize(heads_q * len);  // [Hq, len]
       for (int64_t t = 0; t < len; ++t) {
-        const int64_t p = first + t;
-        const int64_t slot = tables[s * width + p / block_size] * block_size + p % block_size;
-        const T* kp = kc + slot * row;
+        const T* kp = kc + slot(t) * row;
 #pragma omp simd
         for (int64_t j = 0; j < row; ++j) kv[j] = load(kp, j);
         for (int64_t hq = 0; hq < heads_q; ++hq) {
@@ -107,9 +110,7 @@ void decode(const T* q, const T* kc, const T* vc, const int32_t* tables, const i
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t t = 0; t < len; ++t) {
-        const int64_t p = first + t;
-        const int64_t slot = tables[s * width + p / block_size] * block_size + p % block_size;
-        const T* vp = vc + slot * row;
+        const T* vp = vc + slot(t) * row;
 #pragma omp simd
         for (int64_t j = 0; j < row; ++j) kv[j] = load(vp, j);
         for (int64_t hq = 0; hq < heads_q; ++hq) {

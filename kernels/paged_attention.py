@@ -44,14 +44,23 @@ class TwinPlan:
     chunks: list[int]  # sequences with several query rows (prefill chunks)
 
     @staticmethod
-    def build(meta: PagedAttentionMetadata, block_size: int, heads_kv: int) -> TwinPlan:
+    def host_lists(meta: PagedAttentionMetadata) -> tuple[TwinPlan, list[int]]:
+        """The plan without its decode gather, and the decode (one-row) sequences."""
         starts, lengths = meta.query_start_loc.tolist(), meta.context_lens.tolist()
         w = meta.sliding_windows
         windows = [0] * meta.num_seqs if w is None else w.tolist()
-        seqs = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
-        chunks = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] > 1]
+        rows = [starts[i + 1] - starts[i] for i in range(meta.num_seqs)]
+        chunks = [i for i, n in enumerate(rows) if n > 1]
+        seqs = [i for i, n in enumerate(rows) if n == 1]
+        return TwinPlan(starts, lengths, windows, None, chunks), seqs
+
+    @staticmethod
+    def build(meta: PagedAttentionMetadata, block_size: int, heads_kv: int) -> TwinPlan:
+        plan, seqs = TwinPlan.host_lists(meta)
         if not seqs:
-            return TwinPlan(starts, lengths, windows, None, chunks)
+            return plan
+        starts, lengths, windows, chunks = plan.starts, plan.lengths, plan.windows, plan.chunks
+        w = meta.sliding_windows
         device = meta.block_tables.device
         width = -(-max(lengths[i] for i in seqs) // block_size)
         span = width * block_size
@@ -229,9 +238,8 @@ class CpuDecodePlan:
 def _cpu_plan(meta: PagedAttentionMetadata) -> tuple[TwinPlan, CpuDecodePlan | None]:
     key = "cpu_plan"
     if key not in meta.derived:
-        starts, lengths = meta.query_start_loc.tolist(), meta.context_lens.tolist()
+        plan, seqs = TwinPlan.host_lists(meta)
         w = meta.sliding_windows
-        seqs = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] == 1]
         decode = None
         if seqs:
             rows = meta.query_start_loc[:-1].long()
@@ -244,9 +252,7 @@ def _cpu_plan(meta: PagedAttentionMetadata) -> tuple[TwinPlan, CpuDecodePlan | N
             decode = CpuDecodePlan(
                 tables.contiguous(), lens.contiguous(), rows, windows.contiguous()
             )
-        chunks = [i for i in range(meta.num_seqs) if starts[i + 1] - starts[i] > 1]
-        windows_list = [0] * meta.num_seqs if w is None else w.tolist()
-        meta.derived[key] = (TwinPlan(starts, lengths, windows_list, None, chunks), decode)
+        meta.derived[key] = (plan, decode)
     return meta.derived[key]
 
 
