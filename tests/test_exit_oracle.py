@@ -11,6 +11,10 @@ the engine's tokens equal the oracle's only if the fills are right.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from kernels import use_backend
-from kernels.testing import triton_kernels
 from model.checkpoint import load_model
 from model.config import LINEAR_MODULES
 from model.convert import convert
@@ -262,28 +264,53 @@ def test_forced_exit_schedule_equals_the_oracle(
         assert got[rid][:2] == (o.tokens, o.exit_depths), rid
 
 
-def test_triton_path_engine_run_equals_the_torch_path(served64: dict[str, RecursiveLM]) -> None:
+_TRITON_RUN = """
+import json, sys
+import torch
+from kernels import use_backend
+from model.checkpoint import load_model
+from model.config import LINEAR_MODULES
+from model.convert import convert
+from model.serving import prepare_for_serving
+from tests.test_exit_oracle import _prompts, _run_engine
+
+model, _ = convert(
+    load_model(sys.argv[1]), 3, "average", dict.fromkeys(LINEAR_MODULES, 4), progress=False
+)
+prepare_for_serving(model.float().eval())
+prompts = dict(list(_prompts().items())[:2])
+run = dict(forced_exit_weights=(1.0, 1.0, 1.0), batching="depth", depth_alignment="mixed")
+out = {}
+for backend in ("torch", "triton"):
+    with use_backend(backend):
+        out[backend] = _run_engine(model, prompts, "propagate", **run)
+print(json.dumps(out))
+"""
+
+
+def test_triton_path_engine_run_equals_the_torch_path(
+    tiny_hf: tuple[Path, LlamaForCausalLM],
+) -> None:
     """One engine run with every kernel on the Triton path (the interpreter on a CPU: fused
     LoRA matmuls, K/V writes, paged attention over mixed depths) under the forced schedule,
     against the same run on the torch twins: the same tokens and exit depths, logprobs within
-    float32 rounding (the model is float32 here; the interpreter computes as a GPU would)."""
+    float32 rounding. In a fresh interpreter with ``TRITON_INTERPRET=1`` from the start, so
+    the interpreter's copy of triton never meets this process's."""
     pytest.importorskip("triton")
-    model = copy.deepcopy(served64["plain"]).to(torch.float32)
-    prepare_for_serving(model)  # fused q|k|v and gate|up over low-rank deltas, in float32
-    prompts = dict(list(_prompts().items())[:2])
-    run = {
-        "forced_exit_weights": (1.0, 1.0, 1.0),
-        "batching": "depth",
-        "depth_alignment": "mixed",
-    }
-    with use_backend("torch"):
-        want = _run_engine(model, prompts, "propagate", **run)
-    with (
-        triton_kernels("kernels.lora_linear_triton", "kernels.paged_attention_triton"),
-        use_backend("triton"),
-    ):
-        got = _run_engine(model, prompts, "propagate", **run)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRITON_RUN, str(tiny_hf[0])],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    want, got = out["torch"], out["triton"]
     for rid, (tokens, depths, logprobs) in want.items():
-        assert got[rid][:2] == (tokens, depths), rid
+        assert got[rid][:2] == [tokens, depths], rid
         assert got[rid][2] == pytest.approx(logprobs, abs=1e-4), rid
     assert {d for _, depths, _ in want.values() for d in depths} == {0, 1, 2}
