@@ -55,10 +55,6 @@ class PackedWeight:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
         return PackedWeight(packed, out_f, in_f)
 
-    @property
-    def nbytes(self) -> int:
-        return self.out_features * self.in_features * 2
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x [T, in] @ weightᵀ`` -> ``[T, out]`` (bf16)."""
         if x.dim() != 2 or x.shape[1] != self.in_features or x.dtype != torch.bfloat16:
