@@ -113,7 +113,8 @@ def measure(
                 seed=args.seed,
                 progress=not args.disable_tqdm,
             )
-            outcome = asyncio.run(run_load(endpoint, requests, load, tokenizer))
+            sent = requests[: max(args.num_prompts, args.prompts_per_slot * c)]
+            outcome = asyncio.run(run_load(endpoint, sent, load, tokenizer))
             m = compute_metrics(outcome.results, outcome.duration, [50.0, 99.0])
             result.rows.append({"concurrency": c, **_row(m)})
             print(
@@ -161,7 +162,9 @@ def run_compare(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.vanilla_model)
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    requests = build_requests(args, tokenizer)  # the same prompts for every server
+    # the same prompts for every server; each concurrency sends the first of them it needs
+    most = max(args.num_prompts, args.prompts_per_slot * max(args.concurrency))
+    requests = build_requests(argparse.Namespace(**{**vars(args), "num_prompts": most}), tokenizer)
     peak = gemm_peak(args.dtype, args.threads)  # this machine, now, before the servers run
     print(f"GEMM peak ({args.dtype}, {args.threads or 'default'} threads): {peak:.1f} GFLOP/s")
     results = [measure(t, args, requests, tokenizer, out / "logs") for t in targets]
@@ -217,6 +220,13 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=[1, 8, 32],
         help="max-concurrency levels of the sweep (default: 1 8 32)",
+    )
+    opt(
+        "--prompts-per-slot",
+        type=int,
+        default=0,
+        help="send at least this many requests per concurrency slot (max(--num-prompts, K·c)), "
+        "so that c = 32 keeps 32 requests in flight past its ramp (default: 0, off)",
     )
     opt("--threads", type=int, help="torch threads of each loopserve server")
     opt(

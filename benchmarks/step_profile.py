@@ -5,7 +5,9 @@ attention, K/V writes, the pointwise chains) with a wall-clock counter, fills a 
 ``c`` requests with 128-token prompts, and times ``--steps`` steady decode steps. "other" is
 the step's remaining time: the Python of the layer loop, the runner and the scheduler. No
 profiler runs (its per-op overhead would swamp one-row steps), so the parts add up to the
-step as served.
+step as served. As served, all-decode steps run each layer as one C++ call
+(``decode_layer``, ``model.fused_layer``); ``--python-layers`` runs the Python layer instead,
+which shows the kernels inside a layer one by one.
 
     python -m benchmarks.step_profile --threads 1 --dtype bfloat16 --concurrency 1 8 32
 """
@@ -50,13 +52,15 @@ def _timed(fn: Callable[..., Any], key: Callable[..., str]) -> Callable[..., Any
 def instrument() -> None:
     """Count time in each kernel family's entry point (module attributes the callers read)."""
     import kernels.packed_linear as packed
+    import model.fused_layer as fused_layer
 
     attention = sys.modules["kernels.paged_attention"]
     pointwise = sys.modules["kernels.pointwise"]
     for name in ("rms_norm_cpu", "rope_cpu_", "silu_mul_cpu"):
         setattr(pointwise, name, _timed(getattr(pointwise, name), lambda *_, n=name: n))
-    for name in ("paged_decode_cpu", "_prefill_chunks", "write_kv_ref"):
+    for name in ("paged_decode_cpu", "_prefill_chunks", "write_kv_ref", "write_kv_cpu"):
         setattr(attention, name, _timed(getattr(attention, name), lambda *_, n=name: n))
+    fused_layer.decode_layer_cpu = _timed(fused_layer.decode_layer_cpu, lambda *_: "decode_layer")
     packed.PackedWeight.__call__ = _timed(
         packed.PackedWeight.__call__,
         lambda w, *_: "lm_head" if w.out_features > 8 * w.in_features else "linear",
@@ -122,17 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/step_profile"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--python-layers",
+        action="store_true",
+        help="run every layer through the Python layer (kernel by kernel), not the one-call "
+        "C++ decode layer: the breakdown inside a layer",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     instrument()
     model = random_models()["vanilla"].to(DTYPES[args.dtype])
     prepare_for_serving(model)
+    if args.python_layers:
+        model.decode_layer = None
     rows = [profile(model, c, args.steps, args.seed) for c in args.concurrency]
     header = (
         f"### Decode step by kernel family — {machine_name()}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {git_commit()}, "
         f"SmolLM2-135M shapes (random weights), {args.dtype}, 128-token prompts, "
-        f"ms per step (share)"
+        f"{'Python layers' if args.python_layers else 'fused decode layer'}, ms per step (share)"
     )
     table = markdown(rows, header)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,9 @@
 Callers use the names below; ``kernels.dispatch`` picks the implementation per call.
 """
 
-from kernels.cpu_kernels import cpu_kernel_available
+from kernels.cpu_kernels import cpu_kernel_available, decode_layer_cpu
 from kernels.dense_lora import dense_per_depth_linear, materialise_dense, prefer_dense
-from kernels.dispatch import use_backend
+from kernels.dispatch import cpu_kernel_mode, use_backend
 from kernels.logit_stats import row_max_lse
 from kernels.lora_linear import (
     FusedLoRA,
@@ -15,14 +15,18 @@ from kernels.lora_linear import (
     lora_linear_ref,
 )
 from kernels.packed_linear import PackedWeight, packing_supported
-from kernels.paged_attention import paged_attention, write_kv
+from kernels.paged_attention import DecodeInputs, decode_inputs, paged_attention, write_kv
 from kernels.paged_metadata import PagedAttentionMetadata
 
 __all__ = [
+    "DecodeInputs",
     "FusedLoRA",
     "PackedWeight",
     "PagedAttentionMetadata",
     "cpu_kernel_available",
+    "cpu_kernel_mode",
+    "decode_inputs",
+    "decode_layer_cpu",
     "dense_per_depth_linear",
     "fuse_lora",
     "fused_lora_linear",

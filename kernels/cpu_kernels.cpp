@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -57,72 +58,211 @@ inline float vexp(float x) {
   return x < -87.3f ? 0.0f : y * scale;
 }
 
+// 16 float32 lanes as a GCC vector: one AVX-512 register, two AVX2 ones where -march has no
+// AVX-512 (the compiler splits it), so the kernels below need intrinsics only for speed.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef uint16_t vh16 __attribute__((vector_size(32)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+
+inline vf16 load16(const float* p) {
+  vf16 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store16(float* p, vf16 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+inline vf16 load16(const c10::BFloat16* p) {  // the bf16 -> float32 shift, 16 at a time
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return reinterpret_cast<vf16>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
+  vh16 h;
+  __builtin_memcpy(&h, p, sizeof h);
+  return reinterpret_cast<vf16>(__builtin_convertvector(h, vu16) << 16);
+#endif
+}
+
+template <typename T>  // float16 and float64: lane by lane
+inline vf16 load16(const T* p) {
+  vf16 v;
+  for (int j = 0; j < 16; ++j) v[j] = static_cast<float>(p[j]);
+  return v;
+}
+
+inline float hsum(vf16 v) {
+  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// r[j] = the sum of v[j]'s lanes, for 16 vectors at once: four rounds of pairwise
+// shuffle-and-add (15 of them in all) where 16 separate reductions would take 60.
+inline vf16 hsum16(const vf16* v) {
+  vf16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
+                                   19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                   22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
+                                   21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
+                                   22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                 29, 31);
+}
+
+inline float max_of(const float* x, int64_t n) {
+  float part[LANES];
+  for (int64_t j = 0; j < LANES; ++j) part[j] = -std::numeric_limits<float>::infinity();
+  const int64_t body = n - n % LANES;
+  for (int64_t i = 0; i < body; i += LANES)
+    for (int64_t j = 0; j < LANES; ++j) part[j] = x[i + j] > part[j] ? x[i + j] : part[j];
+  for (int64_t i = body; i < n; ++i) part[0] = x[i] > part[0] ? x[i] : part[0];
+  float top = part[0];
+  for (int64_t j = 1; j < LANES; ++j) top = part[j] > top ? part[j] : top;
+  return top;
+}
+
+// x <- exp(x - top) in place; returns the sum
+inline float exp_sum_(float* x, int64_t n, float top) {
+  float part[LANES] = {};
+  const int64_t body = n - n % LANES;
+  for (int64_t i = 0; i < body; i += LANES)
+    for (int64_t j = 0; j < LANES; ++j) {
+      const float e = vexp(x[i + j] - top);
+      x[i + j] = e;
+      part[j] += e;
+    }
+  float total = 0.0f;
+  for (int64_t j = 0; j < LANES; ++j) total += part[j];
+  for (int64_t i = body; i < n; ++i) {
+    x[i] = vexp(x[i] - top);
+    total += x[i];
+  }
+  return total;
+}
+
+// One (sequence, KV head) of paged decode attention, `dim` a multiple of 16. K rows are
+// converted to float32 16 keys at a time; each query head's 16 dot products of a block are
+// reduced together (hsum16). V is read once per 16-lane column chunk with G heads'
+// accumulators in registers (G a compile-time count, so the loops over heads unroll).
+struct DecodeItem {
+  const float* qf;   // [group, dim] query heads, scaled
+  const int64_t* slots;  // [len] cache slot of each key seen
+  int64_t len, group, dim, row;
+  float* scores;  // [group, len]
+  float* kf;      // [16, dim] scratch
+  float* acc;     // [group, dim] output, float32
+};
+
+template <typename T>
+void item_scores(const DecodeItem& it, const T* kc) {
+  const int64_t chunks = it.dim / 16;
+  const int64_t blocks = it.len - it.len % 16;
+  for (int64_t t0 = 0; t0 < blocks; t0 += 16) {
+    for (int64_t j = 0; j < 16; ++j) {
+      const T* kp = kc + it.slots[t0 + j] * it.row;
+      for (int64_t c = 0; c < chunks; ++c) store16(it.kf + j * it.dim + 16 * c, load16(kp + 16 * c));
+    }
+    for (int64_t h = 0; h < it.group; ++h) {
+      const float* qh = it.qf + h * it.dim;
+      vf16 part[16] = {};
+      for (int64_t c = 0; c < chunks; ++c) {
+        const vf16 qc = load16(qh + 16 * c);
+        for (int64_t j = 0; j < 16; ++j) part[j] += qc * load16(it.kf + j * it.dim + 16 * c);
+      }
+      store16(it.scores + h * it.len + t0, hsum16(part));
+    }
+  }
+  for (int64_t t = blocks; t < it.len; ++t) {
+    const T* kp = kc + it.slots[t] * it.row;
+    for (int64_t c = 0; c < chunks; ++c) store16(it.kf + 16 * c, load16(kp + 16 * c));
+    for (int64_t h = 0; h < it.group; ++h) {
+      vf16 part = {};
+      for (int64_t c = 0; c < chunks; ++c)
+        part += load16(it.qf + h * it.dim + 16 * c) * load16(it.kf + 16 * c);
+      it.scores[h * it.len + t] = hsum(part);
+    }
+  }
+}
+
+template <int G, typename T>
+void item_values(const DecodeItem& it, const T* vc, int64_t h0) {
+  for (int64_t c = 0; c < it.dim; c += 16) {
+    vf16 a[G] = {};
+    for (int64_t t = 0; t < it.len; ++t) {
+      const vf16 v = load16(vc + it.slots[t] * it.row + c);
+      for (int h = 0; h < G; ++h) a[h] += it.scores[(h0 + h) * it.len + t] * v;
+    }
+    for (int h = 0; h < G; ++h) store16(it.acc + (h0 + h) * it.dim + c, a[h]);
+  }
+}
+
+template <typename T>
+void item_values(const DecodeItem& it, const T* vc) {
+  for (int64_t h0 = 0; h0 < it.group; h0 += 4) {
+    switch (std::min<int64_t>(it.group - h0, 4)) {
+      case 1: item_values<1>(it, vc, h0); break;
+      case 2: item_values<2>(it, vc, h0); break;
+      case 3: item_values<3>(it, vc, h0); break;
+      default: item_values<4>(it, vc, h0); break;
+    }
+  }
+}
+
+// Work items are (sequence, KV head) pairs split over torch's intra-op threads, so one
+// sequence still uses every thread; an item's `group` query heads read each of its K and V
+// rows once.
 template <typename T>
 void decode(const T* q, const T* kc, const T* vc, const int32_t* tables, const int32_t* lens,
-            const int64_t* rows, const int32_t* windows, T* out, int64_t num_seqs, int64_t width, int64_t heads_q,
-            int64_t heads_kv, int64_t dim, int64_t block_size, int64_t q_stride,
+            const int64_t* rows, const int32_t* windows, T* out, int64_t num_seqs, int64_t width,
+            int64_t heads_q, int64_t heads_kv, int64_t dim, int64_t block_size, int64_t q_stride,
             int64_t out_stride, float scale) {
   const int64_t group = heads_q / heads_kv;
   const int64_t row = heads_kv * dim;  // one token's K (or V) row in the cache, all KV heads
-  const int64_t width_q = heads_q * dim;
-  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(width_q), acc(width_q), kv(row), scores;
-    for (int64_t s = begin; s < end; ++s) {
+  at::parallel_for(0, num_seqs * heads_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * dim), acc(group * dim), kf(16 * dim), scores;
+    std::vector<int64_t> slots;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / heads_kv, kh = item % heads_kv;
       // a sliding window sees the last `window` keys: positions [first, ctx)
       const int64_t ctx = lens[s];
       const int64_t window = windows != nullptr ? windows[s] : 0;
       const int64_t first = window > 0 && window < ctx ? ctx - window : 0;
       const int64_t len = ctx - first;
       const int32_t* table = tables + s * width;
-      auto slot = [&](int64_t t) {  // cache slot of the t-th key seen
-        const int64_t p = first + t;
-        return static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size;
-      };
-      const T* qs = q + rows[s] * q_stride;
-      for (int64_t j = 0; j < width_q; ++j) qf[j] = load(qs, j) * scale;
-      scores.resize(heads_q * len);  // [Hq, len]
-      for (int64_t t = 0; t < len; ++t) {
-        const T* kp = kc + slot(t) * row;
-#pragma omp simd
-        for (int64_t j = 0; j < row; ++j) kv[j] = load(kp, j);
-        for (int64_t hq = 0; hq < heads_q; ++hq) {
-          const float* qh = qf.data() + hq * dim;
-          const float* kh = kv.data() + (hq / group) * dim;
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < dim; ++d) dot += qh[d] * kh[d];
-          scores[hq * len + t] = dot;
-        }
+      slots.resize(len);
+      for (int64_t t = 0, b = first / block_size, o = first % block_size; t < len; ++t) {
+        slots[t] = static_cast<int64_t>(table[b]) * block_size + o;
+        if (++o == block_size) o = 0, ++b;
       }
-      for (int64_t hq = 0; hq < heads_q; ++hq) {
-        float* sh = scores.data() + hq * len;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < len; ++t) top = std::max(top, sh[t]);
-        float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t t = 0; t < len; ++t) {
-          sh[t] = vexp(sh[t] - top);
-          total += sh[t];
-        }
-        const float inv = 1.0f / total;
-#pragma omp simd
+      const T* qs = q + rows[s] * q_stride + kh * group * dim;
+      for (int64_t j = 0; j < group * dim; ++j) qf[j] = load(qs, j) * scale;
+      scores.resize(group * len);
+      const DecodeItem it{qf.data(), slots.data(), len, group, dim, row,
+                          scores.data(), kf.data(), acc.data()};
+      item_scores(it, kc + kh * dim);
+      for (int64_t h = 0; h < group; ++h) {
+        float* sh = scores.data() + h * len;
+        const float inv = 1.0f / exp_sum_(sh, len, max_of(sh, len));
         for (int64_t t = 0; t < len; ++t) sh[t] *= inv;
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t t = 0; t < len; ++t) {
-        const T* vp = vc + slot(t) * row;
-#pragma omp simd
-        for (int64_t j = 0; j < row; ++j) kv[j] = load(vp, j);
-        for (int64_t hq = 0; hq < heads_q; ++hq) {
-          const float p = scores[hq * len + t];
-          const float* vh = kv.data() + (hq / group) * dim;
-          float* ah = acc.data() + hq * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) ah[d] += p * vh[d];
-        }
-      }
-      T* os = out + rows[s] * out_stride;
-      for (int64_t j = 0; j < width_q; ++j) os[j] = static_cast<T>(acc[j]);
+      item_values(it, vc + kh * dim);
+      T* os = out + rows[s] * out_stride + kh * group * dim;
+      for (int64_t j = 0; j < group * dim; ++j) os[j] = static_cast<T>(acc[j]);
     }
   });
 }
@@ -148,6 +288,7 @@ void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
               "windows must be contiguous int32, one per sequence or none");
   const int64_t heads_q = q.size(1), dim = q.size(2), heads_kv = k_cache.size(2);
   TORCH_CHECK(heads_q % heads_kv == 0 && k_cache.size(3) == dim, "head shapes do not match");
+  TORCH_CHECK(dim % 16 == 0, "head_dim must be a multiple of 16, got ", dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
         decode<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
@@ -369,12 +510,101 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   return out;
 }
 
+// ---- the K/V write and a whole decode layer ---------------------------------------------
+
+// k, v: [T, Hkv, D] (rows may be strided); caches [blocks, block_size, Hkv, D]; slots [T]
+// int64 flat cache slots, -1 skips a row. One call for both caches where the twin runs two
+// index_copy_ with a mask check.
+void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache,
+              torch::Tensor& v_cache, const torch::Tensor& slots) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "k and v must be [T, Hkv, D]");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 &&
+                  v.stride(1) == v.size(2),
+              "k and v rows must be contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.size(2) * k_cache.size(3) == k.size(1) * k.size(2),
+              "caches must be contiguous [blocks, block_size, Hkv, D]");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k.scalar_type() &&
+                  v_cache.scalar_type() == k.scalar_type(),
+              "k, v and the caches must share one dtype");
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() &&
+                  slots.numel() == k.size(0),
+              "slots must be contiguous int64, one per row");
+  const int64_t row_bytes = k.size(1) * k.size(2) * k.element_size();
+  const int64_t capacity = k_cache.size(0) * k_cache.size(1);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  auto* kc = static_cast<char*>(k_cache.data_ptr());
+  auto* vc = static_cast<char*>(v_cache.data_ptr());
+  const auto* kp = static_cast<const char*>(k.data_ptr());
+  const auto* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t ks = k.stride(0) * k.element_size(), vs = v.stride(0) * v.element_size();
+  for (int64_t t = 0; t < k.size(0); ++t) {
+    if (sl[t] < 0) continue;
+    TORCH_CHECK(sl[t] < capacity, "slot ", sl[t], " is outside the cache");
+    std::memcpy(kc + sl[t] * row_bytes, kp + t * ks, row_bytes);
+    std::memcpy(vc + sl[t] * row_bytes, vp + t * vs, row_bytes);
+  }
+}
+
+// x [T, in] bf16 @ a weight packed by torch.ops.mkldnn._reorder_linear_weight: the op
+// kernels/packed_linear.py calls, through the dispatcher, so the outputs are the same bits.
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x, w, c10::IValue(), std::string("none"),
+                                 c10::List<c10::optional<at::Scalar>>(), std::string("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// One Llama-family block layer (RMSNorm, fused q|k|v, RoPE, paged decode attention, o,
+// residual + RMSNorm, fused gate|up, silu·mul, down, residual) for a step whose every row is
+// the one decode row of its own sequence, in one call: the same kernels, in the same order,
+// as the Python layer runs them one call at a time (about 0.3 ms of Python a layer).
+// hidden [T, H]; norms [H]; weights packed; cos, sin [T, D]; tables/lens/windows as
+// paged_decode's, row s of the batch is sequence s.
+torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& input_norm,
+                           const torch::Tensor& post_norm, double eps, const torch::Tensor& w_qkv,
+                           const torch::Tensor& w_o, const torch::Tensor& w_gate_up,
+                           const torch::Tensor& w_down, const torch::Tensor& cos,
+                           const torch::Tensor& sin, torch::Tensor& k_cache,
+                           torch::Tensor& v_cache, const torch::Tensor& slots,
+                           const torch::Tensor& tables, const torch::Tensor& lens,
+                           const torch::Tensor& rows, const torch::Tensor& windows,
+                           int64_t heads_q, double scale) {
+  TORCH_CHECK(hidden.scalar_type() == at::kBFloat16 && hidden.is_contiguous() && hidden.dim() == 2,
+              "hidden must be contiguous bf16 [T, H]");
+  TORCH_CHECK(input_norm.dim() == 1 && post_norm.dim() == 1, "norm weights must be [H]");
+  const int64_t t = hidden.size(0), heads_kv = k_cache.size(2), dim = k_cache.size(3);
+  const int64_t qw = heads_q * dim, kvw = heads_kv * dim;
+  const torch::Tensor h = rms_norm(hidden, input_norm, eps, c10::nullopt)[0];
+  const torch::Tensor qkv = packed_linear(h, w_qkv);
+  TORCH_CHECK(qkv.size(1) == qw + 2 * kvw, "the q|k|v weight does not match the heads");
+  torch::Tensor q = qkv.narrow(1, 0, qw).view({t, heads_q, dim});
+  torch::Tensor k = qkv.narrow(1, qw, kvw).view({t, heads_kv, dim});
+  const torch::Tensor v = qkv.narrow(1, qw + kvw, kvw).view({t, heads_kv, dim});
+  rope_(q, cos, sin);
+  rope_(k, cos, sin);
+  write_kv(k, v, k_cache, v_cache, slots);
+  torch::Tensor attn = torch::empty({t, heads_q, dim}, hidden.options());
+  paged_decode(q, k_cache, v_cache, tables, lens, rows, windows, attn, scale);
+  const torch::Tensor o = packed_linear(attn.view({t, qw}), w_o);
+  const auto normed = rms_norm(hidden, post_norm, eps, o);  // {norm(hidden + o), hidden + o}
+  const torch::Tensor inner = silu_mul(packed_linear(normed[0], w_gate_up));
+  return normed[1] + packed_linear(inner, w_down);
+}
+
 }  // namespace
 
+// every kernel lets go of the GIL: the event loop's thread runs while a step computes
+using nogil = py::call_guard<py::gil_scoped_release>;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged decode attention (one query row per sequence)");
-  m.def("row_max_lse", &row_max_lse, "per-row argmax, max and log-sum-exp of logits");
-  m.def("rms_norm", &rms_norm, "RMSNorm of rows, optionally after a residual add");
-  m.def("rope_", &rope_, "rotate-half RoPE in place");
-  m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  m.def("paged_decode", &paged_decode, "paged decode attention (one query row per sequence)", nogil());
+  m.def("row_max_lse", &row_max_lse, "per-row argmax, max and log-sum-exp of logits", nogil());
+  m.def("rms_norm", &rms_norm, "RMSNorm of rows, optionally after a residual add", nogil());
+  m.def("rope_", &rope_, "rotate-half RoPE in place", nogil());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up", nogil());
+  m.def("write_kv", &write_kv, "write K/V rows into the paged caches", nogil());
+  m.def("decode_layer", &decode_layer, "one Llama-family block layer over decode rows", nogil());
 }

@@ -29,11 +29,14 @@ CFLAGS = (
     "-O3",
     "-march=native",
     "-mprefer-vector-width=512",
-    "-fopenmp-simd",
+    "-fopenmp",
     "-fno-math-errno",
     "-fno-trapping-math",
 )
 STALE_LOCK_S = 600.0
+DECODE_LANES = 16
+"""The C++ decode kernel takes head dims that are a multiple of this (64, 128, 256 do);
+smaller toy dims go to the twin."""
 
 
 def _build_name() -> str:
@@ -51,7 +54,13 @@ def _extension() -> ModuleType | None:
         if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
             log.warning("removing a stale build lock %s (a killed build left it)", lock)
             lock.unlink(missing_ok=True)
-        return load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), verbose=False)
+        return load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
     except Exception as e:  # a missing compiler or ninja: the twin runs instead
         log.warning("C++ CPU kernels unavailable (%s); using the torch twins", e)
         return None
@@ -110,3 +119,53 @@ def rope_cpu_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 
 def silu_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
     return _loaded().silu_mul(gate_up)
+
+
+def write_kv_cpu(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """``k, v [T, Hkv, D]`` into the caches at flat int64 ``slots`` (-1: skipped), one call."""
+    _loaded().write_kv(k, v, k_cache, v_cache, slots)
+
+
+def decode_layer_cpu(
+    hidden: torch.Tensor,
+    input_norm: torch.Tensor,
+    post_norm: torch.Tensor,
+    eps: float,
+    weights: list[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    heads_q: int,
+    scale: float,
+) -> torch.Tensor:
+    """One Llama-family layer over decode rows (``model.fused_layer``): ``weights`` are the
+    packed q|k|v, o, gate|up and down; ``decode`` is paged_decode's (tables, lengths, rows,
+    windows); returns the layer's output rows."""
+    qkv, o, gate_up, down = weights
+    return _loaded().decode_layer(
+        hidden,
+        input_norm,
+        post_norm,
+        eps,
+        qkv,
+        o,
+        gate_up,
+        down,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        slots,
+        *decode,
+        heads_q,
+        scale,
+    )

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_kernels import cpu_kernel_available, paged_decode_cpu
+from kernels.cpu_kernels import (
+    DECODE_LANES,
+    cpu_kernel_available,
+    paged_decode_cpu,
+    write_kv_cpu,
+)
 from kernels.dispatch import cpu_kernel_mode, kernel_backend
 from kernels.paged_metadata import PagedAttentionMetadata, check_cache
 
@@ -128,7 +133,18 @@ def write_kv(
             f"k and v must be {(t, heads, dim)}, got {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if kernel_backend(k) == "torch":
-        write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        mode = cpu_kernel_mode(k)
+        native = (
+            k.dtype == k_cache.dtype == v.dtype
+            and slot_mapping.dtype == torch.int64
+            and slot_mapping.is_contiguous()
+            and k.stride(2) == v.stride(2) == 1
+            and k.stride(1) == v.stride(1) == dim
+        )
+        if mode == "require" or (mode == "prefer" and native and cpu_kernel_available()):
+            write_kv_cpu(k, v, k_cache, v_cache, slot_mapping)
+        else:
+            write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
         return
     from kernels.paged_attention_triton import write_kv_triton
 
@@ -256,6 +272,36 @@ def _cpu_plan(meta: PagedAttentionMetadata) -> tuple[TwinPlan, CpuDecodePlan | N
     return meta.derived[key]
 
 
+@dataclass(frozen=True)
+class DecodeInputs:
+    """What a whole decode layer on the C++ path (``model.fused_layer``) takes from a step's
+    attention backend: every layer's caches, the step's slots and its decode plan."""
+
+    k_caches: list[torch.Tensor]
+    v_caches: list[torch.Tensor]
+    slot_mapping: torch.Tensor
+    plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    scale: float
+
+
+def decode_inputs(
+    meta: PagedAttentionMetadata,
+    k_caches: list[torch.Tensor],
+    v_caches: list[torch.Tensor],
+    slot_mapping: torch.Tensor,
+    scale: float,
+) -> DecodeInputs | None:
+    """The inputs of a whole-layer decode call, or None unless every sequence of the step has
+    exactly one query row (its decode row) and no sliding windows apply."""
+    dim = k_caches[0].shape[-1]
+    if meta.max_query_len != 1 or meta.sliding_windows is not None or dim % DECODE_LANES:
+        return None
+    _, decode = _cpu_plan(meta)
+    assert decode is not None  # one row per sequence: all of them decode
+    plan = (decode.tables, decode.lengths, decode.rows, decode.windows)
+    return DecodeInputs(k_caches, v_caches, slot_mapping.long().contiguous(), plan, scale)
+
+
 def paged_attention_cpu(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -301,7 +347,8 @@ def paged_attention(
         )
     if kernel_backend(q) == "torch":
         mode = cpu_kernel_mode(q)
-        if mode == "require" or (mode == "prefer" and cpu_kernel_available()):
+        fits = dim % DECODE_LANES == 0
+        if mode == "require" or (mode == "prefer" and fits and cpu_kernel_available()):
             return paged_attention_cpu(q, k_cache, v_cache, meta, scale)
         return paged_attention_ref(q, k_cache, v_cache, meta, scale)
     from kernels.paged_attention_triton import paged_attention_triton

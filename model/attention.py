@@ -12,6 +12,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from kernels import DecodeInputs
+
 Window = torch.Tensor | int  # sliding window: one for all rows, or [T] per row; 0 = global
 
 
@@ -27,6 +29,11 @@ class AttentionBackend(Protocol):
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window = 0
     ) -> torch.Tensor: ...
 
+    def decode_inputs(self) -> DecodeInputs | None:
+        """What a whole-layer decode call needs (``model.fused_layer``), or None where the
+        step is not all decode rows or the backend has no paged cache."""
+        ...
+
 
 class CausalAttention:
     """Causal self-attention within each sequence of a ragged batch (no cache).
@@ -39,6 +46,9 @@ class CausalAttention:
         if any(n <= 0 for n in seq_lens):
             raise ValueError(f"sequence lengths must be positive, got {seq_lens}")
         self.seq_lens = seq_lens
+
+    def decode_inputs(self) -> DecodeInputs | None:
+        return None  # no cache: every layer runs in Python
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window = 0

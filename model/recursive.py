@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from kernels import dense_per_depth_linear, lora_linear
+from kernels import DecodeInputs, dense_per_depth_linear, lora_linear
 from kernels.pointwise import add_rms_norm, apply_rope, silu_mul
 from model.attention import AttentionBackend, CausalAttention
 from model.config import ModelConfig
@@ -39,6 +39,22 @@ class Projection(Protocol):
         ...
 
     def __call__(self, layer: int, x: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor: ...
+
+
+class DecodeLayerFn(Protocol):
+    """A whole block layer over a step's decode rows in one call (``model.fused_layer``)."""
+
+    def applies(self, hidden: torch.Tensor) -> bool: ...
+
+    def __call__(
+        self,
+        layer: int,
+        depth: int,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        inputs: DecodeInputs,
+    ) -> torch.Tensor: ...
 
 
 class RecursiveLM(nn.Module):
@@ -102,6 +118,8 @@ class RecursiveLM(nn.Module):
         self.dense: dict[str, torch.Tensor] = {}
         self.fused: dict[tuple[str, ...], Projection] = {}
         self.packed_head: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # set by model.serving when every layer fits the one-call C++ decode layer
+        self.decode_layer: DecodeLayerFn | None = None
         # what the checkpoint holds, before a serving transform frees what it replaced
         self.checkpoint_parameters = self.num_parameters()
 
@@ -281,9 +299,16 @@ class RecursiveLM(nn.Module):
         norms, RoPE base and window (per position) and the KV the backend reads for their depth.
         """
         tables = [rope_cos_sin(f, positions, hidden.dtype) for f in self.rotary.inv_freqs]
+        fast = self.decode_layer
+        inputs = None
+        if fast is not None and isinstance(depth, int) and fast.applies(hidden):
+            inputs = attention.decode_inputs()
         for layer in range(self.config.block_layers):
             cos, sin = self.rotary.select(tables, layer, depth)
-            hidden = self.layer_forward(layer, hidden, depth, cos, sin, attention)
+            if inputs is not None:
+                hidden = fast(layer, depth, hidden, cos, sin, inputs)
+            else:
+                hidden = self.layer_forward(layer, hidden, depth, cos, sin, attention)
         return hidden
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,8 @@ from kernels import (
     packing_supported,
     prefer_dense,
 )
+from model.fused_layer import DecodeLayer, fits
+from model.packed_projection import PackedProjection, pack_stack
 from model.recursive import GATE_UP, KV, QKV, RecursiveLM
 
 FUSED_GROUPS: tuple[tuple[str, ...], ...] = (QKV, GATE_UP)
@@ -160,46 +162,6 @@ def fuse_projections(model: RecursiveLM) -> list[tuple[str, ...]]:
     return fused
 
 
-@dataclass
-class PackedProjection:
-    """Modules (one, or a fused group) whose weights are packed for oneDNN: one per (layer,
-    depth) for dense per-depth weights, one per layer for a shared weight without deltas.
-    ``skip`` leading output columns are dropped (k|v out of q|k|v, for fills)."""
-
-    modules: tuple[str, ...]
-    sizes: tuple[int, ...]
-    weights: list[list[PackedWeight]]  # [layer][depth], or [layer][0] when shared
-    skip: int = 0
-
-    @property
-    def per_depth(self) -> bool:
-        return len(self.weights[0]) > 1
-
-    def __call__(self, layer: int, x: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor:
-        ws = self.weights[layer]
-        if len(ws) == 1 or isinstance(depth, int):
-            y = ws[0 if len(ws) == 1 else depth](x)
-        else:  # as dense_per_depth_linear's twin: one GEMM per depth segment
-            y = x.new_zeros((x.shape[0], ws[0].out_features))
-            for d, w in enumerate(ws):
-                rows = (depth == d).nonzero().squeeze(1)
-                if rows.numel():
-                    y.index_copy_(0, rows, w(x.index_select(0, rows)))
-        return y[:, self.skip :] if self.skip else y
-
-    def tail(self, n: int) -> PackedProjection:
-        """The last ``n`` modules: the whole GEMM, sliced (a packed weight has no views)."""
-        skip = self.skip + sum(self.sizes[:-n])
-        return PackedProjection(self.modules[-n:], self.sizes[-n:], self.weights, skip)
-
-
-def _pack_stack(weights: torch.Tensor) -> list[list[PackedWeight]]:
-    """[K, out, in] shared or [K, D, out, in] per-depth weights -> packed [layer][depth]."""
-    if weights.dim() == 3:
-        return [[PackedWeight.pack(w)] for w in weights]
-    return [[PackedWeight.pack(w) for w in per_layer] for per_layer in weights]
-
-
 @torch.no_grad()
 def pack_weights(model: RecursiveLM) -> list[tuple[str, ...]]:
     """Pack every weight that runs without a low-rank delta; returns the groups packed (none
@@ -212,7 +174,7 @@ def pack_weights(model: RecursiveLM) -> list[tuple[str, ...]]:
             continue
         stack = proj.dense if proj.dense is not None else proj.weight
         assert stack is not None
-        model.fused[group] = PackedProjection(group, proj.sizes, _pack_stack(stack))
+        model.fused[group] = PackedProjection(group, proj.sizes, pack_stack(stack))
         packed.append(group)
     for m in model.config.arch.linear_modules:  # GPT-NeoX: no gate
         if any(m in group for group in model.fused):
@@ -225,7 +187,7 @@ def pack_weights(model: RecursiveLM) -> list[tuple[str, ...]]:
             stack = model.weights[m].data
             _free(model.weights[m])
         size = (model.config.arch.linear_shape(m)[0],)
-        model.fused[(m,)] = PackedProjection((m,), size, _pack_stack(stack))
+        model.fused[(m,)] = PackedProjection((m,), size, pack_stack(stack))
         packed.append((m,))
     qkv = model.fused.get(QKV)
     if isinstance(qkv, PackedProjection):
@@ -249,6 +211,10 @@ class ServingPlan:
 
 
 def prepare_for_serving(model: RecursiveLM) -> ServingPlan:
-    """All three transforms, as the engine serves a model."""
+    """All three transforms, as the engine serves a model, then the one-call C++ decode layer
+    where every layer fits it (``model.fused_layer``)."""
     dense, fused = materialise_high_rank(model), fuse_projections(model)
-    return ServingPlan(dense, fused, pack_weights(model))
+    plan = ServingPlan(dense, fused, pack_weights(model))
+    if fits(model):
+        model.decode_layer = DecodeLayer(model)
+    return plan

@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import PagedAttentionMetadata, paged_attention, write_kv
+from kernels import (
+    DecodeInputs,
+    PagedAttentionMetadata,
+    decode_inputs,
+    paged_attention,
+    write_kv,
+)
 from model.attention import Window
 from model.config import ModelConfig
 
@@ -90,6 +96,11 @@ class PagedAttention:
         meta = self._metadata(window)
         out = paged_attention(q, self.cache.k[layer], self.cache.v[layer], meta, self.scale)
         return out.flatten(1)
+
+    def decode_inputs(self) -> DecodeInputs | None:
+        return decode_inputs(
+            self.metadata, self.cache.k, self.cache.v, self.slot_mapping, self.scale
+        )
 
     def _metadata(self, window: Window) -> PagedAttentionMetadata:
         """The step's metadata with ``window`` (one for all rows, or per row: a sequence's

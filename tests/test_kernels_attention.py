@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kernels import use_backend
+from kernels.cpu_kernels import write_kv_cpu
 from kernels.paged_attention import (
     paged_attention,
     paged_attention_cpu,
@@ -168,6 +169,24 @@ def test_triton_write_kv(tri: ModuleType, dtype: torch.dtype) -> None:
     assert int((caches[0].view(-1, 3, 20).abs().sum((1, 2)) > 0).sum()) == 7
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernel is the CPU path")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_write_kv_equals_the_twin(dtype: torch.dtype) -> None:
+    """One C++ call writes K and V where the twin runs two index_copy_; -1 skips a row, and
+    strided rows (k|v as columns of one q|k|v output) are read as they lie."""
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randn(9, 2, 3, 20, generator=g).to(dtype)
+    k, v = kv[:, 0], kv[:, 1]
+    slots = torch.tensor([5, -1, 0, 31, 8, -1, 17, 2, 30])
+    caches = [torch.zeros(4, 8, 3, 20, dtype=dtype) for _ in range(4)]
+    write_kv_ref(k, v, caches[0], caches[1], slots)
+    write_kv_cpu(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert int((caches[2].view(-1, 3, 20).abs().sum((1, 2)) > 0).sum()) == 7
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        write_kv_cpu(k, v, caches[2], caches[3], torch.full((9,), 32))
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_twin_matches_naive_attention(case: str) -> None:
     seqs, block_size, heads, dim = CASES[case]
@@ -233,6 +252,31 @@ def test_cpu_kernel_matches_naive_attention(case: str) -> None:
     golden = naive_attention(p, 0.3)
     out = paged_attention_cpu(p.q, p.k_cache, p.v_cache, p.meta, 0.3)
     assert_close_verbose(out, golden, fp32_bound(golden), name=case)
+
+
+@cpu_only
+@pytest.mark.parametrize(
+    ("heads", "dim"), [((9, 1), 16), ((10, 2), 128), ((4, 4), 256)], ids=["g9", "g5", "d256"]
+)
+def test_cpu_kernel_head_groups_and_dims(heads: tuple[int, int], dim: int) -> None:
+    """Groups wider than the kernel's register block (4 query heads share a pass over V),
+    Gemma-sized head dims, and key counts on and off the 16-key blocks."""
+    seqs = [(1, 1), (1, 15), (1, 16), (1, 47), (1, 300)]
+    p = make_paged(seqs, 16, heads, dim, torch.float32, seed=3)
+    golden = naive_attention(p, 0.1)
+    out = paged_attention_cpu(p.q, p.k_cache, p.v_cache, p.meta, 0.1)
+    assert_close_verbose(out, golden, fp32_bound(golden))
+
+
+@cpu_only
+def test_cpu_kernel_refuses_head_dims_off_its_lanes() -> None:
+    p = make_paged(DECODE, 16, (6, 2), 24, torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        paged_attention_cpu(p.q, p.k_cache, p.v_cache, p.meta, 0.2)
+    golden = naive_attention(p, 0.2)  # the dispatch sends such dims to the twin instead
+    assert_close_verbose(
+        paged_attention(p.q, p.k_cache, p.v_cache, p.meta, 0.2), golden, fp32_bound(golden)
+    )
 
 
 @cpu_only

@@ -1,0 +1,135 @@
+"""The one-call C++ decode layer (``model.fused_layer``) gives the Python layer's hidden states
+bit for bit, and the engine's tokens and logprobs with it equal those without it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from kernels import cpu_kernel_available, packing_supported
+from model.checkpoint import load_model
+from model.config import FULL_RANK, LINEAR_MODULES
+from model.convert import convert
+from model.fused_layer import DecodeLayer
+from model.recursive import RecursiveLM
+from model.serving import prepare_for_serving
+from scheduler.config import EngineConfig
+from scheduler.engine import Engine
+from scheduler.sampling import SamplingParams
+from tests.conftest import tiny_llama_config, write_hf_model
+
+pytestmark = pytest.mark.skipif(
+    not packing_supported(torch.zeros(1, 1, dtype=torch.bfloat16)) or not cpu_kernel_available(),
+    reason="the fused layer runs on packed bf16 weights and the C++ kernels",
+)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("llama_d16")  # head_dim 16: the decode kernel's lanes
+    write_hf_model(
+        d, tiny_llama_config(hidden_size=64, num_attention_heads=4, intermediate_size=96)
+    )
+    return d
+
+
+def _variant(directory: Path, name: str) -> RecursiveLM:
+    model = load_model(directory)
+    ranks = {"vanilla": None, "exact-b2": FULL_RANK, "rank4-b2": 4}[name]
+    if ranks is not None:
+        model = convert(model, 2, "average", dict.fromkeys(LINEAR_MODULES, ranks), progress=False)[
+            0
+        ]
+    return model
+
+
+def _served(model: RecursiveLM) -> RecursiveLM:
+    model = model.to(torch.bfloat16)
+    prepare_for_serving(model)
+    return model
+
+
+class _Counted:
+    """The model's fused layer, counting its calls (a test that never ran it cannot pass)."""
+
+    def __init__(self, inner: DecodeLayer) -> None:
+        self.inner, self.calls = inner, 0
+
+    def applies(self, hidden: torch.Tensor) -> bool:
+        return self.inner.applies(hidden)
+
+    def __call__(self, *args: object) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(*args)
+
+
+def _generate(model: RecursiveLM, batching: str) -> list[tuple]:
+    """Every step's outputs: request, tokens, sampled logprobs and top-2, exit depths."""
+    cfg = EngineConfig(
+        block_size=4, num_blocks=512, max_model_len=96, batching=batching, max_num_seqs=8
+    )
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+    g = torch.Generator().manual_seed(7)
+    engine = Engine(model, cfg)
+    for i in range(6):  # prompts of 3 .. 28 tokens: prefill chunks beside decode rows
+        engine.add_request(
+            f"r{i}", torch.randint(0, 101, (3 + 5 * i,), generator=g).tolist(), params
+        )
+    steps = []
+    while engine.has_work:
+        steps.append(
+            [(o.request_id, o.token_ids, o.samples, o.exit_depths) for o in engine.step()[0]]
+        )
+    return steps
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    ("name", "batching"),
+    [
+        ("vanilla", "sequence"),
+        ("vanilla", "depth"),
+        ("exact-b2", "depth"),
+        ("exact-b2", "sequence"),
+    ],
+)
+def test_engine_with_the_fused_layer_equals_the_python_layer(
+    llama_dir: Path, name: str, batching: str
+) -> None:
+    """Same tokens, logprobs and exit depths, step by step; the exact B = 2 conversion serves
+    dense per-depth weights (aligned depth-wise batching: one depth a step, as the fused layer
+    needs), and the fused layer must have run for most layers."""
+    fused, python = (_served(_variant(llama_dir, name)) for _ in range(2))
+    python.decode_layer = None
+    assert isinstance(fused.decode_layer, DecodeLayer)
+    counted = _Counted(fused.decode_layer)
+    fused.decode_layer = counted
+    assert _generate(fused, batching) == _generate(python, batching)
+    assert counted.calls >= 11 * fused.config.block_layers  # every all-decode step
+
+
+@torch.no_grad()
+def test_layers_the_fused_layer_cannot_compute_keep_the_python_layer(
+    llama_dir: Path, tmp_path: Path
+) -> None:
+    """Low-rank deltas (mixed depths in one GEMM), biases (Qwen2), float32 weights: no fused
+    layer is attached, so nothing is computed wrongly in C++."""
+    assert _served(_variant(llama_dir, "rank4-b2")).decode_layer is None
+    assert _served(_variant(llama_dir, "vanilla")).decode_layer is not None
+    unpacked = load_model(llama_dir)
+    prepare_for_serving(unpacked)  # float32: nothing packed
+    assert unpacked.decode_layer is None
+    cfg = Qwen2Config(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    assert _served(load_model(tmp_path)).decode_layer is None
