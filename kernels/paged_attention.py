@@ -219,8 +219,10 @@ def _prefill_chunks(
         mask = back >= 0
         if plan.windows[s]:
             mask &= back < plan.windows[s]
-        o = F.scaled_dot_product_attention(q_s, k, v, attn_mask=mask, scale=scale)
-        out[qsl[s] : qsl[s + 1]] = o.transpose(0, 1)
+        # 4-D: torch's CPU flash kernel takes batched inputs only; [H, L, D] falls to the
+        # unfused math path, ~8x slower for a 128-token chunk of SmolLM2 (1.1 vs 0.13 ms)
+        o = F.scaled_dot_product_attention(q_s[None], k[None], v[None], attn_mask=mask, scale=scale)
+        out[qsl[s] : qsl[s + 1]] = o[0].transpose(0, 1)
 
 
 def paged_attention_ref(
