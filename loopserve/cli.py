@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+
+from loopserve.openmp import apply_serving_default
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "pull": (
@@ -50,6 +53,8 @@ def build_parser(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, object |
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if _chosen(argv) == "serve" and "torch" not in sys.modules:
+        apply_serving_default(os.environ)  # before the server's imports load libgomp
     parser, module = build_parser(argv)
     args = parser.parse_args(argv)
     errors = getattr(module, "USER_ERRORS", ())
