@@ -53,11 +53,15 @@ class IncrementalDetokenizer:
             self.text += after[len(before) :]
             self._prefix, self._read = self._read, len(output_ids)
 
-    def update(self, output_ids: list[int], final: bool) -> TextDelta:
-        """New releasable text after ``output_ids`` (all of them so far)."""
+    def update(self, output_ids: list[int], final: bool, check_stop: bool = True) -> TextDelta:
+        """New releasable text after ``output_ids`` (all of them so far). ``check_stop`` False
+        (before ``min_tokens``, as vLLM does): stop strings in the text so far are passed over
+        for good, except where one runs on into text that comes once checks start."""
         self._append(output_ids, final)
         stopped = False
-        if self.stop:
+        if self.stop and not check_stop:
+            self._searched = len(self.text)
+        elif self.stop:
             start = max(0, self._searched - self.holdback)
             hits = [(self.text.find(s, start), s) for s in self.stop]
             hits = [(i, s) for i, s in hits if i >= 0]

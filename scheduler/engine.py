@@ -192,7 +192,8 @@ class Engine:
         text = ""
         detok = self._detok.get(sid)
         if detok is not None:
-            delta = detok.update(req.output_ids, final=reason is not None)
+            checking = len(req.output_ids) >= req.params.min_tokens
+            delta = detok.update(req.output_ids, final=reason is not None, check_stop=checking)
             text = delta.text
             if delta.stopped and reason is None:
                 reason = FinishReason.STOP

@@ -22,11 +22,13 @@ def tok() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(pull_default()), local_files_only=True)
 
 
-def _stream(tok: PreTrainedTokenizerBase, ids: list[int], stop: tuple[str, ...] = ()) -> tuple:
+def _stream(
+    tok: PreTrainedTokenizerBase, ids: list[int], stop: tuple[str, ...] = (), min_tokens: int = 0
+) -> tuple:
     detok = IncrementalDetokenizer(tok, stop)
     out, stopped = [], False
     for n in range(1, len(ids) + 1):
-        delta = detok.update(ids[:n], final=n == len(ids))
+        delta = detok.update(ids[:n], final=n == len(ids), check_stop=n >= min_tokens)
         assert "\ufffd" not in delta.text or "\ufffd" in tok.decode(ids[:n])
         out.append(delta.text)
         if delta.stopped:
@@ -53,3 +55,14 @@ def test_stop_strings_spanning_tokens(tok: PreTrainedTokenizerBase, text: str, s
     ids = tok(text, add_special_tokens=False)["input_ids"]
     joined, stopped, _ = _stream(tok, ids, (stop,))
     assert stopped and joined == text[: text.index(stop)]
+
+
+def test_stop_strings_count_only_from_min_tokens(tok: PreTrainedTokenizerBase) -> None:
+    """vLLM's rule: a stop string generated before ``min_tokens`` does not stop the text; the
+    next one after it does, and the text then ends where that one starts."""
+    text = "one. two. three. four."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    upto = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).count(".") == 2)
+    joined, stopped, _ = _stream(tok, ids, (".",), min_tokens=upto + 1)
+    assert stopped and joined == "one. two. three"
+    assert _stream(tok, ids, (".",))[0] == "one"  # without min_tokens: the first one

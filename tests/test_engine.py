@@ -219,6 +219,28 @@ def test_stop_string_across_token_boundary(rrt: RecursiveLM) -> None:
     assert engine.scheduler.allocator.num_used == 0
 
 
+def test_stop_strings_wait_for_min_tokens(rrt: RecursiveLM) -> None:
+    """A stop string made by the first two tokens is passed over while ``min_tokens`` holds
+    (vLLM's rule); the text then stops at the next one."""
+    prompt = [11, 12, 13]
+    free = greedy_generate(rrt, prompt, 8)
+    text = CharTokenizer().decode(free)
+    stop = PIECES[free[0]] + PIECES[free[1]]
+    engine = Engine(rrt, EngineConfig(block_size=4, num_blocks=64), tokenizer=CharTokenizer())
+    for rid, low in (("now", 0), ("held", 3)):
+        params = SamplingParams(max_tokens=8, temperature=0, stop=(stop,), min_tokens=low)
+        engine.add_request(rid, prompt, params)
+    texts: dict[str, str] = {"now": "", "held": ""}
+    while engine.has_work:
+        for o in engine.step()[0]:
+            texts[o.request_id] += o.text
+    assert texts["now"] == ""
+    # the first stop string that ends past the first two tokens' text (it may begin in it)
+    seen = len(PIECES[free[0]] + PIECES[free[1]])
+    later = text.find(stop, seen - len(stop) + 1)
+    assert later > 0 and texts["held"] == text[:later]
+
+
 def test_rejects_requests_that_can_never_fit(rrt: RecursiveLM) -> None:
     engine = _engine(rrt, num_blocks=12, max_model_len=64)
     with pytest.raises(RequestRejected, match="maximum context length is 64"):
