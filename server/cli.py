@@ -10,6 +10,7 @@ from model.checkpoint import CheckpointError
 from model.config import ConfigError
 from scheduler.config import BATCHING_MODES, DEPTH_ALIGNMENTS, KV_FILL_MODES
 from server.settings import ServeConfigError
+from server.tool_parsers import PARSERS
 
 USER_ERRORS = (ConfigError, CheckpointError, ServeConfigError, ValidationError)
 
@@ -102,6 +103,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
         action="store_true",
         help="share full prompt blocks across requests (default: off)",
     )
+    opt(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="let tool_choice 'auto' (the default with tools) through, the model's own calls "
+        "read by --tool-call-parser (default: off: 400)",
+    )
+    opt("--tool-call-parser", choices=PARSERS, help="the model's tool-call format (hermes)")
     opt(
         "--generation-config",
         choices=("auto", "vllm"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.default import DEFAULT_SPEC as DEFAULT_MODEL
@@ -73,3 +73,16 @@ class ServeSettings(BaseSettings):
     chat_template: str | None = None
     enable_prefix_caching: bool = False
     generation_config: Literal["auto", "vllm"] = "auto"
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: Literal["hermes"] | None = None
+
+    @model_validator(mode="after")
+    def _auto_tools_need_a_parser(self) -> ServeSettings:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (e.g. hermes)")
+        return self
+
+    @property
+    def auto_tool_parser(self) -> str | None:
+        """The parser that reads the model's own tool calls, when ``auto`` is enabled."""
+        return self.tool_call_parser if self.enable_auto_tool_choice else None

@@ -1,7 +1,8 @@
-"""Tool calling without a model-specific parser: ``tool_choice: "required"`` or a named
-function constrains the reply (xgrammar) to JSON the functions' schemas allow, and that JSON
-becomes ``tool_calls``. ``auto`` would need a parser for the model's own tool-call format
-(vLLM's ``--tool-call-parser``); loopserve has none and says so."""
+"""Tool calling. ``tool_choice: "required"`` or a named function constrains the reply
+(xgrammar) to JSON the functions' schemas allow, and that JSON becomes ``tool_calls``.
+``auto`` (the default with tools) lets the model choose, so its calls must be read out of its
+own format: as in vLLM, only with ``--enable-auto-tool-choice --tool-call-parser NAME``
+(``server.tool_parsers``), else a 400 naming the flags."""
 
 from __future__ import annotations
 
@@ -12,26 +13,35 @@ from typing import Any
 from scheduler.structured import GrammarSpec
 from server.errors import bad_request
 from server.protocol import ChatCompletionRequest, FunctionCallOut, ToolCallOut
+from server.tool_parsers import parse_hermes
 
 
 def _forced(body: ChatCompletionRequest) -> bool:
     return body.tools is not None and body.tool_choice not in (None, "none", "auto")
 
 
-def tool_grammar(body: ChatCompletionRequest) -> GrammarSpec | None:
-    """The JSON schema a tool choice forces, or None when the reply is free text."""
+def auto_tools(body: ChatCompletionRequest) -> bool:
+    """Whether the model chooses between text and calls (``auto``, the default with tools)."""
+    return bool(body.tools) and body.tool_choice in (None, "auto")
+
+
+def tool_grammar(body: ChatCompletionRequest, parser: str | None = None) -> GrammarSpec | None:
+    """The JSON schema a tool choice forces, or None when the reply is free text (``auto``
+    needs ``parser``, the server's ``--tool-call-parser``)."""
     choice = body.tool_choice
     if not body.tools:
         if choice not in (None, "none"):
             raise bad_request("tool_choice needs tools", "tool_choice")
         return None
-    if choice is None or choice == "auto":
-        raise bad_request(
-            "tool_choice 'auto' (the default with tools) needs a parser for the model's own "
-            "tool-call format, which loopserve does not have; send 'required', a named "
-            "function, or 'none'",
-            "tool_choice",
-        )
+    if auto_tools(body):
+        if parser is None:
+            raise bad_request(
+                "tool_choice 'auto' (the default with tools) needs the server started with "
+                "--enable-auto-tool-choice and --tool-call-parser (as vLLM's does); or send "
+                "'required', a named function, or 'none'",
+                "tool_choice",
+            )
+        return None
     if choice == "none":
         return None
     if choice == "required":
@@ -76,6 +86,13 @@ def template_tools(body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
     return [t.model_dump(exclude_none=True) for t in body.tools]
 
 
+def _call(name: str, arguments: dict[str, Any]) -> ToolCallOut:
+    return ToolCallOut(
+        id=f"call_{uuid.uuid4().hex[:24]}",
+        function=FunctionCallOut(name=name, arguments=json.dumps(arguments)),
+    )
+
+
 def tool_calls(body: ChatCompletionRequest, text: str) -> list[ToolCallOut] | None:
     """The calls a forced reply spells, or None for free text (or a reply cut short)."""
     if not _forced(body):
@@ -89,17 +106,26 @@ def tool_calls(body: ChatCompletionRequest, text: str) -> list[ToolCallOut] | No
     else:
         assert not isinstance(body.tool_choice, str) and body.tool_choice is not None
         pairs = [(body.tool_choice.function.name, value)]
-    return [
-        ToolCallOut(
-            id=f"call_{uuid.uuid4().hex[:24]}",
-            function=FunctionCallOut(name=name, arguments=json.dumps(args)),
-        )
-        for name, args in pairs
-    ]
+    return [_call(name, args) for name, args in pairs]
+
+
+def reply(
+    body: ChatCompletionRequest, text: str, parser: str | None
+) -> tuple[str | None, list[ToolCallOut] | None]:
+    """(content, calls) of a finished reply: forced calls, calls the model chose (``auto``,
+    read by ``parser``), or the text alone."""
+    if auto_tools(body) and parser is not None:
+        parsed = parse_hermes(text)
+        if parsed.calls:
+            return parsed.content, [_call(name, args) for name, args in parsed.calls]
+        return text, None
+    calls = tool_calls(body, text)
+    return (text if calls is None else None), calls
 
 
 def finish_reason(body: ChatCompletionRequest, reason: str | None, called: bool) -> str | None:
-    """OpenAI's: ``tool_calls`` when ``required`` made calls; a named function ends ``stop``."""
-    if called and reason == "stop" and body.tool_choice == "required":
+    """OpenAI's: ``tool_calls`` when ``required`` or ``auto`` made calls; a named function
+    ends ``stop``."""
+    if called and reason == "stop" and (body.tool_choice == "required" or auto_tools(body)):
         return "tool_calls"
     return reason

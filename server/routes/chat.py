@@ -38,7 +38,8 @@ from server.routes.common import (
 )
 from server.state import ServerState, get_state, require_api_key
 from server.streaming import EventStream, events, prime, sse, unless_disconnected
-from server.tools import finish_reason, template_tools, tool_calls, tool_grammar
+from server.tool_parsers import streamable_prefix
+from server.tools import auto_tools, finish_reason, reply, template_tools, tool_grammar
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 # apply_chat_template's own arguments: a request setting them would change what it returns
@@ -153,7 +154,7 @@ async def create_chat_completion(
     ignored = ignored_fields(body)
     check_chat(body)
     model = state.check_model(body.model)
-    forced = tool_grammar(body)
+    forced = tool_grammar(body, state.settings.auto_tool_parser)
     ids = render(state, body)
     requested = body.max_completion_tokens or body.max_tokens
     tokens_param = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
@@ -180,10 +181,8 @@ async def create_chat_completion(
     await unless_disconnected(request, drain(gen))
     choices = []
     for i, c in enumerate(gen.choices):
-        calls = tool_calls(body, c.text)
-        message = AssistantMessage(
-            content=c.text if calls is None else None, tool_calls=calls or []
-        )
+        content, calls = reply(body, c.text, state.settings.auto_tool_parser)
+        message = AssistantMessage(content=content, tool_calls=calls or [])
         choices.append(
             ChatChoice(
                 index=i,
@@ -220,26 +219,41 @@ async def _chunks(
         )
         return sse(resp)
 
-    forced = tool_grammar(body) is not None  # calls are sent whole, once each choice ends
+    parser = state.settings.auto_tool_parser
+    forced = tool_grammar(body, parser) is not None  # calls are sent whole, once a choice ends
+    # auto: text goes out until a call may be starting; the rest waits for the choice's end
+    held = auto_tools(body) and parser is not None
+    sent = [0] * len(gen.choices)  # characters of each choice's text already sent
     for i in range(len(gen.choices)):
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
     async with aclosing(outputs):
         async for i, out in outputs:
             lp = chat_logprobs(state.tokenizer, out.samples) if body.logprobs else None
-            delta = DeltaMessage(content=out.text) if out.text and not forced else DeltaMessage()
             reason = out.finish_reason
-            if forced and reason is not None:
-                text = gen.choices[i].text
-                calls = tool_calls(body, text)
-                if calls is None:  # cut short: what there is, as text
-                    delta = DeltaMessage(content=text)
-                else:
-                    delta = DeltaMessage(
-                        tool_calls=[
-                            DeltaToolCall(index=k, **c.model_dump()) for k, c in enumerate(calls)
-                        ]
-                    )
+            text = gen.choices[i].text
+            if reason is not None and (forced or held):
+                content, calls = reply(body, text, parser)
+                tail = text if content is None else content
+                rest = tail[sent[i] :] if tail.startswith(text[: sent[i]]) else ""
+                delta = DeltaMessage(
+                    content=rest or None,
+                    tool_calls=[
+                        DeltaToolCall(index=k, **c.model_dump()) for k, c in enumerate(calls)
+                    ]
+                    if calls
+                    else None,
+                )
+                if calls is not None and forced:
+                    delta.content = None
                 reason = finish_reason(body, reason, calls is not None)
+            elif held:
+                ready = streamable_prefix(text)
+                delta = DeltaMessage(content=ready[sent[i] :])
+                sent[i] = max(sent[i], len(ready))
+            else:
+                delta = (
+                    DeltaMessage(content=out.text) if out.text and not forced else DeltaMessage()
+                )
             if delta.content or delta.tool_calls or reason or lp is not None:
                 choice = ChatChunkChoice(index=i, delta=delta, logprobs=lp, finish_reason=reason)
                 yield chunk([choice])
