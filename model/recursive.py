@@ -214,15 +214,27 @@ class RecursiveLM(nn.Module):
         k = self._heads(layer, k, "k", depth, cos, sin)
         return k, v.view(-1, a.num_kv_heads, a.head_dim)
 
+    def rope_tables(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """cos, sin of ``positions`` for each RoPE base: once per pass (or fill), not per layer."""
+        return [rope_cos_sin(f, positions, dtype) for f in self.rotary.inv_freqs]
+
     def kv_projection(
-        self, layer: int, hidden: torch.Tensor, depth: torch.Tensor | int, positions: torch.Tensor
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        depth: torch.Tensor | int,
+        positions: torch.Tensor,
+        tables: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V that block layer ``layer`` at ``depth`` would write if its input were ``hidden``.
 
         This is CALM-style state propagation: an exited token's hidden state stands in for
         the inputs of the loops it skipped, so later tokens have K/V to attend to there.
         """
-        tables = [rope_cos_sin(f, positions, hidden.dtype) for f in self.rotary.inv_freqs]
+        if tables is None:  # ``rope_tables(positions)``, when the caller has them
+            tables = self.rope_tables(positions, hidden.dtype)
         cos, sin = self.rotary.select(tables, layer, depth)
         h = self._norm(hidden, "input", layer, depth)
         return self._kv(layer, h, depth, cos, sin)
@@ -298,7 +310,7 @@ class RecursiveLM(nn.Module):
         Rows at different depths share the block weights and differ only in their deltas,
         norms, RoPE base and window (per position) and the KV the backend reads for their depth.
         """
-        tables = [rope_cos_sin(f, positions, hidden.dtype) for f in self.rotary.inv_freqs]
+        tables = self.rope_tables(positions, hidden.dtype)
         fast = self.decode_layer
         inputs = None
         if fast is not None and isinstance(depth, int) and fast.applies(hidden):

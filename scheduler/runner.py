@@ -258,8 +258,9 @@ class ModelRunner:
         hidden = batch.hidden.index_select(0, torch.tensor(rows, device=self.device))
         depth_t = torch.tensor(depths, device=self.device)
         positions = batch.positions.index_select(0, torch.tensor(rows, device=self.device))
+        tables = self.model.rope_tables(positions, hidden.dtype)  # once for every layer
         for layer in range(self.model.config.block_layers):
-            k, v = self.model.kv_projection(layer, hidden, depth_t, positions)
+            k, v = self.model.kv_projection(layer, hidden, depth_t, positions, tables)
             write_kv(k, v, self.cache.k[layer], self.cache.v[layer], slot_t)
 
     def _keep_hidden(self, batch: _Batch, results: dict[str, ItemResult]) -> None:
