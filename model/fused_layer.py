@@ -43,10 +43,41 @@ def fits(model: RecursiveLM) -> bool:
 
 
 @dataclass(frozen=True)
-class DecodeLayer:
-    """The packed weights and norms ``decode_layer`` reads, per (layer, depth)."""
+class LayerWeights:
+    """One (layer, depth)'s norms and packed q|k|v, o, gate|up and down weights."""
 
-    model: RecursiveLM
+    input_norm: torch.Tensor
+    post_attn_norm: torch.Tensor
+    packed: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecodeLayer:
+    """The packed weights and norms ``decode_layer`` reads, per (layer, depth), looked up
+    once at load rather than in every layer of every step."""
+
+    weights: list[list[LayerWeights]]  # [layer][depth]
+    eps: float
+    heads_q: int
+
+    @staticmethod
+    def build(model: RecursiveLM) -> DecodeLayer:
+        """For a model ``fits`` accepts."""
+        groups = [model.fused[g] for g in LAYER_GROUPS]
+        assert all(isinstance(p, PackedProjection) for p in groups)
+        weights = [
+            [
+                LayerWeights(
+                    model.input_norm[k][d],
+                    model.post_attn_norm[k][d],
+                    [p.weights[k][d if p.per_depth else 0].packed for p in groups],
+                )
+                for d in range(model.config.loops)
+            ]
+            for k in range(model.config.block_layers)
+        ]
+        a = model.config.arch
+        return DecodeLayer(weights, a.rms_norm_eps, a.num_heads)
 
     def applies(self, hidden: torch.Tensor) -> bool:
         """The C++ kernels run this call: CPU bf16 rows, no autograd, kernels built."""
@@ -64,25 +95,19 @@ class DecodeLayer:
         sin: torch.Tensor,
         inputs: DecodeInputs,
     ) -> torch.Tensor:
-        m = self.model
-        a = m.config.arch
-        qkv, o, gate_up, down = (m.fused[g] for g in LAYER_GROUPS)
-
-        def pick(p: PackedProjection) -> torch.Tensor:
-            return p.weights[layer][depth if p.per_depth else 0].packed
-
+        w = self.weights[layer][depth]
         return decode_layer_cpu(
             hidden.contiguous(),
-            m.input_norm[layer][depth],
-            m.post_attn_norm[layer][depth],
-            a.rms_norm_eps,
-            [pick(p) for p in (qkv, o, gate_up, down)],
+            w.input_norm,
+            w.post_attn_norm,
+            self.eps,
+            w.packed,
             cos,
             sin,
             inputs.k_caches[layer],
             inputs.v_caches[layer],
             inputs.slot_mapping,
             inputs.plan,
-            a.num_heads,
+            self.heads_q,
             inputs.scale,
         )

@@ -216,5 +216,5 @@ def prepare_for_serving(model: RecursiveLM) -> ServingPlan:
     dense, fused = materialise_high_rank(model), fuse_projections(model)
     plan = ServingPlan(dense, fused, pack_weights(model))
     if fits(model):
-        model.decode_layer = DecodeLayer(model)
+        model.decode_layer = DecodeLayer.build(model)
     return plan
