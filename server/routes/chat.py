@@ -232,19 +232,18 @@ async def _chunks(
             reason = out.finish_reason
             text = gen.choices[i].text
             if reason is not None and (forced or held):
-                content, calls = reply(body, text, parser)
-                tail = text if content is None else content
-                rest = tail[sent[i] :] if tail.startswith(text[: sent[i]]) else ""
+                _, calls = reply(body, text, parser)
+                # what is left to send as text: the whole reply without calls; with calls,
+                # the text before them (auto) or nothing (a forced reply is all calls)
+                shown = text if calls is None else streamable_prefix(text) if held else ""
                 delta = DeltaMessage(
-                    content=rest or None,
+                    content=shown[sent[i] :] or None,
                     tool_calls=[
                         DeltaToolCall(index=k, **c.model_dump()) for k, c in enumerate(calls)
                     ]
                     if calls
                     else None,
                 )
-                if calls is not None and forced:
-                    delta.content = None
                 reason = finish_reason(body, reason, calls is not None)
             elif held:
                 ready = streamable_prefix(text)
