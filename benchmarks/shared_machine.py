@@ -69,7 +69,8 @@ def measure(args: argparse.Namespace, threads: int, policy: str, log: Path) -> l
         *("--threads", str(threads), "--dtype", args.dtype),
     ]
     env_policy = _policy_env(policy)
-    os.environ.update(env_policy)
+    saved = {k: os.environ.get(k) for k in env_policy}
+    os.environ.update(env_policy)  # the server subprocess inherits it
     try:
         server = ServerProcess(command, url, log)
         with server:
@@ -102,8 +103,11 @@ def measure(args: argparse.Namespace, threads: int, policy: str, log: Path) -> l
                 time.sleep(1.0)  # let the neighbours' cores go quiet
             return rows
     finally:
-        for key in env_policy:
-            os.environ.pop(key)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
 
 
 def markdown(rows: list[dict[str, Any]], header: str, cores: int) -> str:
