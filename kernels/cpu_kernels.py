@@ -1,6 +1,7 @@
 """The C++ kernels of the CPU path (``cpu_kernels.cpp``), built on first use: paged decode
-attention, the per-row max / log-sum-exp of logits, and a block layer's pointwise chains
-(RMSNorm with an optional residual add, RoPE in place, silu·mul).
+attention, the per-row max / log-sum-exp of logits, a block layer's pointwise chains
+(RMSNorm with an optional residual add, RoPE in place, silu·mul) and a bf16 GEMM over weight
+panels (``kernels.packed_linear``).
 
 torch's C++ extension loader compiles it once per machine into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; about a minute with the
@@ -119,6 +120,23 @@ def rope_cpu_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 
 def silu_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
     return _loaded().silu_mul(gate_up)
+
+
+def panel_gemm_cpu(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
+    """``x [T, K] @ W.T`` for a bf16 weight stored as ``panels [N/64, K/2, 64, 2]``."""
+    return _loaded().panel_gemm(x, panels)
+
+
+def panel_gemm_built() -> bool:
+    """Whether the build has the panel GEMM (the CPU has AVX-512 BF16), building on first call."""
+    ext = _extension()
+    return ext is not None and ext.panel_gemm_built()
+
+
+def panels_preferred() -> bool:
+    """Whether panels are this machine's faster bf16 GEMM: built, and no AMX for oneDNN."""
+    ext = _extension()
+    return ext is not None and ext.panels_preferred()
 
 
 def write_kv_cpu(

@@ -1,0 +1,112 @@
+"""The panel layout's bf16 GEMM (``kernels.packed_linear``, C++ ``panel_gemm``): outputs within
+bf16 rounding of a float64 reference, a row's bits independent of its batch and of the thread
+count, and a served model on panels keeping the unpacked model's logits and greedy tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels.cpu_kernels import panel_gemm_built
+from kernels.packed_linear import PackedWeight, from_panels, to_panels
+from model.checkpoint import load_model
+from model.serving import prepare_for_serving
+from scheduler.config import EngineConfig
+from scheduler.engine import Engine
+from scheduler.sampling import SamplingParams
+from tests.conftest import tiny_llama_config, write_hf_model
+
+pytestmark = pytest.mark.skipif(
+    not panel_gemm_built(), reason="the panel GEMM needs a CPU with AVX-512 BF16"
+)
+
+SHAPES = [(128, 64), (960, 576), (576, 1536), (64, 2)]
+
+
+def _bound(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """One bf16 rounding of the result plus float32 accumulation over K products."""
+    k = x.shape[1]
+    magnitude = x.double().abs() @ w.double().abs().T
+    return ref.abs() * 2.0**-8 + magnitude * (k * 2.0**-24) + 1e-30
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 32])
+def test_panel_gemm_is_within_bf16_rounding_of_float64(shape: tuple[int, int], rows: int) -> None:
+    torch.manual_seed(rows)
+    w = torch.randn(shape, dtype=torch.bfloat16)
+    x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
+    packed = PackedWeight.pack(w, "panels")
+    y = packed(x)
+    assert y.shape == (rows, shape[0]) and y.dtype == torch.bfloat16
+    ref = x.double() @ w.double().T
+    assert ((y.double() - ref).abs() <= _bound(x, w, ref)).all()
+
+
+def test_panel_gemm_row_is_the_same_in_any_batch_and_thread_count() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(960, 576, dtype=torch.bfloat16)
+    x = torch.randn(40, 576, dtype=torch.bfloat16)
+    packed = PackedWeight.pack(w, "panels")
+    alone = torch.cat([packed(x[i : i + 1]) for i in range(40)])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for start, stop in ((0, 40), (3, 10), (7, 8), (11, 38)):
+                assert torch.equal(packed(x[start:stop]), alone[start:stop])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_panel_gemm_reads_strided_rows() -> None:
+    w = torch.randn(128, 64, dtype=torch.bfloat16)
+    x = torch.randn(5, 128, dtype=torch.bfloat16)[:, ::2]
+    packed = PackedWeight.pack(w, "panels")
+    assert torch.equal(packed(x), packed(x.contiguous()))
+
+
+def test_panels_round_trip_and_refuse_other_shapes() -> None:
+    w = torch.randn(192, 96, dtype=torch.bfloat16)
+    assert torch.equal(from_panels(to_panels(w)), w)
+    assert PackedWeight.pack(w, "panels")(torch.zeros(0, 96, dtype=torch.bfloat16)).shape == (
+        0,
+        192,
+    )
+    for bad in ((100, 64), (64, 7)):
+        with pytest.raises(ValueError, match="no panel layout"):
+            PackedWeight.pack(torch.zeros(bad, dtype=torch.bfloat16), "panels")
+    with pytest.raises(ValueError, match="must be bfloat16"):
+        PackedWeight.pack(w, "panels")(torch.zeros(2, 96))
+
+
+@pytest.fixture(scope="module")
+def panel_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every projection and the LM head of a width the panels take (multiples of 64)."""
+    d = tmp_path_factory.mktemp("llama_panels")
+    config = tiny_llama_config(
+        vocab_size=128, hidden_size=64, num_attention_heads=4, intermediate_size=128
+    )
+    write_hf_model(d, config)
+    return d
+
+
+@torch.no_grad()
+def test_served_model_on_panels_keeps_logits_and_greedy_tokens(panel_llama: Path) -> None:
+    ref = load_model(panel_llama).to(torch.bfloat16)
+    model = load_model(panel_llama).to(torch.bfloat16)
+    plan = prepare_for_serving(model)
+    assert ("lm_head",) in plan.packed
+    layouts = {w.layout for p in model.fused.values() for ws in p.weights for w in ws}
+    assert layouts == {"panels"} and model.packed_head.layout == "panels"
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    got, want = model(ids).double(), ref(ids).double()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    cfg = EngineConfig(block_size=4, num_blocks=256, max_model_len=64)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = {f"r{i}": ids[i % 2, : 5 + 3 * i].tolist() for i in range(4)}
+    assert Engine(model, cfg).generate(prompts, params) == Engine(ref, cfg).generate(
+        prompts, params
+    )
