@@ -15,6 +15,8 @@
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -599,19 +601,152 @@ inline void panel_rows(const uint16_t* x, int64_t x_stride, const uint16_t* w, i
                           (__m256i)_mm512_cvtneps_pbh(acc[i][j]));
 }
 
+// ---- bf16 GEMM over 32-column weight panels, by AMX tiles ----
+// One AMX tile row of B is 16 outputs' weight pairs (64 bytes), so a weight stored as panels
+// [N/32, K/2, 32, 2] is, for every 16 input pairs, two B tiles read with a 128-byte stride,
+// and a panel is one sequential stream that each 32-row block of x rereads from L1/L2. At
+// decode row counts the GEMM is bound by the weight stream: oneDNN's AMX GEMM reaches
+// ~7.4 GB/s at 32 rows on a core that reads 12 GB/s (measured on a 2-core Xeon, SmolLM2's
+// linears); here each weight byte comes from memory once. Outputs are float32 sums in a
+// fixed order per row, so a row's result does not depend on the batch or the thread split.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+constexpr bool kAmx = true;
+
+// Linux hands out the tile state on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA).
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0, tmm1: C of the first row block, tmm2, tmm3: of the second; tmm4, tmm5: the A row
+// blocks (r0 and r1 rows; r1 = 0: one block); tmm6, tmm7: the panel's two B tiles.
+inline void configure(int r0, int r1) {
+  TileConfig c;
+  const int rows[8] = {r0, r0, r1, r1, r0, r1, 16, 16};
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = static_cast<uint8_t>(rows[t]);
+    c.colsb[t] = rows[t] ? 64 : 0;
+  }
+  _tile_loadconfig(&c);
+}
+
+// float32 C rows in `buf` (32 columns a row) -> bf16 rows of y, rounded to nearest even as
+// c10::BFloat16 does.
+inline void store_rows(const float* buf, int rows, uint16_t* y, int64_t y_stride) {
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < 32; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * y_stride + j),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(buf + 32 * i + j)));
+}
+
+// One row block (up to 16 rows, or 17..32 as two: `two`) x one 32-column panel. `next`: the
+// following panel, fetched into L2 meanwhile (the first pass over a panel, when more follow).
+template <bool two>
+inline void amx_block(const uint16_t* x, int64_t k, const uint16_t* w, int r0, int r1,
+                      uint16_t* y, int64_t y_stride, float* buf, const char* next) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (two) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const int64_t xs = 2 * k;
+  for (int64_t s = 0; s < k / 32; ++s, w += 16 * 64) {
+    if (next != nullptr)
+      for (int b = 0; b < 2048; b += 64) _mm_prefetch(next + 2048 * s + b, _MM_HINT_T1);
+    _tile_loadd(4, x + 32 * s, xs);
+    _tile_loadd(6, w, 128);
+    _tile_loadd(7, w + 32, 128);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (two) {
+      _tile_loadd(5, x + 16 * k + 32 * s, xs);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, buf, 128);
+  _tile_stored(1, buf + 16, 128);
+  store_rows(buf, r0, y, y_stride);
+  if (two) {
+    _tile_stored(2, buf, 128);
+    _tile_stored(3, buf + 16, 128);
+    store_rows(buf, r1, y + 16 * y_stride, y_stride);
+  }
+}
+
+// Threads split the panels; each streams its own panels once and runs every row block of x
+// over a panel while it is in cache.
+void amx_gemm(const uint16_t* xd, const uint16_t* wd, uint16_t* yd, int64_t m, int64_t k,
+              int64_t count) {
+  const int64_t n = 32 * count, panel = 32 * k;  // bf16 elements of one panel
+  const int64_t full = m / 32, rest = m % 32;
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float buf[16 * 32];
+    int config = -1;  // the tile shape loaded: a tail block needs its own
+    for (int64_t p = begin; p < end; ++p) {
+      const uint16_t* w = wd + p * panel;
+      const char* next =
+          p + 1 < end && m > 32 ? reinterpret_cast<const char*>(w + panel) : nullptr;
+      for (int64_t b = 0; b < full; ++b) {
+        if (config != 32) configure(16, 16), config = 32;
+        amx_block<true>(xd + 32 * b * k, k, w, 16, 16, yd + 32 * b * n + 32 * p, n, buf,
+                        b ? nullptr : next);
+      }
+      if (rest == 0) continue;
+      const uint16_t* x = xd + 32 * full * k;
+      uint16_t* y = yd + 32 * full * n + 32 * p;
+      const int r = static_cast<int>(rest);
+      if (config != r) configure(std::min(r, 16), std::max(r - 16, 0)), config = r;
+      if (r > 16)
+        amx_block<true>(x, k, w, 16, r - 16, y, n, buf, full ? nullptr : next);
+      else
+        amx_block<false>(x, k, w, r, 0, y, n, buf, full ? nullptr : next);
+    }
+    _tile_release();
+  });
+}
+#else
+constexpr bool kAmx = false;
+
+bool amx_permitted() { return false; }
+
+void amx_gemm(const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, "amx_gemm needs a build with AMX (-march on such a CPU)");
+}
+#endif
+
+// Whether the AMX path computes a panel GEMM with `k` input columns.
+bool amx_takes(int64_t k) { return kAmx && k % 32 == 0 && amx_permitted(); }
+
+// Panels 64 columns wide: AVX-512 BF16 dot products; 32 wide: AMX tiles.
 torch::Tensor panel_gemm(const torch::Tensor& x_in, const torch::Tensor& panels) {
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && x_in.dim() == 2, "x must be bf16 [T, K]");
   TORCH_CHECK(panels.scalar_type() == at::kBFloat16 && panels.dim() == 4 &&
-                  panels.size(2) == 64 && panels.size(3) == 2 && panels.is_contiguous(),
-              "panels must be contiguous bf16 [N/64, K/2, 64, 2]");
+                  (panels.size(2) == 64 || panels.size(2) == 32) && panels.size(3) == 2 &&
+                  panels.is_contiguous(),
+              "panels must be contiguous bf16 [N/64, K/2, 64, 2] or [N/32, K/2, 32, 2]");
   const torch::Tensor x = x_in.contiguous();
   const int64_t m = x.size(0), k = x.size(1), count = panels.size(0), pairs = panels.size(1);
+  const int64_t width = panels.size(2);
   TORCH_CHECK(2 * pairs == k, "x has ", k, " columns, the panels take ", 2 * pairs);
-  const int64_t n = 64 * count;
+  const int64_t n = width * count;
   torch::Tensor y = torch::empty({m, n}, x.options());
   const auto* xd = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* wd = reinterpret_cast<const uint16_t*>(panels.data_ptr());
   auto* yd = reinterpret_cast<uint16_t*>(y.data_ptr());
+  if (width == 32) {
+    TORCH_CHECK(amx_takes(k), "32-column panels need AMX and in-features divisible by 32");
+    amx_gemm(xd, wd, yd, m, k, count);
+    return y;
+  }
   at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const uint16_t* w = wd + p * pairs * 128;
@@ -634,18 +769,22 @@ torch::Tensor panel_gemm(const torch::Tensor& x_in, const torch::Tensor& panels)
 #else
 constexpr bool kPanelGemm = false;
 
+bool amx_takes(int64_t) { return false; }
+
 torch::Tensor panel_gemm(const torch::Tensor&, const torch::Tensor&) {
   TORCH_CHECK(false, "panel_gemm needs a build with AVX-512 BF16 (-march on such a CPU)");
 }
 #endif
 
-// Whether panels are this build's better bf16 GEMM: built with AVX-512 BF16 and without AMX
-// (oneDNN's AMX kernels run prefill-sized GEMMs far faster than dot products can).
-bool panels_preferred() {
+// The panel width this build computes fastest for a weight with `k` input columns: 32 where
+// the AMX path takes it, 64 where there is no AMX and the dot-product path is built, else 0
+// (oneDNN's layout: its AMX kernels beat dot products at prefill sizes).
+int64_t panel_width(int64_t k) {
+  if (amx_takes(k)) return 32;
 #if defined(__AMX_BF16__)
-  return false;
+  return 0;
 #else
-  return kPanelGemm;
+  return kPanelGemm && k % 2 == 0 ? 64 : 0;
 #endif
 }
 
@@ -705,6 +844,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv, "write K/V rows into the paged caches", nogil());
   m.def("panel_gemm", &panel_gemm, "x @ a bf16 weight stored as 64-column panels", nogil());
   m.def("panel_gemm_built", [] { return kPanelGemm; }, "whether panel_gemm was built");
-  m.def("panels_preferred", &panels_preferred, "whether panels beat oneDNN in this build");
+  m.def("panel_width", &panel_width, "the fastest panel width for k input columns (0: oneDNN)");
+  m.def("amx_takes", &amx_takes, "whether 32-column panels over k input columns can run");
   m.def("decode_layer", &decode_layer, "one Llama-family block layer over decode rows", nogil());
 }

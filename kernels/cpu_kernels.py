@@ -133,10 +133,17 @@ def panel_gemm_built() -> bool:
     return ext is not None and ext.panel_gemm_built()
 
 
-def panels_preferred() -> bool:
-    """Whether panels are this machine's faster bf16 GEMM: built, and no AMX for oneDNN."""
+def panel_width(in_features: int) -> int:
+    """The panel width the build computes fastest for ``in_features`` input columns: 32 (AMX
+    tiles), 64 (AVX-512 BF16 dot products, no AMX), 0 (oneDNN's layout is faster)."""
     ext = _extension()
-    return ext is not None and ext.panels_preferred()
+    return 0 if ext is None else int(ext.panel_width(in_features))
+
+
+def amx_takes(in_features: int) -> bool:
+    """Whether 32-column panels over ``in_features`` input columns can run (AMX)."""
+    ext = _extension()
+    return ext is not None and ext.amx_takes(in_features)
 
 
 def write_kv_cpu(

@@ -8,12 +8,14 @@ through plain ``F.linear``, 27-31 ms through packed weights). Two layouts:
 
 - ``onednn``: oneDNN's own, reordered once; the same kernel, so outputs are bitwise
   ``F.linear``'s. The choice on CPUs with AMX.
-- ``panels``: 64-column panels for the C++ AVX-512 BF16 GEMM (``cpu_kernels.cpp``), the choice
-  on CPUs with AVX-512 BF16 but no AMX, where oneDNN reaches about half the memory bandwidth
-  at decode row counts (measured on a 2-core AMD EPYC, one thread, SmolLM2's linears: 19 vs
-  12 ms a step at 1 row, 23 vs 14 ms at 8, 45 vs 45 ms at 32). Outputs are float32 sums of
-  exact bf16 products rounded once, like oneDNN's, in another order: within bf16 rounding of
-  ``F.linear``, and the same for a row whatever else is in the batch.
+- ``panels``: column panels for the C++ GEMMs (``cpu_kernels.cpp``), where oneDNN streams a
+  decode step's weights well below the memory bandwidth. 32 columns wide for the AMX path, the
+  choice on CPUs with AMX (measured on a 2-core Xeon, one thread, SmolLM2's linears: 16.6 vs
+  24.8 ms a step at 1 row, 17.0 vs 25.0 at 16, 21.3 vs 28.7 at 32); 64 wide for AVX-512 BF16
+  dot products, the choice on CPUs with those but no AMX (a 2-core AMD EPYC: 12 vs 19 ms at
+  1 row, 14 vs 23 at 8, 45 vs 45 at 32). Outputs are float32 sums of exact bf16 products
+  rounded once, like oneDNN's, in another order: within bf16 rounding of ``F.linear``, and
+  the same for a row whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from typing import Literal
 
 import torch
 
-from kernels.cpu_kernels import cpu_kernel_available, panel_gemm_cpu, panels_preferred
+from kernels.cpu_kernels import amx_takes, cpu_kernel_available, panel_gemm_cpu, panel_width
 from kernels.dispatch import cpu_kernel_mode
 
 Layout = Literal["onednn", "panels"]
 PANEL = 64
-"""Output columns per panel: weights whose out-features divide by it (and whose in-features
-are even) can take the panel layout."""
+"""Output columns per panel of the dot-product GEMM (in-features even); the AMX GEMM's panels
+are ``TILE_PANEL`` wide (in-features a multiple of 32)."""
+TILE_PANEL = 32
 
 PACK_BATCH_HINT = 32
 """The row count oneDNN picks the packed layout for; outputs are the same for any count."""
@@ -53,35 +56,43 @@ def packing_supported(weight: torch.Tensor) -> bool:
     )
 
 
-def panels_fit(weight: torch.Tensor) -> bool:
-    """Whether ``weight [out, in]`` has the panel layout's shape."""
-    return weight.shape[0] % PANEL == 0 and weight.shape[1] % 2 == 0
+def panels_fit(weight: torch.Tensor, width: int = PANEL) -> bool:
+    """Whether ``weight [out, in]`` has the shape of ``width``-column panels."""
+    return weight.shape[0] % width == 0 and weight.shape[1] % 2 == 0
+
+
+def machine_panel_width(weight: torch.Tensor) -> int:
+    """The panel width this machine's C++ GEMM runs fastest for ``weight [out, in]`` (0: none,
+    oneDNN's layout is faster or the kernels are off)."""
+    on = cpu_kernel_mode(weight) != "off" and cpu_kernel_available()
+    return panel_width(weight.shape[1]) if on else 0
 
 
 def preferred_layout(weight: torch.Tensor) -> Layout:
-    """Panels where they fit and are this machine's faster GEMM (C++ kernels on, built with
-    AVX-512 BF16, no AMX), else oneDNN's layout."""
-    on = cpu_kernel_mode(weight) != "off" and cpu_kernel_available()
-    return "panels" if on and panels_fit(weight) and panels_preferred() else "onednn"
+    """Panels where they fit and are this machine's faster GEMM (the AMX path, or AVX-512 BF16
+    without AMX), else oneDNN's layout."""
+    width = machine_panel_width(weight)
+    return "panels" if width and panels_fit(weight, width) else "onednn"
 
 
-def to_panels(weight: torch.Tensor) -> torch.Tensor:
-    """``[out, in]`` -> ``[out/64, in/2, 64, 2]``: per panel and input pair, the 64 outputs'
-    two weights side by side (what one AVX-512 BF16 dot-product instruction reads)."""
+def to_panels(weight: torch.Tensor, width: int = PANEL) -> torch.Tensor:
+    """``[out, in]`` -> ``[out/width, in/2, width, 2]``: per panel and input pair, the panel's
+    outputs' two weights side by side (what a dot-product instruction or an AMX B tile row
+    reads)."""
     out_f, in_f = weight.shape
-    return weight.reshape(out_f // PANEL, PANEL, in_f // 2, 2).transpose(1, 2).contiguous()
+    return weight.reshape(out_f // width, width, in_f // 2, 2).transpose(1, 2).contiguous()
 
 
 def from_panels(panels: torch.Tensor) -> torch.Tensor:
     """The inverse of ``to_panels``."""
-    count, pairs = panels.shape[:2]
-    return panels.transpose(1, 2).reshape(count * PANEL, 2 * pairs)
+    count, pairs, width = panels.shape[:3]
+    return panels.transpose(1, 2).reshape(count * width, 2 * pairs)
 
 
 @dataclass(frozen=True)
 class PackedWeight:
     """An ``[out, in]`` weight in a GEMM's layout: oneDNN's blocked one (an opaque mkldnn
-    tensor) or 64-column panels."""
+    tensor) or column panels (``packed [out/width, in/2, width, 2]``)."""
 
     packed: torch.Tensor
     out_features: int
@@ -89,8 +100,11 @@ class PackedWeight:
     layout: Layout = "onednn"
 
     @staticmethod
-    def pack(weight: torch.Tensor, layout: Layout | None = None) -> PackedWeight:
-        """``layout``: the machine's preferred one by default."""
+    def pack(
+        weight: torch.Tensor, layout: Layout | None = None, width: int | None = None
+    ) -> PackedWeight:
+        """``layout``: the machine's preferred one by default; ``width`` of panels: the
+        machine's (or the dot-product GEMM's where it has none for this weight)."""
         if not packing_supported(weight):
             raise ValueError(
                 f"cannot pack a {weight.dtype} {tuple(weight.shape)} weight on {weight.device}: "
@@ -99,12 +113,18 @@ class PackedWeight:
         out_f, in_f = weight.shape
         layout = layout or preferred_layout(weight)
         if layout == "panels":
-            if not panels_fit(weight):
+            width = width or machine_panel_width(weight) or PANEL
+            if not panels_fit(weight, width):
                 raise ValueError(
                     f"a {tuple(weight.shape)} weight has no panel layout: out-features must "
-                    f"divide by {PANEL} and in-features by 2"
+                    f"divide by {width} and in-features by 2"
                 )
-            return PackedWeight(to_panels(weight.contiguous()), out_f, in_f, "panels")
+            if width == TILE_PANEL and not amx_takes(in_f):
+                raise ValueError(
+                    f"{TILE_PANEL}-column panels need AMX and in-features divisible by 32, "
+                    f"got {in_f}"
+                )
+            return PackedWeight(to_panels(weight.contiguous(), width), out_f, in_f, "panels")
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
         return PackedWeight(packed, out_f, in_f, "onednn")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.cpu_kernels import panel_gemm_built
-from kernels.packed_linear import PackedWeight, from_panels, to_panels
+from kernels.cpu_kernels import amx_takes, panel_gemm_built
+from kernels.packed_linear import PANEL, TILE_PANEL, PackedWeight, from_panels, to_panels
 from model.checkpoint import load_model
 from model.serving import prepare_for_serving
 from scheduler.config import EngineConfig
@@ -23,6 +23,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 SHAPES = [(128, 64), (960, 576), (576, 1536), (64, 2)]
+WIDTHS = [
+    PANEL,
+    pytest.param(
+        TILE_PANEL, marks=pytest.mark.skipif(not amx_takes(32), reason="32-wide panels: AMX")
+    ),
+]
 
 
 def _bound(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -32,52 +38,64 @@ def _bound(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return ref.abs() * 2.0**-8 + magnitude * (k * 2.0**-24) + 1e-30
 
 
+@pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 32])
-def test_panel_gemm_is_within_bf16_rounding_of_float64(shape: tuple[int, int], rows: int) -> None:
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 16, 17, 31, 32, 33, 70])
+def test_panel_gemm_is_within_bf16_rounding_of_float64(
+    shape: tuple[int, int], rows: int, width: int
+) -> None:
+    if width == TILE_PANEL and shape[1] % 32:
+        pytest.skip("32-wide panels take in-features divisible by 32")
     torch.manual_seed(rows)
     w = torch.randn(shape, dtype=torch.bfloat16)
     x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
-    packed = PackedWeight.pack(w, "panels")
+    packed = PackedWeight.pack(w, "panels", width)
+    assert packed.packed.shape[2] == width
     y = packed(x)
     assert y.shape == (rows, shape[0]) and y.dtype == torch.bfloat16
     ref = x.double() @ w.double().T
     assert ((y.double() - ref).abs() <= _bound(x, w, ref)).all()
 
 
-def test_panel_gemm_row_is_the_same_in_any_batch_and_thread_count() -> None:
+@pytest.mark.parametrize("width", WIDTHS)
+def test_panel_gemm_row_is_the_same_in_any_batch_and_thread_count(width: int) -> None:
     torch.manual_seed(0)
     w = torch.randn(960, 576, dtype=torch.bfloat16)
-    x = torch.randn(40, 576, dtype=torch.bfloat16)
-    packed = PackedWeight.pack(w, "panels")
-    alone = torch.cat([packed(x[i : i + 1]) for i in range(40)])
+    x = torch.randn(70, 576, dtype=torch.bfloat16)
+    packed = PackedWeight.pack(w, "panels", width)
+    alone = torch.cat([packed(x[i : i + 1]) for i in range(70)])
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            for start, stop in ((0, 40), (3, 10), (7, 8), (11, 38)):
+            for start, stop in ((0, 70), (3, 10), (7, 8), (11, 38), (1, 34), (5, 69)):
                 assert torch.equal(packed(x[start:stop]), alone[start:stop])
     finally:
         torch.set_num_threads(threads)
 
 
-def test_panel_gemm_reads_strided_rows() -> None:
+@pytest.mark.parametrize("width", WIDTHS)
+def test_panel_gemm_reads_strided_rows(width: int) -> None:
     w = torch.randn(128, 64, dtype=torch.bfloat16)
     x = torch.randn(5, 128, dtype=torch.bfloat16)[:, ::2]
-    packed = PackedWeight.pack(w, "panels")
+    packed = PackedWeight.pack(w, "panels", width)
     assert torch.equal(packed(x), packed(x.contiguous()))
 
 
 def test_panels_round_trip_and_refuse_other_shapes() -> None:
     w = torch.randn(192, 96, dtype=torch.bfloat16)
-    assert torch.equal(from_panels(to_panels(w)), w)
+    for width in (PANEL, TILE_PANEL):
+        assert torch.equal(from_panels(to_panels(w, width)), w)
     assert PackedWeight.pack(w, "panels")(torch.zeros(0, 96, dtype=torch.bfloat16)).shape == (
         0,
         192,
     )
     for bad in ((100, 64), (64, 7)):
         with pytest.raises(ValueError, match="no panel layout"):
-            PackedWeight.pack(torch.zeros(bad, dtype=torch.bfloat16), "panels")
+            PackedWeight.pack(torch.zeros(bad, dtype=torch.bfloat16), "panels", PANEL)
+    if amx_takes(32):
+        with pytest.raises(ValueError, match="divisible by 32"):
+            PackedWeight.pack(torch.zeros(64, 48, dtype=torch.bfloat16), "panels", TILE_PANEL)
     with pytest.raises(ValueError, match="must be bfloat16"):
         PackedWeight.pack(w, "panels")(torch.zeros(2, 96))
 
