@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -231,6 +232,104 @@ void item_values(const DecodeItem& it, const T* vc) {
   }
 }
 
+#if defined(__AVX512BF16__)
+// bf16 caches with head_dim a multiple of 32: scores by AVX-512 BF16 dot products straight
+// from the cached K rows (no float32 copy of K; q unscaled, exact bf16 products summed in
+// float32, the scale applied to the sum), and a work item spans a sequence's KV heads when
+// there are enough sequences for the threads, so each 16-key group reads whole cache rows
+// (every KV head side by side) and fetches the next group's K and this group's V meanwhile.
+// A head's arithmetic is the same whatever the item, so results do not depend on the split.
+template <int C>  // head_dim / 32
+void item_scores_bf16(const uint16_t* q, const uint16_t* kc, const int64_t* slots, int64_t len,
+                      int64_t kh0, int64_t kh1, int64_t group, int64_t row, float scale,
+                      const uint16_t* vc, float* scores) {
+  constexpr int64_t D = 32 * C;
+  const int64_t bytes = (kh1 - kh0) * D * 2;
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, len - t0);
+    for (int64_t j = t0 + 16; j < std::min(t0 + 32, len); ++j) {
+      const char* next = reinterpret_cast<const char*>(kc + slots[j] * row + kh0 * D);
+      for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+    }
+    for (int64_t j = t0; j < t0 + n; ++j) {
+      const char* later = reinterpret_cast<const char*>(vc + slots[j] * row + kh0 * D);
+      for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(later + b, _MM_HINT_T1);
+    }
+    const uint16_t* keys[16];
+    for (int64_t j = 0; j < 16; ++j) keys[j] = kc + slots[t0 + std::min(j, n - 1)] * row;
+    for (int64_t kh = kh0; kh < kh1; ++kh) {
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = kh * group + g;
+        __m512bh qv[C];
+        for (int c = 0; c < C; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + h * D + 32 * c);
+        vf16 part[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int c = 0; c < C; ++c)
+            acc = _mm512_dpbf16_ps(
+                acc, (__m512bh)_mm512_loadu_si512(keys[j] + kh * D + 32 * c), qv[c]);
+          part[j] = (vf16)acc;
+        }
+        const vf16 sums = hsum16(part) * scale;
+        float* out = scores + h * len + t0;
+        if (n == 16) {
+          store16(out, sums);
+        } else {
+          for (int64_t j = 0; j < n; ++j) out[j] = sums[j];
+        }
+      }
+    }
+  }
+}
+
+template <int C>
+void decode_bf16(const uint16_t* q, const uint16_t* kc, const uint16_t* vc,
+                 const int32_t* tables, const int32_t* lens, const int64_t* rows,
+                 const int32_t* windows, c10::BFloat16* out, int64_t num_seqs, int64_t width,
+                 int64_t heads_q, int64_t heads_kv, int64_t block_size, int64_t q_stride,
+                 int64_t out_stride, float scale) {
+  constexpr int64_t D = 32 * C;
+  const int64_t group = heads_q / heads_kv, row = heads_kv * D;
+  // whole sequences as items once there are two per thread; else (sequence, KV head)
+  const int64_t span = num_seqs >= 2 * at::get_num_threads() ? heads_kv : 1;
+  const int64_t parts = heads_kv / span;
+  at::parallel_for(0, num_seqs * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(group * D), scores;
+    std::vector<int64_t> slots;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / parts, kh0 = item % parts * span, kh1 = kh0 + span;
+      const int64_t ctx = lens[s];
+      const int64_t window = windows != nullptr ? windows[s] : 0;
+      const int64_t first = window > 0 && window < ctx ? ctx - window : 0;
+      const int64_t len = ctx - first;
+      const int32_t* table = tables + s * width;
+      slots.resize(len);
+      for (int64_t t = 0, b = first / block_size, o = first % block_size; t < len; ++t) {
+        slots[t] = static_cast<int64_t>(table[b]) * block_size + o;
+        if (++o == block_size) o = 0, ++b;
+      }
+      scores.resize(heads_q * len);
+      const uint16_t* qs = q + rows[s] * q_stride;
+      item_scores_bf16<C>(qs, kc, slots.data(), len, kh0, kh1, group, row, scale, vc,
+                          scores.data());
+      for (int64_t h = kh0 * group; h < kh1 * group; ++h) {
+        float* sh = scores.data() + h * len;
+        const float inv = 1.0f / exp_sum_(sh, len, max_of(sh, len));
+        for (int64_t t = 0; t < len; ++t) sh[t] *= inv;
+      }
+      for (int64_t kh = kh0; kh < kh1; ++kh) {
+        const DecodeItem it{nullptr, slots.data(), len, group, D, row,
+                            scores.data() + kh * group * len, nullptr, acc.data()};
+        item_values(it, reinterpret_cast<const c10::BFloat16*>(vc) + kh * D);
+        c10::BFloat16* os = out + rows[s] * out_stride + kh * group * D;
+        for (int64_t j = 0; j < group * D; ++j) os[j] = static_cast<c10::BFloat16>(acc[j]);
+      }
+    }
+  });
+}
+#endif
+
 // Work items are (sequence, KV head) pairs split over torch's intra-op threads, so one
 // sequence still uses every thread; an item's `group` query heads read each of its K and V
 // rows once.
@@ -239,6 +338,24 @@ void decode(const T* q, const T* kc, const T* vc, const int32_t* tables, const i
             const int64_t* rows, const int32_t* windows, T* out, int64_t num_seqs, int64_t width,
             int64_t heads_q, int64_t heads_kv, int64_t dim, int64_t block_size, int64_t q_stride,
             int64_t out_stride, float scale) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const auto* qb = reinterpret_cast<const uint16_t*>(q);
+    const auto* kb = reinterpret_cast<const uint16_t*>(kc);
+    const auto* vb = reinterpret_cast<const uint16_t*>(vc);
+#define LOOPSERVE_DECODE_BF16(C)                                                         \
+  return decode_bf16<C>(qb, kb, vb, tables, lens, rows, windows, out, num_seqs, width,   \
+                        heads_q, heads_kv, block_size, q_stride, out_stride, scale)
+    switch (dim) {
+      case 32: LOOPSERVE_DECODE_BF16(1);
+      case 64: LOOPSERVE_DECODE_BF16(2);
+      case 128: LOOPSERVE_DECODE_BF16(4);
+      case 256: LOOPSERVE_DECODE_BF16(8);
+      default: break;
+    }
+#undef LOOPSERVE_DECODE_BF16
+  }
+#endif
   const int64_t group = heads_q / heads_kv;
   const int64_t row = heads_kv * dim;  // one token's K (or V) row in the cache, all KV heads
   at::parallel_for(0, num_seqs * heads_kv, 1, [&](int64_t begin, int64_t end) {

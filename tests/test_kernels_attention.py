@@ -292,6 +292,30 @@ def test_cpu_kernel_low_precision(dtype: torch.dtype) -> None:
 
 
 @cpu_only
+@pytest.mark.parametrize("dim", [32, 64, 128, 256])
+def test_cpu_kernel_bf16_dot_product_path(dim: int) -> None:
+    """bf16 caches with head dims the AVX-512 BF16 path takes: within twice the bf16 twin's
+    error of float64, and each sequence's output the same bits alone (items per KV head) as
+    in a batch of many (items per sequence, all KV heads)."""
+    seqs = [(1, n) for n in (1, 15, 16, 17, 47, 130, 300, 2, 33, 64)]
+    p = make_paged(seqs, 16, (9, 3), dim, torch.bfloat16, seed=dim)
+    golden = paged_attention_ref(*f64_cache(p), p.meta, 0.125)
+    eager = paged_attention_ref(p.q, p.k_cache, p.v_cache, p.meta, 0.125)
+    out = paged_attention_cpu(p.q, p.k_cache, p.v_cache, p.meta, 0.125)
+    assert_close_verbose(out, golden, lowp_bound(eager, golden))
+    for s in range(len(seqs)):
+        one = PagedAttentionMetadata(
+            block_tables=p.meta.block_tables[s : s + 1],
+            context_lens=p.meta.context_lens[s : s + 1],
+            query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+            max_query_len=1,
+            max_context_len=seqs[s][1],
+        )
+        alone = paged_attention_cpu(p.q[s : s + 1], p.k_cache, p.v_cache, one, 0.125)
+        assert torch.equal(alone[0], out[s])
+
+
+@cpu_only
 @pytest.mark.parametrize("case", sorted(WINDOWED))
 def test_cpu_kernel_sliding_windows(case: str) -> None:
     p = windowed(case, torch.float32, seed=13)
