@@ -58,7 +58,7 @@ def instrument() -> None:
     pointwise = sys.modules["kernels.pointwise"]
     for name in ("rms_norm_cpu", "rope_cpu_", "silu_mul_cpu"):
         setattr(pointwise, name, _timed(getattr(pointwise, name), lambda *_, n=name: n))
-    for name in ("paged_decode_cpu", "_prefill_chunks", "write_kv_ref", "write_kv_cpu"):
+    for name in ("paged_decode_cpu", "prefill_chunks_cpu", "write_kv_ref", "write_kv_cpu"):
         setattr(attention, name, _timed(getattr(attention, name), lambda *_, n=name: n))
     fused_layer.decode_layer_cpu = _timed(fused_layer.decode_layer_cpu, lambda *_: "decode_layer")
     packed.PackedWeight.__call__ = _timed(

@@ -426,6 +426,48 @@ void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
       });
 }
 
+// Prefill chunks (sequences with several query rows) of a paged attention call: each gathers
+// its K/V through its table and runs causal-offset SDPA (GQA by repeating heads) within its
+// sliding window if it has one: the ops of the torch twin's `_prefill_chunks`, in order, so
+// the Python layer and the one-call layer give the same bits. q, out: [T, Hq, D];
+// block_tables [S, W], query_start_loc [S + 1], context_lens [S] int32; windows [S] int32
+// or empty; chunks: int64 indices of the chunk sequences.
+void prefill_chunks(const torch::Tensor& q, const torch::Tensor& k_cache,
+                    const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                    const torch::Tensor& query_start_loc, const torch::Tensor& context_lens,
+                    const torch::Tensor& windows, const torch::Tensor& chunks, torch::Tensor& out,
+                    double scale) {
+  TORCH_CHECK(chunks.scalar_type() == at::kLong && chunks.dim() == 1, "chunks must be int64 [C]");
+  TORCH_CHECK(query_start_loc.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
+              "query_start_loc and context_lens must be int32");
+  const int64_t block_size = k_cache.size(1), group = q.size(1) / k_cache.size(2);
+  const auto* qsl = query_start_loc.data_ptr<int32_t>();
+  const auto* ctx = context_lens.data_ptr<int32_t>();
+  const auto* chunk = chunks.data_ptr<int64_t>();
+  const int32_t* wins = windows.numel() ? windows.data_ptr<int32_t>() : nullptr;
+  for (int64_t c = 0; c < chunks.size(0); ++c) {
+    const int64_t s = chunk[c], begin = qsl[s], q_len = qsl[s + 1] - qsl[s], length = ctx[s];
+    const torch::Tensor q_s = q.narrow(0, begin, q_len).transpose(0, 1);  // [Hq, q_len, D]
+    const torch::Tensor blocks =
+        block_tables[s].narrow(0, 0, (length + block_size - 1) / block_size).to(at::kLong);
+    const auto gather = [&](const torch::Tensor& cache) {  // [Hkv, L, D] -> [Hq, L, D]
+      const torch::Tensor t =
+          cache.index_select(0, blocks).flatten(0, 1).narrow(0, 0, length).transpose(0, 1);
+      return t.repeat_interleave(group, 0).to(q.scalar_type());
+    };
+    const torch::Tensor k = gather(k_cache), v = gather(v_cache);
+    const auto opts = torch::TensorOptions().dtype(at::kLong).device(q.device());
+    const torch::Tensor q_pos = torch::arange(length - q_len, length, opts);
+    const torch::Tensor back = q_pos.unsqueeze(1) - torch::arange(length, opts).unsqueeze(0);
+    torch::Tensor mask = back >= 0;
+    const int64_t window = wins != nullptr ? wins[s] : 0;
+    if (window) mask &= back < window;
+    const torch::Tensor o = at::scaled_dot_product_attention(
+        q_s.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), mask, 0.0, false, scale);
+    out.narrow(0, begin, q_len).copy_(o[0].transpose(0, 1));
+  }
+}
+
 template <typename T>
 void max_lse(const T* logits, int64_t rows, int64_t vocab, int64_t stride, int64_t* argmax,
              float* top, float* lse) {
@@ -910,12 +952,12 @@ torch::Tensor packed_matmul(const torch::Tensor& x, const torch::Tensor& w) {
   return w.is_mkldnn() ? packed_linear(x, w) : panel_gemm(x, w);
 }
 
-// One Llama-family block layer (RMSNorm, fused q|k|v, RoPE, paged decode attention, o,
-// residual + RMSNorm, fused gate|up, silu·mul, down, residual) for a step whose every row is
-// the one decode row of its own sequence, in one call: the same kernels, in the same order,
-// as the Python layer runs them one call at a time (about 0.3 ms of Python a layer).
-// hidden [T, H]; norms [H]; weights packed; cos, sin [T, D]; tables/lens/windows as
-// paged_decode's, row s of the batch is sequence s.
+// One Llama-family block layer (RMSNorm, fused q|k|v, RoPE, paged attention, o, residual +
+// RMSNorm, fused gate|up, silu·mul, down, residual) for a step of decode rows and prefill
+// chunks, in one call: the same kernels, in the same order, as the Python layer runs them one
+// call at a time (about 0.3 ms of Python a layer). hidden [T, H]; norms [H]; weights packed;
+// cos, sin [T, D]; tables/lens/rows/windows: paged_decode's, for the decode sequences (none:
+// zero rows); chunk_*: prefill_chunks' metadata and chunk sequences.
 torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& input_norm,
                            const torch::Tensor& post_norm, double eps, const torch::Tensor& w_qkv,
                            const torch::Tensor& w_o, const torch::Tensor& w_gate_up,
@@ -924,7 +966,9 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& inp
                            torch::Tensor& v_cache, const torch::Tensor& slots,
                            const torch::Tensor& tables, const torch::Tensor& lens,
                            const torch::Tensor& rows, const torch::Tensor& windows,
-                           int64_t heads_q, double scale) {
+                           const torch::Tensor& chunk_tables, const torch::Tensor& chunk_starts,
+                           const torch::Tensor& chunk_ctx, const torch::Tensor& chunk_windows,
+                           const torch::Tensor& chunks, int64_t heads_q, double scale) {
   TORCH_CHECK(hidden.scalar_type() == at::kBFloat16 && hidden.is_contiguous() && hidden.dim() == 2,
               "hidden must be contiguous bf16 [T, H]");
   TORCH_CHECK(input_norm.dim() == 1 && post_norm.dim() == 1, "norm weights must be [H]");
@@ -940,7 +984,9 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& inp
   rope_(k, cos, sin);
   write_kv(k, v, k_cache, v_cache, slots);
   torch::Tensor attn = torch::empty({t, heads_q, dim}, hidden.options());
-  paged_decode(q, k_cache, v_cache, tables, lens, rows, windows, attn, scale);
+  if (tables.size(0)) paged_decode(q, k_cache, v_cache, tables, lens, rows, windows, attn, scale);
+  prefill_chunks(q, k_cache, v_cache, chunk_tables, chunk_starts, chunk_ctx, chunk_windows, chunks,
+                 attn, scale);
   const torch::Tensor o = packed_matmul(attn.view({t, qw}), w_o);
   const auto normed = rms_norm(hidden, post_norm, eps, o);  // {norm(hidden + o), hidden + o}
   const torch::Tensor inner = silu_mul(packed_matmul(normed[0], w_gate_up));
@@ -963,5 +1009,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_gemm_built", [] { return kPanelGemm; }, "whether panel_gemm was built");
   m.def("panel_width", &panel_width, "the fastest panel width for k input columns (0: oneDNN)");
   m.def("amx_takes", &amx_takes, "whether 32-column panels over k input columns can run");
-  m.def("decode_layer", &decode_layer, "one Llama-family block layer over decode rows", nogil());
+  m.def("prefill_chunks", &prefill_chunks, "paged attention of prefill chunks", nogil());
+  m.def("decode_layer", &decode_layer, "one Llama-family block layer over a step", nogil());
 }

@@ -157,6 +157,19 @@ def write_kv_cpu(
     _loaded().write_kv(k, v, k_cache, v_cache, slots)
 
 
+def prefill_chunks_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    chunks: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    out: torch.Tensor,
+    scale: float,
+) -> None:
+    """Attention of the prefill chunks into ``out``: ``chunks`` is (block tables, query start
+    locations, context lengths, windows or empty, int64 chunk sequence indices)."""
+    _loaded().prefill_chunks(q, k_cache, v_cache, *chunks, out, scale)
+
+
 def decode_layer_cpu(
     hidden: torch.Tensor,
     input_norm: torch.Tensor,
@@ -169,12 +182,14 @@ def decode_layer_cpu(
     v_cache: torch.Tensor,
     slots: torch.Tensor,
     decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    chunks: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     heads_q: int,
     scale: float,
 ) -> torch.Tensor:
-    """One Llama-family layer over decode rows (``model.fused_layer``): ``weights`` are the
-    packed q|k|v, o, gate|up and down; ``decode`` is paged_decode's (tables, lengths, rows,
-    windows); returns the layer's output rows."""
+    """One Llama-family layer over a step's decode rows and prefill chunks
+    (``model.fused_layer``): ``weights`` are the packed q|k|v, o, gate|up and down; ``decode``
+    is paged_decode's (tables, lengths, rows, windows) for the decode sequences, ``chunks``
+    prefill_chunks_cpu's; returns the layer's output rows."""
     qkv, o, gate_up, down = weights
     return _loaded().decode_layer(
         hidden,
@@ -191,6 +206,7 @@ def decode_layer_cpu(
         v_cache,
         slots,
         *decode,
+        *chunks,
         heads_q,
         scale,
     )

@@ -21,6 +21,7 @@ from kernels.cpu_kernels import (
     DECODE_LANES,
     cpu_kernel_available,
     paged_decode_cpu,
+    prefill_chunks_cpu,
     write_kv_cpu,
 )
 from kernels.dispatch import cpu_kernel_mode, kernel_backend
@@ -252,38 +253,79 @@ class CpuDecodePlan:
     rows: torch.Tensor  # [S_dec] int64
     windows: torch.Tensor  # [S_dec] int32 sliding windows (0: none), or [0]: none at all
 
+    @staticmethod
+    def empty(meta: PagedAttentionMetadata) -> CpuDecodePlan:
+        """No decode sequences (an all-prefill step)."""
+        tables = meta.block_tables[:0].contiguous()
+        int32 = torch.zeros(0, dtype=torch.int32)
+        return CpuDecodePlan(tables, int32, torch.zeros(0, dtype=torch.int64), int32)
 
-def _cpu_plan(meta: PagedAttentionMetadata) -> tuple[TwinPlan, CpuDecodePlan | None]:
+    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.tables, self.lengths, self.rows, self.windows
+
+
+Chunks = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""The C++ prefill chunks' inputs: block tables, query start locations, context lengths,
+windows (or empty), int64 indices of the chunk sequences."""
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """One attention call's host work for the C++ path, done once per step."""
+
+    twin: TwinPlan
+    decode: CpuDecodePlan | None  # None: no decode sequences
+    chunks: Chunks | None  # None: no prefill chunks
+
+
+def _cpu_plan(meta: PagedAttentionMetadata) -> CpuPlan:
     key = "cpu_plan"
     if key not in meta.derived:
         plan, seqs = TwinPlan.host_lists(meta)
         w = meta.sliding_windows
+        windows = torch.zeros(0, dtype=torch.int32) if w is None else w.int().contiguous()
         decode = None
         if seqs:
             rows = meta.query_start_loc[:-1].long()
             tables, lens = meta.block_tables, meta.context_lens
-            windows = torch.zeros(0, dtype=torch.int32) if w is None else w.int()
+            dec_windows = windows
             if len(seqs) < meta.num_seqs:
                 index = torch.tensor(seqs, device=meta.block_tables.device)
                 tables, lens, rows = (t.index_select(0, index) for t in (tables, lens, rows))
-                windows = windows if w is None else windows.index_select(0, index)
+                dec_windows = windows if w is None else windows.index_select(0, index)
             decode = CpuDecodePlan(
-                tables.contiguous(), lens.contiguous(), rows, windows.contiguous()
+                tables.contiguous(), lens.contiguous(), rows, dec_windows.contiguous()
             )
-        meta.derived[key] = (plan, decode)
+        chunks = None
+        if plan.chunks:
+            chunks = (
+                meta.block_tables.contiguous(),
+                meta.query_start_loc.int().contiguous(),
+                meta.context_lens.int().contiguous(),
+                windows,
+                torch.tensor(plan.chunks, dtype=torch.int64),
+            )
+        meta.derived[key] = CpuPlan(plan, decode, chunks)
     return meta.derived[key]
 
 
 @dataclass(frozen=True)
 class DecodeInputs:
-    """What a whole decode layer on the C++ path (``model.fused_layer``) takes from a step's
-    attention backend: every layer's caches, the step's slots and its decode plan."""
+    """What a whole layer on the C++ path (``model.fused_layer``) takes from a step's
+    attention backend: every layer's caches, the step's slots, its decode plan and its
+    prefill chunks."""
 
     k_caches: list[torch.Tensor]
     v_caches: list[torch.Tensor]
     slot_mapping: torch.Tensor
     plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    chunks: Chunks
     scale: float
+
+
+def _no_chunks(meta: PagedAttentionMetadata) -> Chunks:
+    empty = torch.zeros(0, dtype=torch.int32)
+    return meta.block_tables, empty, empty, empty, torch.zeros(0, dtype=torch.int64)
 
 
 def decode_inputs(
@@ -293,15 +335,21 @@ def decode_inputs(
     slot_mapping: torch.Tensor,
     scale: float,
 ) -> DecodeInputs | None:
-    """The inputs of a whole-layer decode call, or None unless every sequence of the step has
-    exactly one query row (its decode row) and no sliding windows apply."""
+    """The inputs of a whole-layer call, or None where sliding windows apply or the head dim
+    is off the decode kernel's lanes. Decode rows and prefill chunks may mix."""
     dim = k_caches[0].shape[-1]
-    if meta.max_query_len != 1 or meta.sliding_windows is not None or dim % DECODE_LANES:
+    if meta.sliding_windows is not None or dim % DECODE_LANES:
         return None
-    _, decode = _cpu_plan(meta)
-    assert decode is not None  # one row per sequence: all of them decode
-    plan = (decode.tables, decode.lengths, decode.rows, decode.windows)
-    return DecodeInputs(k_caches, v_caches, slot_mapping.long().contiguous(), plan, scale)
+    cpu = _cpu_plan(meta)
+    decode = cpu.decode or CpuDecodePlan.empty(meta)
+    return DecodeInputs(
+        k_caches,
+        v_caches,
+        slot_mapping.long().contiguous(),
+        decode.as_tuple(),
+        cpu.chunks or _no_chunks(meta),
+        scale,
+    )
 
 
 def paged_attention_cpu(
@@ -312,22 +360,13 @@ def paged_attention_cpu(
     scale: float,
 ) -> torch.Tensor:
     """The CPU path: decode rows through the C++ kernel (K/V read in place, once), prefill
-    chunks through the twin's SDPA."""
+    chunks through the C++ twin of ``_prefill_chunks`` (the same ops, without Python)."""
     out = torch.empty_like(q)
-    plan, decode = _cpu_plan(meta)
-    if decode is not None:
-        paged_decode_cpu(
-            q.contiguous(),
-            k_cache,
-            v_cache,
-            decode.tables,
-            decode.lengths,
-            decode.rows,
-            decode.windows,
-            out,
-            scale,
-        )
-    _prefill_chunks(q, k_cache, v_cache, meta, plan, scale, out)
+    cpu = _cpu_plan(meta)
+    if cpu.decode is not None:
+        paged_decode_cpu(q.contiguous(), k_cache, v_cache, *cpu.decode.as_tuple(), out, scale)
+    if cpu.chunks is not None:
+        prefill_chunks_cpu(q, k_cache, v_cache, cpu.chunks, out, scale)
     return out
 
 

@@ -30,8 +30,8 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor: ...
 
     def decode_inputs(self) -> DecodeInputs | None:
-        """What a whole-layer decode call needs (``model.fused_layer``), or None where the
-        step is not all decode rows or the backend has no paged cache."""
+        """What a whole-layer call needs (``model.fused_layer``), or None where the backend
+        has no paged cache or the step is one the call cannot compute (sliding windows)."""
         ...
 
 

@@ -1,13 +1,13 @@
-"""A whole block layer in one C++ call for decode steps on the CPU path.
+"""A whole block layer in one C++ call for steps on the CPU path.
 
 The Python layer (``RecursiveLM.layer_forward``) runs a Llama layer as about a dozen kernel
 calls, each behind a few Python frames: ~0.3 ms of interpreter time a layer, 9 ms of a 41 ms
-step for SmolLM2's 30 layers at 16 decode rows on two threads. When every row of a step is the
-one decode row of its sequence and the rows share a depth (sequence-wise batching, aligned
-depth-wise batching over dense per-depth weights), ``kernels.cpu_kernels.decode_layer`` runs
-the same kernels in the same order from C++, so the step's hidden states are the Python
-layer's, bit for bit. Everything else (prefill chunks, mixed depths, low-rank deltas, the
-families with other norms or activations) keeps the Python layer.
+step for SmolLM2's 30 layers at 16 decode rows on two threads. When the rows of a step share
+a depth (sequence-wise batching, aligned depth-wise batching over dense per-depth weights),
+``kernels.cpu_kernels.decode_layer`` runs the same kernels in the same order from C++ — decode
+rows and prefill chunks alike — so the step's hidden states are the Python layer's, bit for
+bit. Everything else (mixed depths, low-rank deltas, sliding windows, the families with other
+norms or activations) keeps the Python layer.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ class DecodeLayer:
             inputs.v_caches[layer],
             inputs.slot_mapping,
             inputs.plan,
+            inputs.chunks,
             self.heads_q,
             inputs.scale,
         )

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from kernels import cpu_kernel_available, packing_supported
+from kernels import DecodeInputs, cpu_kernel_available, packing_supported
 from model.checkpoint import load_model
 from model.config import FULL_RANK, LINEAR_MODULES
 from model.convert import convert
@@ -56,13 +56,16 @@ class _Counted:
     """The model's fused layer, counting its calls (a test that never ran it cannot pass)."""
 
     def __init__(self, inner: DecodeLayer) -> None:
-        self.inner, self.calls = inner, 0
+        self.inner, self.calls, self.with_chunks = inner, 0, 0
 
     def applies(self, hidden: torch.Tensor) -> bool:
         return self.inner.applies(hidden)
 
     def __call__(self, *args: object) -> torch.Tensor:
         self.calls += 1
+        inputs = args[-1]
+        assert isinstance(inputs, DecodeInputs)
+        self.with_chunks += inputs.chunks[-1].numel() > 0
         return self.inner(*args)
 
 
@@ -101,7 +104,7 @@ def test_engine_with_the_fused_layer_equals_the_python_layer(
 ) -> None:
     """Same tokens, logprobs and exit depths, step by step; the exact B = 2 conversion serves
     dense per-depth weights (aligned depth-wise batching: one depth a step, as the fused layer
-    needs), and the fused layer must have run for most layers."""
+    needs), and the fused layer must have run for most layers, prefill chunks among them."""
     fused, python = (_served(_variant(llama_dir, name)) for _ in range(2))
     python.decode_layer = None
     assert isinstance(fused.decode_layer, DecodeLayer)
@@ -109,6 +112,7 @@ def test_engine_with_the_fused_layer_equals_the_python_layer(
     fused.decode_layer = counted
     assert _generate(fused, batching) == _generate(python, batching)
     assert counted.calls >= 11 * fused.config.block_layers  # every all-decode step
+    assert counted.with_chunks >= fused.config.block_layers  # steps with prompt chunks too
 
 
 @torch.no_grad()
