@@ -201,7 +201,10 @@ class ModelRunner:
             return
         dev = self.device
         rows = torch.tensor([r for _, _, r in cand], device=dev)
-        logits = self.model.logits(batch.hidden.index_select(0, rows))
+        # the exit head of each row's depth (learned, where the checkpoint has them) gives both
+        # its exit confidence and its token
+        hidden = batch.hidden.index_select(0, rows)
+        logits = self.model.exit_logits(hidden, [d for _, d, _ in cand])
         logits = apply_masks(logits, [it.grammar for it, _, _ in cand])  # before the exit rule
         stats = row_max_lse(logits)  # greedy tokens, logprobs and the "prob" confidence
         leaving = torch.ones(len(cand), dtype=torch.bool, device=dev)

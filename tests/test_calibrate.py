@@ -5,6 +5,7 @@ independent replay of the engine's rule."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from fractions import Fraction
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from model.checkpoint import load_model
 from model.config import LINEAR_MODULES
 from model.convert import convert
+from model.exit_heads import ExitHeads
 from scheduler.exit_policy import EXITS_OFF, confidence, exit_depths, exits
 from training.calibrate import (
     GRID,
@@ -199,20 +201,33 @@ def test_fit_rejects_bad_input() -> None:
         fit_thresholds(conf, agree[:, :2], 0.9)
 
 
-def test_calibrate_model_verification_matches_the_engine_rule(tiny_hf: tuple) -> None:
+@pytest.mark.parametrize("heads", [False, True])
+def test_calibrate_model_verification_matches_the_engine_rule(tiny_hf: tuple, heads: bool) -> None:
     """On a real (tiny) recursive model: the verified numbers are what the engine's rule gives
-    on the held-out windows' own per-depth logits, recomputed here from the loop outputs."""
+    on the held-out windows' own per-depth logits, recomputed here from the loop outputs (with
+    exit heads: through the heads' weights, applied here as h Wᵀ + bias)."""
     source = load_model(tiny_hf[0])
     model, _ = convert(
         source, loops=3, init="average", ranks=dict.fromkeys(LINEAR_MODULES, 4), progress=False
     )
+    h = model.config.arch.hidden_size
+    if heads:
+        model.exit_heads = ExitHeads(2, h)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            model.exit_heads.weight.add_(0.5 * torch.randn(2, h, h, generator=gen) / h**0.5)
+        model.config = replace(model.config, exit_heads=True)
     gen = torch.Generator().manual_seed(0)
     windows = torch.randint(0, 101, (24, 64), generator=gen)
     heldout = torch.randint(0, 101, (8, 64), generator=gen)
     result = calibrate(model, windows, heldout, target=0.3, delta=0.2)
     assert result.fitted["prob"].tokens == windows.numel()
     with torch.no_grad():
-        logits = torch.stack([model.logits(h) for h in model.loop_hidden_states(heldout)], 2)
+        states = model.loop_hidden_states(heldout)
+        if heads:
+            w, bias = model.exit_heads.weight, model.exit_heads.bias
+            states = [x @ w[b].T + bias[b] for b, x in enumerate(states[:2])] + states[2:]
+        logits = torch.stack([model.logits(x) for x in states], 2)
     logits = logits.flatten(0, 1)  # [T, B, V]
     agree = logits.argmax(-1) == logits[:, -1:].argmax(-1)
     probs = logits.softmax(-1)

@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from transformers import LlamaForCausalLM
 from model.checkpoint import load_model
 from model.config import LINEAR_MODULES
 from model.convert import convert
+from model.exit_heads import ExitHeads
 from model.recursive import RecursiveLM
 from model.serving import fuse_projections, materialise_high_rank, prepare_for_serving
 from scheduler.config import EngineConfig
@@ -83,7 +84,10 @@ def oracle_decode(
     thresholds: tuple[float, ...],
     fill: str,
     forced: tuple[str, tuple[float, ...]] | None = None,
+    heads: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> OracleOutput:
+    """``heads``: exit-head weights [B − 1, H, H] and biases [B − 1, H], applied here as
+    h Wᵀ + bias before the LM head at every depth but the last (the model's own stay off)."""
     loops, layers = model.config.loops, model.config.block_layers
     kv: list[list[list[tuple]]] = [[[] for _ in range(layers)] for _ in range(loops)]
     filled: list[list[set]] = [[set() for _ in range(layers)] for _ in range(loops)]
@@ -101,7 +105,8 @@ def oracle_decode(
             out.fills_read += attention.reads
             if not needs_logits or sampled is not None:
                 continue
-            logits = model.logits(h).float()
+            exit_h = h if heads is None or b == loops - 1 else h @ heads[0][b].T + heads[1][b]
+            logits = model.logits(exit_h).float()
             if forced is not None:  # (engine request id, weights): the forced schedule's depth
                 if b < min(loops - 1, forced_exit_depth(forced[0], pos, forced[1])):
                     continue
@@ -135,12 +140,12 @@ def _prompts() -> dict[str, list[int]]:
 
 
 def _thresholds(model: RecursiveLM) -> tuple[float, float]:
-    """Thresholds near the median confidence at depths 0 and 1 (of a run with exits off), so
-    that tokens leave at every depth."""
+    """Thresholds near the median confidence at depths 0 and 1 (of a run with exits off, through
+    the model's exit heads if it has them), so that tokens leave at every depth."""
     conf: list[list[float]] = [[], []]
     ids = torch.tensor([p[:9] for p in _prompts().values() if len(p) >= 9])
     for b, h in enumerate(model.loop_hidden_states(ids)[:2]):
-        conf[b] = confidence(model.logits(h).float(), "prob").flatten().tolist()
+        conf[b] = confidence(model.exit_logits(h, b).float(), "prob").flatten().tolist()
     return tuple(float(torch.tensor(c).median()) for c in conf)  # type: ignore[return-value]
 
 
@@ -219,6 +224,45 @@ def test_engine_equals_per_token_oracle_with_mixed_exits(
         tokens, exit_depths, logprobs = got[rid]
         assert (tokens, exit_depths) == (o.tokens, o.exit_depths), rid
         # the logprobs see every K/V the tokens attended to, filled ones included
+        torch.testing.assert_close(logprobs, o.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("batching", "alignment", "fill"), MODES)
+def test_engine_with_exit_heads_equals_the_oracle_applying_them(
+    rrt64: RecursiveLM, batching: str, alignment: str, fill: str
+) -> None:
+    """Learned exit heads change each early exit's confidence and token: the engine's must be
+    the oracle's that applies the same head weights itself, and differ from the head-less
+    oracle's (so the heads are not ignored)."""
+    model = copy.deepcopy(rrt64)
+    h = model.config.arch.hidden_size
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.eye(h, dtype=torch.float64) + 0.5 * torch.randn(2, h, h, generator=gen) / h**0.5
+    bias = 0.3 * torch.randn(2, h, generator=gen, dtype=torch.float64)
+    model.exit_heads = ExitHeads(2, h, dtype=torch.float64)
+    model.exit_heads.load_state_dict({"weight": weight, "bias": bias})
+    model.config = replace(model.config, exit_heads=True)
+    prepare_for_serving(model)
+    thresholds = _thresholds(model)
+    prompts = _prompts()
+    want = {
+        rid: oracle_decode(rrt64, ids, thresholds, fill, heads=(weight, bias))
+        for rid, ids in prompts.items()
+    }
+    assert {d for o in want.values() for d in o.exit_depths} == {0, 1, 2}
+    blind = {rid: oracle_decode(rrt64, ids, thresholds, fill) for rid, ids in prompts.items()}
+    assert any(blind[r].tokens != o.tokens for r, o in want.items())
+    got = _run_engine(
+        model,
+        prompts,
+        fill,
+        batching=batching,
+        depth_alignment=alignment,
+        exit_thresholds=thresholds,
+    )
+    for rid, o in want.items():
+        tokens, exit_depths, logprobs = got[rid]
+        assert (tokens, exit_depths) == (o.tokens, o.exit_depths), rid
         torch.testing.assert_close(logprobs, o.logprobs, atol=1e-5, rtol=0)
 
 

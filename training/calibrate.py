@@ -2,7 +2,8 @@
 
 A decode token exits at the first depth b (``b >= min_loops - 1``, ``b < B - 1``) whose exit
 confidence is at or above ``threshold[b]``; otherwise it runs all B loops — the rule of
-``scheduler.exit_policy``, which the engine applies and verification replays.
+``scheduler.exit_policy``, which the engine applies and verification replays. Confidences
+come through the checkpoint's learned exit heads where it has them (``training.exit_heads``).
 
 **The guarantee** (Learn-then-Test with fixed-sequence testing, Angelopoulos et al. 2021):
 for each fitted depth b, with probability at least 1 − δ over the calibration tokens, every
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ import torch
 from kernels.dispatch import use_backend
 from model.recursive import RecursiveLM
 from scheduler.exit_policy import EXIT_MEASURES, EXITS_OFF, confidence, exit_depths
+from training.exit_heads import HeadReport, HeadTraining, loop_states, train_exit_heads
 
 DELTA = 0.05
 GRID: tuple[float, ...] = tuple(1 - 10 ** (-4 + 4 * i / 160) for i in range(161))
@@ -185,7 +187,10 @@ def collect_depth_stats(
     agree = []
     for ids in windows.split(batch_size):
         states = model.loop_hidden_states(ids.to(model.device))
-        logits = torch.stack([model.logits(h).flatten(0, 1) for h in states], 1)  # [T, B, V]
+        # [T, B, V]: each loop through its exit head, as the engine computes it
+        logits = torch.stack(
+            [model.exit_logits(h.flatten(0, 1), b) for b, h in enumerate(states)], 1
+        )
         agree.append((logits.argmax(-1) == logits[:, -1:].argmax(-1)).cpu())
         for m in EXIT_MEASURES:
             conf[m].append(confidence(logits, m).cpu())
@@ -261,12 +266,18 @@ def calibrate_checkpoint(
     write: bool = True,
     device: str = "cpu",
     progress: bool = True,
-) -> CalibrationResult:
+    heads: HeadTraining | None = None,
+) -> tuple[CalibrationResult, HeadReport | None]:
     """What ``loopserve calibrate`` runs: fit on ``data`` (default: ``tokens`` tokens the
     checkpoint samples from the calibration prompt set), verify on its samples from the held-
-    out prompt set, and write thresholds and both reports into ``loopserve.json``."""
+    out prompt set, and write thresholds and both reports into ``loopserve.json``.
+
+    With ``heads``, exit heads are trained first on the first half of the calibration
+    windows and the thresholds fitted on the other half, so the tests see data the heads did
+    not (the guarantee needs that); the heads are written beside the weights.
+    """
     from model.calibration_data import calibration_windows, heldout_windows
-    from model.checkpoint import LOOPSERVE_CONFIG, load_model, read_loopserve_meta
+    from model.checkpoint import LOOPSERVE_CONFIG, load_model, read_loopserve_meta, save_exit_heads
     from model.config import ModelConfig
     from training.distill_data import load_tokenizer
 
@@ -279,18 +290,32 @@ def calibrate_checkpoint(
     with use_backend("torch"):
         windows = calibration_windows(model, d, tokenizer, data, tokens, seq_len, progress=progress)
         heldout = heldout_windows(model, d, tokenizer, seq_len=seq_len, progress=progress)
+        report = None
+        if heads is not None:
+            if windows.shape[0] < 2:
+                raise CalibrationError("exit heads need two calibration windows or more")
+            half = windows.shape[0] // 2
+            model.exit_heads, report = train_exit_heads(
+                model, loop_states(model, windows[:half]), loop_states(model, heldout), heads
+            )
+            model.config = replace(model.config, exit_heads=True)
+            windows = windows[half:]
         result = calibrate(model, windows, heldout, target, delta, min_loops)
     if write:
         meta = read_loopserve_meta(d)
         meta["config"]["exit_thresholds"] = result.thresholds
+        meta["config"]["exit_heads"] = model.config.exit_heads
         ModelConfig.from_dict(meta["config"])  # refuse to write a config that will not load
         meta.setdefault("provenance", {})["calibration"] = {
             **result.to_dict(),
+            "exit_heads": asdict(report) if report is not None else None,
             "data": str(data) if data else "self-distilled, calibration prompt set",
             "heldout": "self-distilled, held-out prompt set",
             "seq_len": seq_len,
         }
+        if report is not None:
+            save_exit_heads(model, d)
         tmp = d / (LOOPSERVE_CONFIG + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         tmp.replace(d / LOOPSERVE_CONFIG)
-    return result
+    return result, report

@@ -19,6 +19,7 @@ from model.config import ConfigError
 from training import distributed
 from training.calibrate import DELTA, CalibrationError, calibrate_checkpoint
 from training.distill_data import DataConfig, DataError
+from training.exit_heads import HeadTraining, HeadTrainingError
 from training.uptrain import (
     DEFAULT_GROUPS,
     RunSummary,
@@ -32,6 +33,7 @@ USER_ERRORS = (
     DataError,
     CalibrationError,
     CalibrationDataError,
+    HeadTrainingError,
     CheckpointError,
     ConfigError,
 )
@@ -439,6 +441,18 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     )
     p.add_argument("--seq-len", type=_positive_int, default=256)
     p.add_argument("--min-loops", type=_positive_int, default=1, help="loops before any exit")
+    heads = p.add_argument_group("learned exit heads")
+    h = HeadTraining()
+    heads.add_argument(
+        "--exit-heads",
+        action="store_true",
+        help="first train one affine exit head per early depth (tuned lens) on half the "
+        "calibration windows against the final loop (KL); thresholds use their confidences",
+    )
+    heads.add_argument("--head-steps", type=_positive_int, default=h.steps)
+    heads.add_argument("--head-seconds", type=float, default=h.max_seconds, help="time bound")
+    heads.add_argument("--head-batch", type=_positive_int, default=h.batch_tokens, help="tokens")
+    heads.add_argument("--head-lr", type=float, default=h.lr)
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     p.add_argument("--dry-run", action="store_true", help="print, do not write the config")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -450,7 +464,16 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 def run_calibrate_command(args: argparse.Namespace) -> int:
     """Handler of ``loopserve calibrate``."""
     try:
-        result = calibrate_checkpoint(
+        heads = None
+        if args.exit_heads:
+            heads = HeadTraining(
+                steps=args.head_steps,
+                max_seconds=args.head_seconds,
+                batch_tokens=args.head_batch,
+                lr=args.head_lr,
+                progress=not args.no_progress,
+            )
+        result, report = calibrate_checkpoint(
             args.model,
             target=args.target,
             delta=args.delta,
@@ -461,16 +484,26 @@ def run_calibrate_command(args: argparse.Namespace) -> int:
             write=not args.dry_run,
             device=args.device,
             progress=not args.no_progress,
+            heads=heads,
         )
     except USER_ERRORS as e:
         print(f"loopserve calibrate: error: {e}", file=sys.stderr)
         return 2
+    if report is not None:
+        kl = " ".join(
+            f"{a:.3f} -> {b:.3f}" for a, b in zip(report.kl_before, report.kl_after, strict=True)
+        )
+        print(
+            f"exit heads: {report.steps} steps on {report.train_tokens} tokens in "
+            f"{report.seconds:.0f} s; held-out KL to the final loop per depth {kl}"
+        )
     for line in result.lines():
         print(line)
     if not args.dry_run:
         print(f"wrote exit thresholds to {Path(args.model) / 'loopserve.json'}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        record = {**result.to_dict(), "exit_heads": asdict(report) if report else None}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
