@@ -7,6 +7,11 @@ affine map ``h ↦ h Wᵀ + bias`` [H, H] that carries it into the last loop's b
 norm + LM head then give that depth's exit logits. Identity-initialised, so an untrained head
 changes nothing. ``training.exit_heads`` fits them; the engine applies them via
 ``RecursiveLM.exit_logits``.
+
+Beside each map sits a **gate** (CALM's learned exit classifier): a logistic score on the
+RMS-normalised hidden state, ~2H FLOPs a row, trained to predict whether that depth's exit
+token equals the final loop's. As the ``"gate"`` exit measure it decides exits *before* the
+vocabulary projection, so the LM head runs only for rows that leave.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from torch import nn
 
 
 class ExitHeads(nn.Module):
-    """Affine maps ``weight`` [D, H, H] and ``bias`` [D, H] for exit depths 0..D−1 (D = B − 1);
-    a depth >= D (the last loop) passes through unchanged."""
+    """Affine maps ``weight`` [D, H, H] and ``bias`` [D, H] for exit depths 0..D−1 (D = B − 1),
+    a depth >= D (the last loop) passing through unchanged; gates ``gate_weight`` [D, H] and
+    ``gate_bias`` [D] (zero: a constant 0.5 until trained)."""
 
     def __init__(
         self,
@@ -32,6 +38,8 @@ class ExitHeads(nn.Module):
         eye = torch.eye(hidden_size, dtype=dtype, device=device)
         self.weight = nn.Parameter(eye.repeat(depths, 1, 1))
         self.bias = nn.Parameter(torch.zeros(depths, hidden_size, dtype=dtype, device=device))
+        self.gate_weight = nn.Parameter(torch.zeros_like(self.bias))
+        self.gate_bias = nn.Parameter(torch.zeros(depths, dtype=dtype, device=device))
 
     @property
     def depths(self) -> int:
@@ -50,3 +58,15 @@ class ExitHeads(nn.Module):
             rows = torch.tensor([i for i, x in enumerate(depth) if x == d], device=hidden.device)
             out[rows] = nn.functional.linear(hidden[rows], self.weight[d], self.bias[d])
         return out
+
+    def gate_logit(self, hidden: torch.Tensor, depth: int | Sequence[int]) -> torch.Tensor:
+        """The gate's pre-sigmoid score of rows [..., H] after early loop(s) ``depth`` -> [...]."""
+        x = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+        if isinstance(depth, int):
+            return x @ self.gate_weight[depth] + self.gate_bias[depth]
+        at = torch.tensor(list(depth), device=hidden.device)
+        return (x * self.gate_weight[at]).sum(-1) + self.gate_bias[at]
+
+    def gate(self, hidden: torch.Tensor, depth: int | Sequence[int]) -> torch.Tensor:
+        """The gate's exit confidence in [0, 1]: P(this depth's token = the final loop's)."""
+        return torch.sigmoid(self.gate_logit(hidden, depth))

@@ -216,6 +216,7 @@ def test_calibrate_model_verification_matches_the_engine_rule(tiny_hf: tuple, he
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
             model.exit_heads.weight.add_(0.5 * torch.randn(2, h, h, generator=gen) / h**0.5)
+            model.exit_heads.gate_weight.copy_(torch.randn(2, h, generator=gen) / h**0.5)
         model.config = replace(model.config, exit_heads=True)
     gen = torch.Generator().manual_seed(0)
     windows = torch.randint(0, 101, (24, 64), generator=gen)
@@ -223,16 +224,24 @@ def test_calibrate_model_verification_matches_the_engine_rule(tiny_hf: tuple, he
     result = calibrate(model, windows, heldout, target=0.3, delta=0.2)
     assert result.fitted["prob"].tokens == windows.numel()
     with torch.no_grad():
-        states = model.loop_hidden_states(heldout)
+        raw = [x.flatten(0, 1) for x in model.loop_hidden_states(heldout)]
+        states = raw
         if heads:
             w, bias = model.exit_heads.weight, model.exit_heads.bias
-            states = [x @ w[b].T + bias[b] for b, x in enumerate(states[:2])] + states[2:]
-        logits = torch.stack([model.logits(x) for x in states], 2)
-    logits = logits.flatten(0, 1)  # [T, B, V]
+            states = [x @ w[b].T + bias[b] for b, x in enumerate(raw[:2])] + raw[2:]
+        logits = torch.stack([model.logits(x) for x in states], 1)  # [T, B, V]
     agree = logits.argmax(-1) == logits[:, -1:].argmax(-1)
     probs = logits.softmax(-1)
     top2 = probs.topk(2, -1).values
     conf = {"prob": top2[..., 0], "margin": top2[..., 0] - top2[..., 1]}
+    if heads:  # the gate: a logistic score of the RMS-normalised raw hidden state
+        gw, gb = model.exit_heads.gate_weight, model.exit_heads.gate_bias
+        gate = [
+            torch.sigmoid(x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() @ gw[b] + gb[b])
+            for b, x in enumerate(raw[:2])
+        ]
+        conf["gate"] = torch.stack([*gate, torch.zeros_like(gate[0])], 1)
+    assert set(result.thresholds) == set(conf)
     assert any(t <= 1 for t in result.thresholds["prob"])  # some depth exits: not vacuous
     for m, thresholds in result.thresholds.items():
         coverage, agreement, mean_loops = _replay(conf[m], agree, thresholds, 1)

@@ -5,9 +5,11 @@ trip with and without heads (old configs, without the field, still load)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -59,7 +61,8 @@ def _kl_to_final(model: RecursiveLM, ids: torch.Tensor, heads: ExitHeads | None)
 def test_trained_heads_lower_heldout_kl_to_the_final_loop(tiny_hf: tuple) -> None:
     model = _rrt(tiny_hf[0])
     gen = torch.Generator().manual_seed(0)
-    train, held = torch.randint(0, 101, (16, 64), generator=gen), torch.randint(0, 101, (4, 64))
+    train = torch.randint(0, 101, (64, 64), generator=gen)
+    held = torch.randint(0, 101, (16, 64), generator=gen)
     config = HeadTraining(steps=150, batch_tokens=256, lr=3e-3, progress=False)
     heads, report = train_exit_heads(
         model, loop_states(model, train), loop_states(model, held), config
@@ -70,6 +73,20 @@ def test_trained_heads_lower_heldout_kl_to_the_final_loop(tiny_hf: tuple) -> Non
     torch.testing.assert_close(report.kl_after, after, rtol=1e-4, atol=1e-6)
     for b in range(2):
         assert after[b] < 0.8 * before[b], (b, before, after)
+    # the gates' held-out cross-entropy on "this exit's token is the final loop's"
+    with torch.no_grad():
+        states = [x.flatten(0, 1) for x in model.loop_hidden_states(held)]
+        final = model.logits(states[-1]).argmax(-1)
+        for b in range(2):
+            exit_token = model.logits(states[b] @ heads.weight[b].T + heads.bias[b]).argmax(-1)
+            label = (exit_token == final).float()
+            x = states[b] / states[b].pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+            logit = x @ heads.gate_weight[b] + heads.gate_bias[b]
+            bce = F.binary_cross_entropy_with_logits(logit, label)
+            assert report.gate_bce[b] == pytest.approx(float(bce), rel=1e-4)
+            rate = float(label.mean())
+            constant = -(rate * math.log(rate) + (1 - rate) * math.log(1 - rate))
+            assert report.constant_bce[b] == pytest.approx(constant, rel=1e-6)
     assert all(not p.requires_grad for p in heads.parameters())
     assert all(p.requires_grad for p in model.parameters())  # left as it was
 

@@ -274,11 +274,12 @@ def test_cli_end_to_end(
     assert _run(*calibrate, "--no-progress", "--exit-heads", "--head-steps", "4") == 0
     printed = capsys.readouterr().out
     assert "exit heads: 4 steps" in printed and "held-out KL to the final loop" in printed
+    assert "exit gates: held-out cross-entropy" in printed and "  gate: thresholds" in printed
     record = json.loads((out / "loopserve.json").read_text())["provenance"]["calibration"]
     assert record["exit_heads"]["steps"] == 4 and record["fitted"]["prob"]["tokens"] < 600
     assert load_model(out).exit_heads is not None
     thresholds = load_model(out).config.exit_thresholds
-    assert thresholds is not None and set(thresholds) == {"prob", "margin"}
+    assert thresholds is not None and set(thresholds) == {"prob", "margin", "gate"}
     assert all(len(v) == 2 for v in thresholds.values())
 
 

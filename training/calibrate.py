@@ -35,7 +35,14 @@ import torch
 
 from kernels.dispatch import use_backend
 from model.recursive import RecursiveLM
-from scheduler.exit_policy import EXIT_MEASURES, EXITS_OFF, confidence, exit_depths
+from scheduler.exit_policy import (
+    EXIT_MEASURES,
+    EXITS_OFF,
+    GATE,
+    LOGIT_MEASURES,
+    confidence,
+    exit_depths,
+)
 from training.exit_heads import HeadReport, HeadTraining, loop_states, train_exit_heads
 
 DELTA = 0.05
@@ -183,17 +190,20 @@ def collect_depth_stats(
     model: RecursiveLM, windows: torch.Tensor, batch_size: int = 4
 ) -> DepthStats:
     """Run every loop's exit head over windows [N, S] (all positions are tokens)."""
-    conf: dict[str, list[torch.Tensor]] = {m: [] for m in EXIT_MEASURES}
+    heads = model.exit_heads
+    measures = EXIT_MEASURES if heads is not None else LOGIT_MEASURES
+    conf: dict[str, list[torch.Tensor]] = {m: [] for m in measures}
     agree = []
     for ids in windows.split(batch_size):
-        states = model.loop_hidden_states(ids.to(model.device))
+        states = [h.flatten(0, 1) for h in model.loop_hidden_states(ids.to(model.device))]
         # [T, B, V]: each loop through its exit head, as the engine computes it
-        logits = torch.stack(
-            [model.exit_logits(h.flatten(0, 1), b) for b, h in enumerate(states)], 1
-        )
+        logits = torch.stack([model.exit_logits(h, b) for b, h in enumerate(states)], 1)
         agree.append((logits.argmax(-1) == logits[:, -1:].argmax(-1)).cpu())
-        for m in EXIT_MEASURES:
+        for m in LOGIT_MEASURES:
             conf[m].append(confidence(logits, m).cpu())
+        if heads is not None:  # the last column is never read: no gate there
+            gates = [heads.gate(h, b) for b, h in enumerate(states[:-1])]
+            conf[GATE].append(torch.stack([*gates, torch.zeros_like(gates[0])], 1).cpu())
     return DepthStats({m: torch.cat(v) for m, v in conf.items()}, torch.cat(agree))
 
 
@@ -247,8 +257,7 @@ def calibrate(
         raise CalibrationError("a model with one loop has no early exits to calibrate")
     stats, held = collect_depth_stats(model, windows), collect_depth_stats(model, heldout)
     thresholds, fitted, verified = {}, {}, {}
-    for m in EXIT_MEASURES:
-        conf = stats.confidences[m]
+    for m, conf in stats.confidences.items():
         thresholds[m] = fit_thresholds(conf, stats.agree, target, delta, min_loops, seed)
         fitted[m] = exit_rates(conf, stats.agree, thresholds[m], min_loops)
         verified[m] = exit_rates(held.confidences[m], held.agree, thresholds[m], min_loops)

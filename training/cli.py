@@ -497,6 +497,11 @@ def run_calibrate_command(args: argparse.Namespace) -> int:
             f"exit heads: {report.steps} steps on {report.train_tokens} tokens in "
             f"{report.seconds:.0f} s; held-out KL to the final loop per depth {kl}"
         )
+        bce = zip(report.gate_bce, report.constant_bce, strict=True)
+        print(
+            "exit gates: held-out cross-entropy per depth (constant guess) "
+            + " ".join(f"{g:.3f} ({c:.3f})" for g, c in bce)
+        )
     for line in result.lines():
         print(line)
     if not args.dry_run:

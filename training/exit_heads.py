@@ -4,15 +4,18 @@ Each early depth's affine map is trained so that final norm + LM head of the map
 state match the model's *final-loop* distribution (forward KL, the tuned-lens objective):
 the exit then predicts what the full depth would say, which is what calibration measures
 agreement against. The model itself only runs forward, once, to record the hidden states;
-the heads train on those, a bounded number of steps or seconds.
+the heads train on those, a bounded number of steps or seconds. Each depth's gate learns at
+the same time whether that exit's token will be the final loop's (cross-entropy).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.exit_heads import ExitHeads
@@ -43,11 +46,14 @@ class HeadTraining:
 
 @dataclass
 class HeadReport:
-    """Per early depth: mean KL(final loop ‖ exit) on held-out tokens without and with the
-    heads; the tokens, steps and seconds they trained on and for."""
+    """Per early depth, on held-out tokens: mean KL(final loop ‖ exit) without and with the
+    maps; the gate's cross-entropy on "this exit's token is the final loop's" beside that of
+    the best constant guess (the held-out agreement rate); what it trained on and for."""
 
     kl_before: list[float]
     kl_after: list[float]
+    gate_bce: list[float]
+    constant_bce: list[float]
     train_tokens: int
     steps: int
     seconds: float
@@ -63,39 +69,59 @@ def loop_states(model: RecursiveLM, windows: torch.Tensor, batch_size: int = 4) 
     return torch.cat(out)
 
 
-def _kl(model: RecursiveLM, hidden: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
-    """Mean KL(target ‖ exit logits of hidden) over rows."""
-    logp = model.logits(hidden).float().log_softmax(-1)
-    return (target_logp.exp() * (target_logp - logp)).sum(-1).mean()
+def _losses(
+    model: RecursiveLM, heads: ExitHeads, rows: torch.Tensor, b: int, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Depth b's mean KL(target ‖ exit) and gate cross-entropy over rows [R, B, H], and the
+    gate's labels [R] (the exit's argmax is the target's)."""
+    logp = model.logits(heads(rows[:, b], b)).float().log_softmax(-1)
+    kl = (target.exp() * (target - logp)).sum(-1).mean()
+    label = (logp.argmax(-1) == target.argmax(-1)).to(logp.dtype)
+    gate = heads.gate_logit(rows[:, b], b).float()
+    return kl, F.binary_cross_entropy_with_logits(gate, label), label
 
 
 @torch.no_grad()
-def head_kl(
-    model: RecursiveLM, states: torch.Tensor, heads: ExitHeads | None, chunk: int = 512
-) -> list[float]:
-    """Mean KL(final loop ‖ depth b's exit) per early depth b, over states [T, B, H]."""
-    loops = states.shape[1]
-    total = [0.0] * (loops - 1)
+def evaluate_heads(
+    model: RecursiveLM, states: torch.Tensor, heads: ExitHeads, chunk: int = 512
+) -> tuple[list[float], list[float], list[float]]:
+    """Per early depth over states [T, B, H]: mean KL to the final loop, the gate's mean
+    cross-entropy and the constant guess's."""
+    loops, t = states.shape[1], states.shape[0]
+    kl, bce, agree = ([0.0] * (loops - 1) for _ in range(3))
     for rows in states.split(chunk):
         target = model.logits(rows[:, -1]).float().log_softmax(-1)
         for b in range(loops - 1):
-            h = rows[:, b] if heads is None else heads(rows[:, b], b)
-            total[b] += float(_kl(model, h, target)) * rows.shape[0]
-    return [t / states.shape[0] for t in total]
+            k, g, label = _losses(model, heads, rows, b, target)
+            kl[b] += float(k) * rows.shape[0]
+            bce[b] += float(g) * rows.shape[0]
+            agree[b] += float(label.sum())
+    rate = [min(max(a / t, 1e-12), 1 - 1e-12) for a in agree]
+    constant = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) for p in rate]
+    return [x / t for x in kl], [x / t for x in bce], constant
 
 
 def train_exit_heads(
     model: RecursiveLM, states: torch.Tensor, heldout: torch.Tensor, config: HeadTraining
 ) -> tuple[ExitHeads, HeadReport]:
-    """Fit one head per early depth on states [T, B, H] of the frozen ``model``; report KL on
-    the held-out states [T', B, H]."""
+    """Fit one map and gate per early depth on states [T, B, H] of the frozen ``model``;
+    report on the held-out states [T', B, H]."""
     t, loops, hidden = states.shape
     if loops < 2:
         raise HeadTrainingError("a model with one loop has no early exits to train heads for")
     frozen = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     heads = ExitHeads(loops - 1, hidden, dtype=model.dtype, device=model.device)
-    optimizer = torch.optim.Adam(heads.parameters(), lr=config.lr)
+    kl_before, _, _ = evaluate_heads(model, heldout, heads)  # identity maps: no head
+    # a gate starts at a constant 0.5 and its bias must reach the (often lopsided) agreement
+    # rate within the step budget: 10x the step size there
+    optimizer = torch.optim.Adam(
+        [
+            {"params": [heads.weight, heads.bias], "lr": config.lr},
+            {"params": [heads.gate_weight], "lr": config.lr / 10},
+            {"params": [heads.gate_bias], "lr": 10 * config.lr},
+        ]
+    )
     gen = torch.Generator().manual_seed(config.seed)
     start, step = time.perf_counter(), 0
     bar = tqdm(total=config.steps, desc="exit heads", unit="step", disable=not config.progress)
@@ -104,18 +130,20 @@ def train_exit_heads(
             rows = states[torch.randint(0, t, (min(config.batch_tokens, t),), generator=gen)]
             with torch.no_grad():
                 target = model.logits(rows[:, -1]).float().log_softmax(-1)
-            loss = sum(_kl(model, heads(rows[:, b], b), target) for b in range(loops - 1))
+            terms = [_losses(model, heads, rows, b, target) for b in range(loops - 1)]
+            kl = sum(k for k, _, _ in terms) / (loops - 1)
+            loss = sum(k + g for k, g, _ in terms)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(kl=f"{float(loss.detach()) / (loops - 1):.3f}")
+            bar.set_postfix(kl=f"{float(kl.detach()):.3f}")
     finally:
         bar.close()
         for p, g in zip(model.parameters(), frozen, strict=True):
             p.requires_grad_(g)
     heads.requires_grad_(False)
     seconds = time.perf_counter() - start
-    before, after = head_kl(model, heldout, None), head_kl(model, heldout, heads)
-    return heads, HeadReport(before, after, t, step, seconds)
+    kl_after, gate_bce, constant = evaluate_heads(model, heldout, heads)
+    return heads, HeadReport(kl_before, kl_after, gate_bce, constant, t, step, seconds)
