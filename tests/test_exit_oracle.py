@@ -114,12 +114,14 @@ def oracle_decode(
                     continue
             exit_h = h if heads is None or b == loops - 1 else h @ heads[0][b].T + heads[1][b]
             logits = model.logits(exit_h).float()
-            if gates is not None:
-                pass  # the gate decided
-            elif forced is not None:  # (engine request id, weights): the forced schedule's depth
+            if forced is not None:  # (engine request id, weights): the forced schedule's depth
                 if b < min(loops - 1, forced_exit_depth(forced[0], pos, forced[1])):
                     continue
-            elif b < loops - 1 and float(confidence(logits, "prob")) < thresholds[b]:
+            elif (  # the max-prob rule (with gates, the gate decided above)
+                gates is None
+                and b < loops - 1
+                and float(confidence(logits, "prob")) < thresholds[b]
+            ):
                 continue
             sampled = int(logits.argmax())
             out.tokens.append(sampled)
