@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from model.checkpoint import EXIT_HEADS_FILE
 from model.generate import sample_continuations
 from model.pull import loopserve_home
 from model.recursive import RecursiveLM
@@ -113,7 +114,9 @@ class SampleSpec:
 
 
 def _weights_signature(src: Path) -> str:
-    files = sorted(src.glob("*.safetensors"))
+    # exit heads do not change what the model samples (every loop runs): calibration that
+    # writes them keeps its samples
+    files = sorted(f for f in src.glob("*.safetensors") if f.name != EXIT_HEADS_FILE)
     return ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
 
 

@@ -21,6 +21,10 @@ from model.recursive import RecursiveLM
 
 LOOPSERVE_CONFIG = "loopserve.json"
 WEIGHTS_FILE = "model.safetensors"
+EXIT_HEADS_FILE = "exit_heads.safetensors"
+"""Learned exit heads, beside the weights: calibration adds or replaces them without
+rewriting the model, and a checkpoint without them loads as before."""
+EXIT_HEADS_PREFIX = "exit_heads."
 TOKENIZER_FILES: tuple[str, ...] = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -74,18 +78,21 @@ def _safetensors_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"no {WEIGHTS_FILE} or model.safetensors.index.json in {directory}")
 
 
+def _read_file(f: Path) -> dict[str, torch.Tensor]:
+    if not f.exists():
+        raise CheckpointError(f"missing weight file {f}")
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            return {name: st.get_tensor(name) for name in st.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own untyped errors
+        raise CheckpointError(f"cannot read {f}: {e}") from e
+
+
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, on the CPU."""
     tensors: dict[str, torch.Tensor] = {}
     for f in _safetensors_files(directory):
-        if not f.exists():
-            raise CheckpointError(f"missing weight shard {f}")
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    tensors[name] = st.get_tensor(name)
-        except Exception as e:  # safetensors raises its own untyped errors
-            raise CheckpointError(f"cannot read {f}: {e}") from e
+        tensors.update(_read_file(f))
     return tensors
 
 
@@ -228,13 +235,33 @@ def save_checkpoint(
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    heads = {k: state.pop(k) for k in list(state) if k.startswith(EXIT_HEADS_PREFIX)}
     save_file(state, str(d / WEIGHTS_FILE), metadata={"format": "pt"})
+    if heads:
+        save_file(heads, str(d / EXIT_HEADS_FILE), metadata={"format": "pt"})
+    else:
+        (d / EXIT_HEADS_FILE).unlink(missing_ok=True)
     meta = {"format": "loopserve", "version": 1, "config": model.config.to_dict()}
     meta["provenance"] = provenance or {}
     (d / LOOPSERVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer_from is not None:
         copy_tokenizer(tokenizer_from, d)
     return d
+
+
+def save_exit_heads(model: RecursiveLM, directory: str | Path) -> Path:
+    """Write only the model's exit heads into a checkpoint (its weights stay as they are)."""
+    if model.exit_heads is None:
+        raise CheckpointError("the model has no exit heads to save")
+    state = {
+        EXIT_HEADS_PREFIX + k: v.detach().contiguous().cpu()
+        for k, v in model.exit_heads.state_dict().items()
+    }
+    path = Path(directory) / EXIT_HEADS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+    return path
 
 
 def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
@@ -260,7 +287,10 @@ def load_loopserve(
     except ConfigError as e:
         raise CheckpointError(f"{d / LOOPSERVE_CONFIG}: {e}") from e
     model = RecursiveLM(config, dtype=dtype, device="meta")
-    return _materialize(model, read_tensors(d), dtype, device)
+    tensors = read_tensors(d)
+    if config.exit_heads:
+        tensors.update(_read_file(d / EXIT_HEADS_FILE))
+    return _materialize(model, tensors, dtype, device)
 
 
 def load_model(

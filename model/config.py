@@ -352,6 +352,7 @@ class ModelConfig:
     arch: ArchConfig
     recursion: RecursionConfig = field(default_factory=RecursionConfig)
     exit_thresholds: dict[str, list[float]] | None = None
+    exit_heads: bool = False  # learned exit heads (``model.exit_heads``) beside the weights
 
     def __post_init__(self) -> None:
         n, loops = self.arch.num_layers, self.recursion.loops
@@ -404,4 +405,9 @@ class ModelConfig:
             recursion = RecursionConfig(**d.get("recursion", {}))
         except (KeyError, TypeError) as e:
             raise ConfigError(f"malformed loopserve config: {e}") from e
-        return cls(arch=arch, recursion=recursion, exit_thresholds=d.get("exit_thresholds"))
+        return cls(
+            arch=arch,
+            recursion=recursion,
+            exit_thresholds=d.get("exit_thresholds"),
+            exit_heads=bool(d.get("exit_heads", False)),
+        )

@@ -10,7 +10,7 @@ layer calls ``model.families``; the defaults are Llama's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -20,6 +20,7 @@ from kernels import DecodeInputs, dense_per_depth_linear, lora_linear
 from kernels.pointwise import add_rms_norm, apply_rope, silu_mul
 from model.attention import AttentionBackend, CausalAttention
 from model.config import ModelConfig
+from model.exit_heads import ExitHeads
 from model.families import Rotary, activate, norm, window_table
 from model.rope import rope_cos_sin
 
@@ -110,6 +111,7 @@ class RecursiveLM(nn.Module):
                 if r > 0
             }
         )
+        self.exit_heads = ExitHeads(b_ - 1, a.hidden_size, **kw) if config.exit_heads else None
         self.rotary = Rotary(a, k_, b_)
         self.windows = window_table(a, k_, b_)
         # Serving transforms (model.serving), not part of the checkpoint: module -> per-position
@@ -336,6 +338,13 @@ class RecursiveLM(nn.Module):
             return self.packed_head(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], -1)
         head = self.embed if self.lm_head is None else self.lm_head
         return h @ head.T
+
+    def exit_logits(self, hidden: torch.Tensor, depth: int | Sequence[int]) -> torch.Tensor:
+        """Logits of rows leaving after loop ``depth`` (an int, or one per row of [R, H]):
+        that depth's learned exit head, where the checkpoint has heads, then ``logits``."""
+        if self.exit_heads is not None:
+            hidden = self.exit_heads(hidden, depth)
+        return self.logits(hidden)
 
     def loop_hidden_states(
         self, input_ids: torch.Tensor, num_loops: int | None = None

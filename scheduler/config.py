@@ -18,7 +18,8 @@ class EngineConfig:
     ``batching="depth"`` runs one loop of the block per step for rows at mixed depths;
     ``"sequence"`` runs all loops per step (vLLM/Orca-style iteration-level batching), the
     baseline. ``exit_threshold`` > 1 disables early exit unless a request asks for it;
-    ``exit_thresholds`` (per depth, from calibration) replace it where given.
+    ``exit_thresholds`` (per depth, from calibration) replace it where given. ``exit_measure``
+    ``"gate"`` (a checkpoint with learned exit heads) decides exits before the LM head.
 
     ``depth_alignment`` (depth mode): ``"mixed"`` runs every in-flight item each step, whatever
     its depth; ``"aligned"`` runs the depth most items are at and holds the others (at most

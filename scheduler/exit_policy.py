@@ -15,7 +15,11 @@ import torch
 
 from kernels import row_max_lse
 
-EXIT_MEASURES: tuple[str, ...] = ("prob", "margin")
+LOGIT_MEASURES: tuple[str, ...] = ("prob", "margin")
+"""Confidences read off an exit's logits (the LM head must run first)."""
+GATE = "gate"
+"""The learned exit gate's score (``model.exit_heads``): decided before the LM head."""
+EXIT_MEASURES: tuple[str, ...] = (*LOGIT_MEASURES, GATE)
 EXITS_OFF = 2.0
 """A threshold no confidence reaches (confidences lie in [0, 1]): exits off at that depth."""
 
@@ -40,7 +44,7 @@ def confidence(
     if measure == "margin":
         top = probs.topk(2, dim=-1).values
         return top[..., 0] - top[..., 1]
-    raise ValueError(f"unknown confidence measure {measure!r} (expected one of {EXIT_MEASURES})")
+    raise ValueError(f"{measure!r} is no logit confidence measure (one of {LOGIT_MEASURES})")
 
 
 def may_exit(depth: int, threshold: float, min_loops: int, last_depth: int) -> bool:

@@ -15,7 +15,7 @@ import torch
 from kernels import cpu_kernel_available, row_max_lse, write_kv
 from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
-from scheduler.exit_policy import confidence, exits, forced_exit_depth, may_exit
+from scheduler.exit_policy import GATE, confidence, exits, forced_exit_depth, may_exit
 from scheduler.kv_cache import KVCache, PagedAttention, attention_metadata
 from scheduler.sampling import SampledBatch, SampleResult, SamplingParams, sample_batch
 from scheduler.scheduler import ItemResult, ScheduledItem, SchedulerOutput
@@ -99,6 +99,8 @@ class ModelRunner:
         self.scale = model.config.arch.head_dim**-0.5
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.hidden: dict[str, torch.Tensor] = {}
+        if config.exit_measure == GATE and model.exit_heads is None:
+            raise ValueError("exit measure 'gate' needs a checkpoint with learned exit heads")
         if self.device.type == "cpu":
             cpu_kernel_available()  # build (or load) the C++ kernels now, not in the first step
 
@@ -197,22 +199,25 @@ class ModelRunner:
                 exit_now = d == last or may_exit(d, it.exit_thresholds[d], it.min_loops, last)
             if exit_now:
                 cand.append((it, d, hi - 1))
+        gated = self.config.exit_measure == GATE and not forced
+        if gated:  # the gate decides first: only rows that leave reach the LM head
+            cand = self._gate(batch, cand)
         if not cand:
             return
         dev = self.device
         rows = torch.tensor([r for _, _, r in cand], device=dev)
-        logits = self.model.logits(batch.hidden.index_select(0, rows))
+        # the exit head of each row's depth (learned, where the checkpoint has them) gives both
+        # its exit confidence and its token
+        hidden = batch.hidden.index_select(0, rows)
+        logits = self.model.exit_logits(hidden, [d for _, d, _ in cand])
         logits = apply_masks(logits, [it.grammar for it, _, _ in cand])  # before the exit rule
         stats = row_max_lse(logits)  # greedy tokens, logprobs and the "prob" confidence
         leaving = torch.ones(len(cand), dtype=torch.bool, device=dev)
-        early = [] if forced else [j for j, (_, d, _) in enumerate(cand) if d < last]
+        early = [] if forced or gated else [j for j, (_, d, _) in enumerate(cand) if d < last]
         if early:  # confidence only where an exit is possible
             at = torch.tensor(early, device=dev)
             conf = confidence(logits, self.config.exit_measure, stats[1:]).index_select(0, at)
-            depth = torch.tensor([cand[j][1] for j in early], device=dev)
-            thr = torch.tensor([cand[j][0].exit_thresholds[cand[j][1]] for j in early], device=dev)
-            min_loops = torch.tensor([cand[j][0].min_loops for j in early], device=dev)
-            leaving[at] = exits(conf, depth, thr.to(conf.dtype), min_loops, last)
+            leaving[at] = self._exit_rule(conf, [cand[j] for j in early])
         drawn = sample_batch(
             logits,
             [it.params for it, _, _ in cand],
@@ -232,6 +237,32 @@ class ModelRunner:
                 fills.append((it, d, row))
         if fills:
             self._fill(batch, fills, counts)
+
+    def _exit_rule(
+        self, conf: torch.Tensor, cand: list[tuple[ScheduledItem, int, int]]
+    ) -> torch.Tensor:
+        """``exits`` over early candidates with their confidences [R] -> [R] bool."""
+        dev = self.device
+        depth = torch.tensor([d for _, d, _ in cand], device=dev)
+        thr = torch.tensor([it.exit_thresholds[d] for it, d, _ in cand], device=dev)
+        min_loops = torch.tensor([it.min_loops for it, _, _ in cand], device=dev)
+        return exits(conf, depth, thr.to(conf.dtype), min_loops, self.loops - 1)
+
+    def _gate(
+        self, batch: _Batch, cand: list[tuple[ScheduledItem, int, int]]
+    ) -> list[tuple[ScheduledItem, int, int]]:
+        """The candidates that leave by the learned gate's score (~2H FLOPs a row, no
+        vocabulary projection), and every last-loop candidate."""
+        early = [j for j, (_, d, _) in enumerate(cand) if d < self.loops - 1]
+        if not early:
+            return cand
+        heads = self.model.exit_heads
+        assert heads is not None  # checked at construction
+        rows = torch.tensor([cand[j][2] for j in early], device=self.device)
+        score = heads.gate(batch.hidden.index_select(0, rows), [cand[j][1] for j in early])
+        keep = self._exit_rule(score, [cand[j] for j in early]).tolist()
+        stay = {j for j, k in zip(early, keep, strict=True) if not k}
+        return [c for j, c in enumerate(cand) if j not in stay]
 
     def _fill(
         self, batch: _Batch, fills: list[tuple[ScheduledItem, int, int]], counts: StepCounts

@@ -1,7 +1,12 @@
-"""Exit calibration: the exit rule, threshold fitting on synthetic data with a known answer,
-held-out validity, and reported rates equal to a direct simulation of the rule."""
+"""Exit calibration: the exit rule, the fixed-sequence fit's guarantee on synthetic data whose
+true agreement is known, refusal on too few tokens, and verification numbers equal to an
+independent replay of the engine's rule."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import replace
+from fractions import Fraction
 
 import pytest
 import torch
@@ -11,13 +16,16 @@ from hypothesis import strategies as st
 from model.checkpoint import load_model
 from model.config import LINEAR_MODULES
 from model.convert import convert
-from scheduler.exit_policy import EXITS_OFF, confidence, exit_depths
+from model.exit_heads import ExitHeads
+from scheduler.exit_policy import EXITS_OFF, confidence, exit_depths, exits
 from training.calibrate import (
+    GRID,
     CalibrationError,
+    binomial_tail,
     calibrate,
-    collect_depth_stats,
+    exit_rates,
     fit_thresholds,
-    lowest_threshold,
+    fixed_sequence_threshold,
 )
 
 
@@ -71,89 +79,178 @@ def test_confidence_measures() -> None:
         confidence(logits, "entropy")
 
 
-def test_lowest_threshold_is_lowest_and_handles_ties() -> None:
-    conf = torch.tensor([0.9, 0.8, 0.8, 0.7, 0.6])
-    agree = torch.tensor([True, True, False, True, True])
-    # z = 0 is the raw fraction: >= 0.9 gives 1/1; >= 0.8 gives 2/3 (the tie is all in).
-    assert lowest_threshold(conf, agree, 1.0, z=0) == pytest.approx(0.9)
-    assert lowest_threshold(conf, agree, 0.75, z=0) == pytest.approx(0.6)  # 4/5
-    assert lowest_threshold(conf, agree, 0.7, z=0) == pytest.approx(0.6)
-    assert lowest_threshold(conf, ~agree, 0.5, z=0) == EXITS_OFF
-    assert lowest_threshold(conf[:0], agree[:0], 0.5, z=0) == EXITS_OFF
+def _true_agreement(threshold: float, depth: int, loops: int) -> float:
+    """P(agree | exit at ``depth``) of ``_synthetic``: confidence columns are independent, so
+    exiting at ``depth`` means c_depth >= θ, and E[(1 − c)² | c >= θ] = (1 − θ)² / 3."""
+    bonus = depth * 0.5 / (loops - 1)
+    return 1 - 0.3 * (1 - bonus) * (1 - threshold) ** 2 / 3
 
 
-def test_thresholds_meet_target_on_held_out_split() -> None:
-    """Fitted on 40k tokens, the exits meet the target on 200k unseen ones. The tolerance is
-    the scan's selection effect: picking the lowest of thousands of candidate thresholds
-    leaves the true agreement up to ~0.1-0.2% under the pointwise Wilson bound."""
-    target = 0.99
-    conf, agree = _synthetic(40_000, 3, seed=0)
-    held_conf, held_agree = _synthetic(200_000, 3, seed=1)
-    thresholds, fitted = fit_thresholds(conf, agree, target)
-    assert all(t < 1 for t in thresholds)  # the synthetic data allows exits at every depth
-    assert 0.05 < sum(fitted.rate[:-1]) < 0.95
-    depth = exit_depths(held_conf, thresholds)
-    for b in range(2):
-        exited = depth == b
-        assert exited.sum() > 10_000
-        assert float(held_agree[exited, b].double().mean()) >= target - 0.002, b
-    overall = held_agree[torch.arange(len(depth)), depth].double().mean()
-    assert float(overall) >= target
-    # Lowest: one step below each threshold (raw fraction, calibration data) misses the target.
-    raw, _ = fit_thresholds(conf, agree, target, z=0.0)
-    running = torch.ones(conf.shape[0], dtype=torch.bool)
-    for b in range(2):
-        below = conf[running, b][conf[running, b] < raw[b]].max()
-        admitted = running & (conf[:, b] >= below)
-        assert float(agree[admitted, b].double().mean()) < target
-        running &= conf[:, b] < raw[b]
+def _exact_tail(k: int, n: int, p: float) -> float:
+    q = Fraction(p)
+    return float(sum(math.comb(n, j) * q**j * (1 - q) ** (n - j) for j in range(k, n + 1)))
+
+
+@pytest.mark.parametrize(("k", "n", "p"), [(0, 5, 0.5), (3, 5, 0.5), (5, 5, 0.9), (48, 50, 0.97)])
+def test_binomial_tail_is_exact(k: int, n: int, p: float) -> None:
+    assert binomial_tail(k, n, p) == pytest.approx(_exact_tail(k, n, p), rel=1e-9)
+
+
+def _naive_fixed_sequence(conf: list[float], agree: list[bool], target: float, level: float):
+    """The procedure spelled out: every grid value strict to lenient, exact tails."""
+    need = next(n for n in range(1, 10_000) if target**n <= level)
+    chosen = EXITS_OFF
+    for theta in GRID:
+        admitted = [a for c, a in zip(conf, agree, strict=True) if c >= theta]
+        if len(admitted) < need:
+            continue
+        if _exact_tail(sum(admitted), len(admitted), target) > level:
+            break
+        chosen = theta
+    return chosen
+
+
+def test_fixed_sequence_stops_at_the_first_failure() -> None:
+    """Confident tokens agree, a band below them does not, the least confident agree again:
+    the whole set passes at θ = 0, but the scan stops in the band and keeps the stricter θ."""
+    gen = torch.Generator().manual_seed(0)
+    conf = torch.rand(3000, generator=gen, dtype=torch.float64)
+    agree = (conf > 0.8) | (conf < 0.5) | (torch.rand(3000, generator=gen) < 0.5)
+    assert binomial_tail(int(agree.sum()), 3000, 0.8) < 0.05  # θ = 0 alone would pass
+    got = fixed_sequence_threshold(conf, agree, 0.8, 0.05)
+    assert 0.5 < got < 0.9
+    assert got == _naive_fixed_sequence(conf.tolist(), agree.tolist(), 0.8, 0.05)
+
+
+def test_guarantee_holds_over_seeded_draws() -> None:
+    """Over 100 calibration draws whose true per-depth agreement is known in closed form, a
+    fitted threshold misses the target (at any depth) in at most δ of the draws, within
+    binomial noise; the raw-fraction rule (lowest θ whose sample agreement meets the target)
+    misses far more often, so the test can tell a guarantee from none."""
+    target, delta, draws, loops = 0.97, 0.1, 100, 3
+    misses = naive_misses = exits_taken = 0
+    for seed in range(draws):
+        conf, agree = _synthetic(3000, loops, seed=seed)
+        thresholds = fit_thresholds(conf, agree, target, delta, seed=seed)
+        exits_taken += sum(t <= 1 for t in thresholds)
+        misses += any(
+            t <= 1 and _true_agreement(t, b, loops) < target for b, t in enumerate(thresholds)
+        )
+        c, a = conf[:, 0].sort(descending=True), agree[:, 0]
+        frac = a[c.indices].double().cumsum(0) / torch.arange(1, 3001)
+        naive = float(c.values[(frac >= target).nonzero()[-1, 0]])
+        naive_misses += _true_agreement(naive, 0, loops) < target
+    assert exits_taken > draws  # the fit does exit: not vacuous
+    assert misses / draws <= delta + 3 * math.sqrt(delta * (1 - delta) / draws)
+    assert naive_misses / draws > 0.3
+
+
+def test_refuses_thresholds_on_too_few_tokens() -> None:
+    """Even perfect agreement cannot certify 0.99 at δ/2 = 0.025 from under 367 tokens a
+    depth (0.99^n > 0.025): every depth stays off; with enough tokens the same data exit."""
+    conf = torch.rand(600, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    agree = torch.ones(600, 3, dtype=torch.bool)
+    assert fit_thresholds(conf, agree, 0.99, 0.05) == [EXITS_OFF, EXITS_OFF]
+    big = torch.rand(4000, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    every = torch.ones(4000, 3, dtype=torch.bool)
+    # all leave at depth 0, so none reaches depth 1 and it has nothing to certify
+    assert fit_thresholds(big, every, 0.99) == [0.0, EXITS_OFF]
+    assert fit_thresholds(big, every, 0.99, min_loops=2) == [EXITS_OFF, 0.0]
+
+
+def _replay(conf: torch.Tensor, agree: torch.Tensor, thresholds: list[float], min_loops: int):
+    """Coverage, agreement per depth and mean loops, row by row with the engine's ``exits``."""
+    t, loops = conf.shape
+    depth = []
+    for i in range(t):
+        for b in range(loops):
+            thr = torch.tensor([thresholds[b] if b < loops - 1 else EXITS_OFF])
+            if exits(conf[i, b : b + 1].float(), torch.tensor([b]), thr, min_loops, loops - 1):
+                depth.append(b)
+                break
+    coverage = [depth.count(b) / t for b in range(loops)]
+    agreement = [
+        sum(bool(agree[i, b]) for i in range(t) if depth[i] == b) / max(depth.count(b), 1)
+        for b in range(loops)
+    ]
+    return coverage, agreement, sum(d + 1 for d in depth) / t
 
 
 @pytest.mark.parametrize("min_loops", [1, 2])
 def test_reported_rates_match_the_exit_rule(min_loops: int) -> None:
-    conf, agree = _synthetic(5_000, 4, seed=2)
-    thresholds, rates = fit_thresholds(conf, agree, 0.97, min_loops=min_loops)
-    depth = exit_depths(conf, thresholds, min_loops)
-    simulated = torch.bincount(depth, minlength=4).double() / conf.shape[0]
-    assert rates.rate == pytest.approx(simulated.tolist(), abs=0)
-    for b in range(3):
-        if (depth == b).any():
-            assert rates.agreement[b] == pytest.approx(float(agree[depth == b, b].double().mean()))
-    assert rates.mean_loops == pytest.approx(float((depth + 1).double().mean()))
-    assert rates.overall_agreement == pytest.approx(
-        float(agree[torch.arange(len(depth)), depth].double().mean())
+    conf, agree = _synthetic(2_000, 4, seed=2)
+    thresholds = fit_thresholds(conf, agree, 0.95, 0.1, min_loops=min_loops)
+    assert any(t <= 1 for t in thresholds)
+    rates = exit_rates(conf, agree, thresholds, min_loops)
+    coverage, agreement, mean_loops = _replay(conf, agree, thresholds, min_loops)
+    assert rates.coverage == pytest.approx(coverage)
+    assert [a for a, c in zip(rates.agreement, coverage, strict=True) if c] == pytest.approx(
+        [a for a, c in zip(agreement, coverage, strict=True) if c]
     )
+    assert rates.mean_loops == pytest.approx(mean_loops)
     if min_loops == 2:
-        assert thresholds[0] == EXITS_OFF and rates.rate[0] == 0
+        assert thresholds[0] == EXITS_OFF and rates.coverage[0] == 0
 
 
 def test_fit_rejects_bad_input() -> None:
     conf, agree = _synthetic(10, 3, seed=0)
-    with pytest.raises(CalibrationError):
-        fit_thresholds(conf, agree, 1.5)
+    for target, delta in ((1.5, 0.05), (1.0, 0.05), (0.9, 0.0)):
+        with pytest.raises(CalibrationError):
+            fit_thresholds(conf, agree, target, delta)
     with pytest.raises(CalibrationError):
         fit_thresholds(conf, agree[:, :2], 0.9)
 
 
-def test_calibrate_model_rates_match_simulation(tiny_hf: tuple) -> None:
-    """On a real (tiny) recursive model: the rates calibrate reports are what the exit rule
-    gives on that model's own per-depth logits."""
+@pytest.mark.parametrize("heads", [False, True])
+def test_calibrate_model_verification_matches_the_engine_rule(tiny_hf: tuple, heads: bool) -> None:
+    """On a real (tiny) recursive model: the verified numbers are what the engine's rule gives
+    on the held-out windows' own per-depth logits, recomputed here from the loop outputs (with
+    exit heads: through the heads' weights, applied here as h Wᵀ + bias)."""
     source = load_model(tiny_hf[0])
     model, _ = convert(
         source, loops=3, init="average", ranks=dict.fromkeys(LINEAR_MODULES, 4), progress=False
     )
-    windows = torch.randint(0, 101, (6, 40), generator=torch.Generator().manual_seed(0))
-    result = calibrate(model, windows, target=0.6, z=0.0)
-    stats = collect_depth_stats(model, windows)
-    assert result.tokens == windows.numel()
+    h = model.config.arch.hidden_size
+    if heads:
+        model.exit_heads = ExitHeads(2, h)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            model.exit_heads.weight.add_(0.5 * torch.randn(2, h, h, generator=gen) / h**0.5)
+            model.exit_heads.gate_weight.copy_(torch.randn(2, h, generator=gen) / h**0.5)
+        model.config = replace(model.config, exit_heads=True)
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, 101, (24, 64), generator=gen)
+    heldout = torch.randint(0, 101, (8, 64), generator=gen)
+    result = calibrate(model, windows, heldout, target=0.3, delta=0.2)
+    assert result.fitted["prob"].tokens == windows.numel()
+    with torch.no_grad():
+        raw = [x.flatten(0, 1) for x in model.loop_hidden_states(heldout)]
+        states = raw
+        if heads:
+            w, bias = model.exit_heads.weight, model.exit_heads.bias
+            states = [x @ w[b].T + bias[b] for b, x in enumerate(raw[:2])] + raw[2:]
+        logits = torch.stack([model.logits(x) for x in states], 1)  # [T, B, V]
+    agree = logits.argmax(-1) == logits[:, -1:].argmax(-1)
+    probs = logits.softmax(-1)
+    top2 = probs.topk(2, -1).values
+    conf = {"prob": top2[..., 0], "margin": top2[..., 0] - top2[..., 1]}
+    if heads:  # the gate: a logistic score of the RMS-normalised raw hidden state
+        gw, gb = model.exit_heads.gate_weight, model.exit_heads.gate_bias
+        gate = [
+            torch.sigmoid(x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() @ gw[b] + gb[b])
+            for b, x in enumerate(raw[:2])
+        ]
+        conf["gate"] = torch.stack([*gate, torch.zeros_like(gate[0])], 1)
+    assert set(result.thresholds) == set(conf)
+    assert any(t <= 1 for t in result.thresholds["prob"])  # some depth exits: not vacuous
     for m, thresholds in result.thresholds.items():
-        assert len(thresholds) == 2
-        depth = exit_depths(stats.confidences[m], thresholds)
-        simulated = torch.bincount(depth, minlength=3).double() / depth.numel()
-        assert result.rates[m].rate == pytest.approx(simulated.tolist(), abs=0)
-        for b in range(2):
-            exited = depth == b
-            if exited.any():
-                assert float(stats.agree[exited, b].double().mean()) >= 0.6
+        coverage, agreement, mean_loops = _replay(conf[m], agree, thresholds, 1)
+        got = result.verified[m]
+        assert got.tokens == heldout.numel()
+        assert got.coverage == pytest.approx(coverage)
+        assert got.mean_loops == pytest.approx(mean_loops)
+        for b in range(3):
+            if coverage[b]:
+                assert got.agreement[b] == pytest.approx(agreement[b])
     with pytest.raises(CalibrationError):
-        calibrate(source, windows)
+        calibrate(source, windows, heldout)

@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from transformers import LlamaForCausalLM
 from model.checkpoint import load_model
 from model.config import LINEAR_MODULES
 from model.convert import convert
+from model.exit_heads import ExitHeads
 from model.recursive import RecursiveLM
 from model.serving import fuse_projections, materialise_high_rank, prepare_for_serving
 from scheduler.config import EngineConfig
@@ -83,7 +84,13 @@ def oracle_decode(
     thresholds: tuple[float, ...],
     fill: str,
     forced: tuple[str, tuple[float, ...]] | None = None,
+    heads: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gates: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> OracleOutput:
+    """``heads``: exit-head weights [B − 1, H, H] and biases [B − 1, H], applied here as
+    h Wᵀ + bias before the LM head at every depth but the last (the model's own stay off).
+    ``gates``: gate weights [B − 1, H] and biases [B − 1]: an early exit when
+    sigmoid(w · h / rms(h) + c) >= threshold, in place of the max-prob rule."""
     loops, layers = model.config.loops, model.config.block_layers
     kv: list[list[list[tuple]]] = [[[] for _ in range(layers)] for _ in range(loops)]
     filled: list[list[set]] = [[set() for _ in range(layers)] for _ in range(loops)]
@@ -101,11 +108,20 @@ def oracle_decode(
             out.fills_read += attention.reads
             if not needs_logits or sampled is not None:
                 continue
-            logits = model.logits(h).float()
+            if gates is not None and b < loops - 1:
+                x = h / h.pow(2).mean().add(1e-6).sqrt()
+                if float(torch.sigmoid(x[0] @ gates[0][b] + gates[1][b])) < thresholds[b]:
+                    continue
+            exit_h = h if heads is None or b == loops - 1 else h @ heads[0][b].T + heads[1][b]
+            logits = model.logits(exit_h).float()
             if forced is not None:  # (engine request id, weights): the forced schedule's depth
                 if b < min(loops - 1, forced_exit_depth(forced[0], pos, forced[1])):
                     continue
-            elif b < loops - 1 and float(confidence(logits, "prob")) < thresholds[b]:
+            elif (  # the max-prob rule (with gates, the gate decided above)
+                gates is None
+                and b < loops - 1
+                and float(confidence(logits, "prob")) < thresholds[b]
+            ):
                 continue
             sampled = int(logits.argmax())
             out.tokens.append(sampled)
@@ -135,12 +151,12 @@ def _prompts() -> dict[str, list[int]]:
 
 
 def _thresholds(model: RecursiveLM) -> tuple[float, float]:
-    """Thresholds near the median confidence at depths 0 and 1 (of a run with exits off), so
-    that tokens leave at every depth."""
+    """Thresholds near the median confidence at depths 0 and 1 (of a run with exits off, through
+    the model's exit heads if it has them), so that tokens leave at every depth."""
     conf: list[list[float]] = [[], []]
     ids = torch.tensor([p[:9] for p in _prompts().values() if len(p) >= 9])
     for b, h in enumerate(model.loop_hidden_states(ids)[:2]):
-        conf[b] = confidence(model.logits(h).float(), "prob").flatten().tolist()
+        conf[b] = confidence(model.exit_logits(h, b).float(), "prob").flatten().tolist()
     return tuple(float(torch.tensor(c).median()) for c in conf)  # type: ignore[return-value]
 
 
@@ -220,6 +236,98 @@ def test_engine_equals_per_token_oracle_with_mixed_exits(
         assert (tokens, exit_depths) == (o.tokens, o.exit_depths), rid
         # the logprobs see every K/V the tokens attended to, filled ones included
         torch.testing.assert_close(logprobs, o.logprobs, atol=1e-5, rtol=0)
+
+
+def _with_heads(model: RecursiveLM, seed: int) -> tuple[RecursiveLM, dict[str, torch.Tensor]]:
+    """A copy with random (non-identity) exit heads and gates, and their weights."""
+    h = model.config.arch.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    eye = torch.eye(h, dtype=torch.float64)
+    weights = {
+        "weight": eye + 0.5 * torch.randn(2, h, h, generator=gen, dtype=torch.float64) / h**0.5,
+        "bias": 0.3 * torch.randn(2, h, generator=gen, dtype=torch.float64),
+        "gate_weight": torch.randn(2, h, generator=gen, dtype=torch.float64) / h**0.5,
+        "gate_bias": torch.zeros(2, dtype=torch.float64),
+    }
+    out = copy.deepcopy(model)
+    out.exit_heads = ExitHeads(2, h, dtype=torch.float64)
+    out.exit_heads.load_state_dict(weights)
+    out.config = replace(out.config, exit_heads=True)
+    return out, weights
+
+
+@pytest.mark.parametrize(("batching", "alignment", "fill"), MODES)
+def test_engine_with_exit_heads_equals_the_oracle_applying_them(
+    rrt64: RecursiveLM, batching: str, alignment: str, fill: str
+) -> None:
+    """Learned exit heads change each early exit's confidence and token: the engine's must be
+    the oracle's that applies the same head weights itself, and differ from the head-less
+    oracle's (so the heads are not ignored)."""
+    model, w = _with_heads(rrt64, seed=5)
+    weight, bias = w["weight"], w["bias"]
+    prepare_for_serving(model)
+    thresholds = _thresholds(model)
+    prompts = _prompts()
+    want = {
+        rid: oracle_decode(rrt64, ids, thresholds, fill, heads=(weight, bias))
+        for rid, ids in prompts.items()
+    }
+    assert {d for o in want.values() for d in o.exit_depths} == {0, 1, 2}
+    blind = {rid: oracle_decode(rrt64, ids, thresholds, fill) for rid, ids in prompts.items()}
+    assert any(blind[r].tokens != o.tokens for r, o in want.items())
+    got = _run_engine(
+        model,
+        prompts,
+        fill,
+        batching=batching,
+        depth_alignment=alignment,
+        exit_thresholds=thresholds,
+    )
+    for rid, o in want.items():
+        tokens, exit_depths, logprobs = got[rid]
+        assert (tokens, exit_depths) == (o.tokens, o.exit_depths), rid
+        torch.testing.assert_close(logprobs, o.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("batching", "alignment", "fill"), MODES)
+def test_gated_exits_equal_the_oracle_and_run_the_lm_head_only_for_exits(
+    rrt64: RecursiveLM, batching: str, alignment: str, fill: str
+) -> None:
+    """The cheap exit decision: the gate's score on the hidden state decides, the LM head
+    runs for exactly one row per emitted token (none for rows that go on), and the tokens are
+    the oracle's that applies the same gate and heads from their raw weights."""
+    model, w = _with_heads(rrt64, seed=6)
+    prepare_for_serving(model)
+    ids = torch.tensor([p[:9] for p in _prompts().values() if len(p) >= 9])
+    with torch.no_grad():
+        states = model.loop_hidden_states(ids)[:2]
+        thresholds = tuple(
+            float(model.exit_heads.gate(x, b).median()) for b, x in enumerate(states)
+        )
+    prompts = _prompts()
+    gates = (w["gate_weight"], w["gate_bias"])
+    want = {
+        rid: oracle_decode(rrt64, p, thresholds, fill, heads=(w["weight"], w["bias"]), gates=gates)
+        for rid, p in prompts.items()
+    }
+    assert {d for o in want.values() for d in o.exit_depths} == {0, 1, 2}
+    head_rows = []
+    plain_logits = model.logits
+    model.logits = lambda h: head_rows.append(h.shape[0]) or plain_logits(h)  # type: ignore[method-assign]
+    got = _run_engine(
+        model,
+        prompts,
+        fill,
+        batching=batching,
+        depth_alignment=alignment,
+        exit_thresholds=thresholds,
+        exit_measure="gate",
+    )
+    for rid, o in want.items():
+        tokens, exit_depths, logprobs = got[rid]
+        assert (tokens, exit_depths) == (o.tokens, o.exit_depths), rid
+        torch.testing.assert_close(logprobs, o.logprobs, atol=1e-5, rtol=0)
+    assert sum(head_rows) == sum(len(o.tokens) for o in want.values())
 
 
 def test_fill_policies_give_different_logprobs(rrt64: RecursiveLM) -> None:

@@ -227,7 +227,10 @@ def _run(*argv: str) -> int:
     return args.func(args)
 
 
-def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOOPSERVE_HOME", str(tmp_path / "home"))  # the self-distilled cache
     teacher_dir, student_dir, out = tmp_path / "teacher", tmp_path / "student", tmp_path / "out"
     write_hf_model(teacher_dir, tiny_llama_config(max_position_embeddings=512))
     _char_tokenizer(teacher_dir)
@@ -261,10 +264,22 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     provenance = json.loads((out / "loopserve.json").read_text())["provenance"]
     assert provenance["uptrain"]["step"] == 8
 
-    assert _run("calibrate", "--model", str(out), "--seq-len", "32", "--max-windows", "8") == 0
-    assert "exit rate per depth" in capsys.readouterr().out
+    calibrate = ["calibrate", "--model", str(out), "--seq-len", "32", "--tokens", "600"]
+    assert _run(*calibrate, "--no-progress") == 0
+    printed = capsys.readouterr().out
+    assert "verified: coverage per depth" in printed and "held-out tokens" in printed
+    record = json.loads((out / "loopserve.json").read_text())["provenance"]["calibration"]
+    assert record["verified"]["prob"]["tokens"] >= 4096
+    assert not (out / "exit_heads.safetensors").exists()
+    assert _run(*calibrate, "--no-progress", "--exit-heads", "--head-steps", "4") == 0
+    printed = capsys.readouterr().out
+    assert "exit heads: 4 steps" in printed and "held-out KL to the final loop" in printed
+    assert "exit gates: held-out cross-entropy" in printed and "  gate: thresholds" in printed
+    record = json.loads((out / "loopserve.json").read_text())["provenance"]["calibration"]
+    assert record["exit_heads"]["steps"] == 4 and record["fitted"]["prob"]["tokens"] < 600
+    assert load_model(out).exit_heads is not None
     thresholds = load_model(out).config.exit_thresholds
-    assert thresholds is not None and set(thresholds) == {"prob", "margin"}
+    assert thresholds is not None and set(thresholds) == {"prob", "margin", "gate"}
     assert all(len(v) == 2 for v in thresholds.values())
 
 

@@ -1,105 +1,179 @@
-"""Exit calibration: per-depth confidence thresholds that keep early exits faithful.
+"""Exit calibration with a stated guarantee, verified on a second held-out set.
 
-A decode token exits at the first depth b (``b >= min_loops - 1``, ``b < B - 1``) whose exit-
-head confidence is at or above ``threshold[b]``; otherwise it runs all B loops — the rule of
-``scheduler.exit_policy``, which the engine applies. Thresholds are fitted *sequentially*,
-on the tokens still running at each depth — the ones that actually exit there — so that exited
-tokens agree with the full-depth argmax at least ``target`` of the time at every depth, judged
-by a one-sided Wilson lower bound rather than the raw fraction so the thresholds hold on
-unseen text too. A threshold above 1 (``EXITS_OFF``) disables a depth.
+A decode token exits at the first depth b (``b >= min_loops - 1``, ``b < B - 1``) whose exit
+confidence is at or above ``threshold[b]``; otherwise it runs all B loops — the rule of
+``scheduler.exit_policy``, which the engine applies and verification replays. Confidences
+come through the checkpoint's learned exit heads where it has them (``training.exit_heads``).
+
+**The guarantee** (Learn-then-Test with fixed-sequence testing, Angelopoulos et al. 2021):
+for each fitted depth b, with probability at least 1 − δ over the calibration tokens, every
+threshold returned satisfies P(agree with the full depth | the token exits at b) ≥ target,
+for all depths at once. How:
+
+- the calibration tokens are split at random into one fold per fitted depth; depth b's
+  threshold is fitted on its own fold, given the (already fixed) thresholds of the depths
+  before it, so the tokens reaching b there do not depend on that fold's labels;
+- on a fixed grid of thresholds, strict to lenient, each candidate's null hypothesis
+  "agreement < target" is tested with the exact binomial tail at level δ / (fitted depths)
+  (Bonferroni over depths); the first failure stops the scan and the last rejected candidate
+  is the threshold. Candidates admitting fewer tokens than any test could pass with are
+  skipped: that depends on counts, never on agreement;
+- no rejection, or a fold too small for any test to pass: the depth stays off (``EXITS_OFF``).
+
+The bound treats tokens as independent draws; tokens of one sample are correlated, which is
+why the thresholds are then *verified* on disjoint held-out prompts and both numbers reported.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from kernels.dispatch import use_backend
 from model.recursive import RecursiveLM
-from scheduler.exit_policy import EXIT_MEASURES, EXITS_OFF, confidence, exits
+from scheduler.exit_policy import (
+    EXIT_MEASURES,
+    EXITS_OFF,
+    GATE,
+    LOGIT_MEASURES,
+    confidence,
+    exit_depths,
+)
+from training.exit_heads import HeadReport, HeadTraining, loop_states, train_exit_heads
+
+DELTA = 0.05
+GRID: tuple[float, ...] = tuple(1 - 10 ** (-4 + 4 * i / 160) for i in range(161))
+"""Candidate thresholds, strict (0.9999) to lenient (0), dense near 1 where "prob" lives.
+Fixed before any data are seen, as the fixed-sequence test needs."""
 
 
 class CalibrationError(ValueError):
     """Calibration input that cannot give thresholds; the message says what is wrong."""
 
 
-def wilson_lower(agree: torch.Tensor, count: torch.Tensor, z: float) -> torch.Tensor:
-    """One-sided Wilson score lower bound of a proportion (z = 0: the raw fraction)."""
-    n = count.double().clamp(min=1)
-    p = agree.double() / n
-    z2 = z * z
-    centre = p + z2 / (2 * n)
-    spread = z * torch.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return (centre - spread) / (1 + z2 / n)
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p): the p-value of k agreements in n under agreement p."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    j = torch.arange(k, n + 1, dtype=torch.float64)
+    log_pmf = (
+        math.lgamma(n + 1)
+        - torch.lgamma(j + 1)
+        - torch.lgamma(n - j + 1)
+        + j * math.log(p)
+        + (n - j) * math.log1p(-p)
+    )
+    return float(torch.logsumexp(log_pmf, 0).exp().clamp(max=1.0))
 
 
-def lowest_threshold(conf: torch.Tensor, agree: torch.Tensor, target: float, z: float) -> float:
-    """The lowest threshold θ such that tokens with ``conf >= θ`` agree ≥ ``target`` (lower
-    bound); ``EXITS_OFF`` if none does. conf: [T] float, agree: [T] bool."""
-    if conf.numel() == 0:
-        return EXITS_OFF
+def min_tokens(target: float, level: float) -> int:
+    """Fewest tokens a test at ``level`` can reject "agreement < target" with (all agree)."""
+    if target >= 1.0:
+        raise CalibrationError("target 1 cannot be certified from finite data; use < 1")
+    return math.ceil(math.log(level) / math.log(target))
+
+
+def fixed_sequence_threshold(
+    conf: torch.Tensor, agree: torch.Tensor, target: float, level: float
+) -> float:
+    """The last threshold of ``GRID`` (strict to lenient) whose test at ``level`` rejects
+    "agreement of tokens with conf >= θ is below target", stopping at the first failure;
+    ``EXITS_OFF`` if the first test fails. conf: [T] float, agree: [T] bool."""
+    need = min_tokens(target, level)
     order = conf.double().argsort(descending=True)
     c = conf.double()[order]
-    hits = agree[order].long().cumsum(0)
-    count = torch.arange(1, c.numel() + 1)
-    # A threshold admits all tokens tied at it: only prefixes ending on a value change count.
-    boundary = torch.ones_like(c, dtype=torch.bool)
-    boundary[:-1] = c[:-1] != c[1:]
-    ok = boundary & (wilson_lower(hits, count, z) >= target)
-    if not ok.any():
-        return EXITS_OFF
-    return float(c[ok.nonzero()[-1, 0]])
+    hits = torch.cat([torch.zeros(1, dtype=torch.long), agree[order].long().cumsum(0)])
+    chosen = EXITS_OFF
+    for theta in GRID:
+        n = int((c >= theta).sum())  # c is sorted: the first n tokens are admitted
+        if n < need:
+            continue
+        if binomial_tail(int(hits[n]), n, target) > level:
+            break
+        chosen = theta
+    return chosen
 
 
 @dataclass
 class ExitRates:
-    """Per depth under the sequential rule: share of all tokens exiting there and how often
-    those agree with the full-depth token; ``mean_loops`` is the expected loops per token."""
+    """What the exit rule does on a token set: the share of tokens exiting at each depth
+    (coverage), how often those agree with the full depth, the same over all tokens and over
+    the early exits only, and the expected loops per token."""
 
-    rate: list[float]
+    tokens: int
+    coverage: list[float]
     agreement: list[float]
     overall_agreement: float
+    early_agreement: float
     mean_loops: float
 
 
-def fit_thresholds(
-    conf: torch.Tensor, agree: torch.Tensor, target: float, min_loops: int = 1, z: float = 1.645
-) -> tuple[list[float], ExitRates]:
-    """Sequential per-depth thresholds for one measure and the exit rates they give.
+def exit_rates(
+    conf: torch.Tensor, agree: torch.Tensor, thresholds: list[float], min_loops: int = 1
+) -> ExitRates:
+    """Replay the engine's rule (``exit_depths``) over conf/agree [T, B]."""
+    t, loops = conf.shape
+    depth = exit_depths(conf, thresholds, min_loops)
+    hit = agree[torch.arange(t), depth]
+    coverage = (torch.bincount(depth, minlength=loops).double() / t).tolist()
+    agreement = [
+        float(hit[depth == b].double().mean()) if (depth == b).any() else 1.0 for b in range(loops)
+    ]
+    early = depth < loops - 1
+    return ExitRates(
+        tokens=t,
+        coverage=coverage,
+        agreement=agreement,
+        overall_agreement=float(hit.double().mean()),
+        early_agreement=float(hit[early].double().mean()) if early.any() else 1.0,
+        mean_loops=float((depth + 1).double().mean()),
+    )
 
-    conf: [T, B] confidence after each loop; agree: [T, B] whether that loop's argmax equals the
-    final loop's. Returns B − 1 thresholds (depths < min_loops − 1 get ``EXITS_OFF``).
+
+def fit_thresholds(
+    conf: torch.Tensor,
+    agree: torch.Tensor,
+    target: float,
+    delta: float = DELTA,
+    min_loops: int = 1,
+    seed: int = 0,
+) -> list[float]:
+    """B − 1 thresholds with the guarantee of the module docstring (depths < min_loops − 1,
+    and depths whose fold cannot certify any threshold, get ``EXITS_OFF``).
+
+    conf: [T, B] confidence after each loop; agree: [T, B] whether that loop's argmax equals
+    the final loop's.
     """
-    if not 0 < target <= 1:
-        raise CalibrationError(f"target must be in (0, 1], got {target}")
+    if not 0 < target < 1:
+        raise CalibrationError(f"target must be in (0, 1), got {target}")
+    if not 0 < delta < 1:
+        raise CalibrationError(f"delta must be in (0, 1), got {delta}")
     if conf.shape != agree.shape or conf.ndim != 2 or conf.shape[0] == 0:
         raise CalibrationError(
             f"need matching non-empty [T, B] confidences and agreements, got "
             f"{tuple(conf.shape)} and {tuple(agree.shape)}"
         )
     t, loops = conf.shape
-    running = torch.ones(t, dtype=torch.bool)
+    fitted = list(range(max(0, min_loops - 1), loops - 1))
     thresholds = [EXITS_OFF] * (loops - 1)
-    rate = [0.0] * loops
-    agreement = [1.0] * loops
-    agreed = 0
-    for b in range(max(0, min_loops - 1), loops - 1):
-        thresholds[b] = lowest_threshold(conf[running, b], agree[running, b], target, z)
-        at_b = torch.full((t,), b, dtype=torch.long)
-        thr = torch.full((t,), thresholds[b], dtype=conf.dtype)
-        leaving = running & exits(conf[:, b], at_b, thr, min_loops, loops - 1)
-        n = int(leaving.sum())
-        rate[b] = n / t
-        agreement[b] = float(agree[leaving, b].double().mean()) if n else 1.0
-        agreed += int(agree[leaving, b].sum())
-        running &= ~leaving
-    rate[-1] = float(running.double().mean())
-    agreed += int(running.sum())
-    mean_loops = sum((b + 1) * r for b, r in enumerate(rate))
-    return thresholds, ExitRates(rate, agreement, agreed / t, mean_loops)
+    if not fitted:
+        return thresholds
+    level = delta / len(fitted)
+    folds = torch.randperm(t, generator=torch.Generator().manual_seed(seed)).chunk(len(fitted))
+    for b, fold in zip(fitted, folds, strict=True):
+        # the fold's tokens that earlier depths (fitted on other folds) let through to b
+        running = exit_depths(conf[fold], thresholds, min_loops) >= b
+        rows = fold[running]
+        thresholds[b] = fixed_sequence_threshold(conf[rows, b], agree[rows, b], target, level)
+    return thresholds
 
 
 @dataclass
@@ -116,37 +190,53 @@ def collect_depth_stats(
     model: RecursiveLM, windows: torch.Tensor, batch_size: int = 4
 ) -> DepthStats:
     """Run every loop's exit head over windows [N, S] (all positions are tokens)."""
-    conf: dict[str, list[torch.Tensor]] = {m: [] for m in EXIT_MEASURES}
+    heads = model.exit_heads
+    measures = EXIT_MEASURES if heads is not None else LOGIT_MEASURES
+    conf: dict[str, list[torch.Tensor]] = {m: [] for m in measures}
     agree = []
     for ids in windows.split(batch_size):
-        states = model.loop_hidden_states(ids.to(model.device))
-        logits = torch.stack([model.logits(h).flatten(0, 1) for h in states], 1)  # [T, B, V]
+        states = [h.flatten(0, 1) for h in model.loop_hidden_states(ids.to(model.device))]
+        # [T, B, V]: each loop through its exit head, as the engine computes it
+        logits = torch.stack([model.exit_logits(h, b) for b, h in enumerate(states)], 1)
         agree.append((logits.argmax(-1) == logits[:, -1:].argmax(-1)).cpu())
-        for m in EXIT_MEASURES:
+        for m in LOGIT_MEASURES:
             conf[m].append(confidence(logits, m).cpu())
+        if heads is not None:  # the last column is never read: no gate there
+            gates = [heads.gate(h, b) for b, h in enumerate(states[:-1])]
+            conf[GATE].append(torch.stack([*gates, torch.zeros_like(gates[0])], 1).cpu())
     return DepthStats({m: torch.cat(v) for m, v in conf.items()}, torch.cat(agree))
 
 
 @dataclass
 class CalibrationResult:
-    """Thresholds per measure (B − 1 each) and the exit rates they give on the data."""
+    """Thresholds per measure (B − 1 each), the rates they give on the calibration tokens
+    (``fitted``) and on the disjoint held-out tokens (``verified``)."""
 
     target: float
+    delta: float
     min_loops: int
-    z: float
-    tokens: int
     thresholds: dict[str, list[float]]
-    rates: dict[str, ExitRates]
+    fitted: dict[str, ExitRates]
+    verified: dict[str, ExitRates]
 
     def lines(self) -> list[str]:
-        out = [f"calibrated on {self.tokens} tokens, target agreement {self.target}"]
-        for m, r in self.rates.items():
-            thr = " ".join("never" if v > 1 else f"{v:.4f}" for v in self.thresholds[m])
-            rates = " ".join(f"{100 * v:.1f}%" for v in r.rate)
-            out.append(
-                f"{m:>6}: thresholds {thr} | exit rate per depth {rates} | mean loops "
-                f"{r.mean_loops:.3f} | agreement {100 * r.overall_agreement:.2f}%"
-            )
+        some = next(iter(self.fitted.values()))
+        held = next(iter(self.verified.values()))
+        out = [
+            f"calibrated on {some.tokens} tokens, verified on {held.tokens} held-out tokens: "
+            f"agreement >= {self.target} per exit depth with probability >= {1 - self.delta}"
+        ]
+        for m, thresholds in self.thresholds.items():
+            thr = " ".join("never" if v > 1 else f"{v:.4f}" for v in thresholds)
+            out.append(f"{m:>6}: thresholds {thr}")
+            for name, r in (("fitted", self.fitted[m]), ("verified", self.verified[m])):
+                cov = " ".join(f"{100 * v:.1f}%" for v in r.coverage)
+                agr = " ".join(f"{100 * v:.2f}%" for v in r.agreement[:-1])
+                out.append(
+                    f"  {name:>8}: coverage per depth {cov} | agreement of exits per depth "
+                    f"{agr} | overall {100 * r.overall_agreement:.2f}% | mean loops "
+                    f"{r.mean_loops:.3f}"
+                )
         return out
 
     def to_dict(self) -> dict:
@@ -156,61 +246,85 @@ class CalibrationResult:
 def calibrate(
     model: RecursiveLM,
     windows: torch.Tensor,
+    heldout: torch.Tensor,
     target: float = 0.99,
+    delta: float = DELTA,
     min_loops: int = 1,
-    z: float = 1.645,
+    seed: int = 0,
 ) -> CalibrationResult:
-    """Fit thresholds for every measure on held-out windows [N, S]."""
+    """Fit thresholds for every measure on ``windows`` [N, S]; verify them on ``heldout``."""
     if model.config.loops < 2:
         raise CalibrationError("a model with one loop has no early exits to calibrate")
-    stats = collect_depth_stats(model, windows)
-    thresholds, rates = {}, {}
-    for m in EXIT_MEASURES:
-        thresholds[m], rates[m] = fit_thresholds(
-            stats.confidences[m], stats.agree, target, min_loops, z
-        )
-    return CalibrationResult(target, min_loops, z, int(stats.agree.shape[0]), thresholds, rates)
+    stats, held = collect_depth_stats(model, windows), collect_depth_stats(model, heldout)
+    thresholds, fitted, verified = {}, {}, {}
+    for m, conf in stats.confidences.items():
+        thresholds[m] = fit_thresholds(conf, stats.agree, target, delta, min_loops, seed)
+        fitted[m] = exit_rates(conf, stats.agree, thresholds[m], min_loops)
+        verified[m] = exit_rates(held.confidences[m], held.agree, thresholds[m], min_loops)
+    return CalibrationResult(target, delta, min_loops, thresholds, fitted, verified)
 
 
 def calibrate_checkpoint(
     model_dir: str | Path,
     target: float = 0.99,
+    delta: float = DELTA,
     data: str | Path | None = None,
+    tokens: int = 8192,
     seq_len: int = 256,
-    max_windows: int = 64,
     min_loops: int = 1,
-    z: float = 1.645,
     write: bool = True,
     device: str = "cpu",
-) -> CalibrationResult:
-    """What ``loopserve calibrate`` runs: calibrate on ``data`` (default: the built-in
-    evaluation text) and write the thresholds into the checkpoint's ``loopserve.json``."""
-    from model.checkpoint import LOOPSERVE_CONFIG, load_model, read_loopserve_meta
+    progress: bool = True,
+    heads: HeadTraining | None = None,
+) -> tuple[CalibrationResult, HeadReport | None]:
+    """What ``loopserve calibrate`` runs: fit on ``data`` (default: ``tokens`` tokens the
+    checkpoint samples from the calibration prompt set), verify on its samples from the held-
+    out prompt set, and write thresholds and both reports into ``loopserve.json``.
+
+    With ``heads``, exit heads are trained first on the first half of the calibration
+    windows and the thresholds fitted on the other half, so the tests see data the heads did
+    not (the guarantee needs that); the heads are written beside the weights.
+    """
+    from model.calibration_data import calibration_windows, heldout_windows
+    from model.checkpoint import LOOPSERVE_CONFIG, load_model, read_loopserve_meta, save_exit_heads
     from model.config import ModelConfig
-    from model.fidelity import eval_text
-    from training.distill_data import load_tokenizer, pack_windows, read_documents
+    from training.distill_data import load_tokenizer
 
     d = Path(model_dir)
-    if write and not (d / LOOPSERVE_CONFIG).exists():
+    if not (d / LOOPSERVE_CONFIG).exists():
         raise CalibrationError(f"{d} is not a loopserve checkpoint (no {LOOPSERVE_CONFIG})")
     model = load_model(d, device=device)
     tokenizer = load_tokenizer(d)
     # the torch twins, as in training: calibration must not depend on the Triton build
-    docs = read_documents([data], tokenizer) if data else [tokenizer(eval_text())["input_ids"]]
-    windows = pack_windows(docs, seq_len, tokenizer.eos_token_id)[:max_windows]
     with use_backend("torch"):
-        result = calibrate(model, windows, target, min_loops, z)
+        windows = calibration_windows(model, d, tokenizer, data, tokens, seq_len, progress=progress)
+        heldout = heldout_windows(model, d, tokenizer, seq_len=seq_len, progress=progress)
+        report = None
+        if heads is not None:
+            if windows.shape[0] < 2:
+                raise CalibrationError("exit heads need two calibration windows or more")
+            half = windows.shape[0] // 2
+            model.exit_heads, report = train_exit_heads(
+                model, loop_states(model, windows[:half]), loop_states(model, heldout), heads
+            )
+            model.config = replace(model.config, exit_heads=True)
+            windows = windows[half:]
+        result = calibrate(model, windows, heldout, target, delta, min_loops)
     if write:
         meta = read_loopserve_meta(d)
         meta["config"]["exit_thresholds"] = result.thresholds
+        meta["config"]["exit_heads"] = model.config.exit_heads
         ModelConfig.from_dict(meta["config"])  # refuse to write a config that will not load
         meta.setdefault("provenance", {})["calibration"] = {
             **result.to_dict(),
-            "data": str(data) if data else "builtin eval text",
+            "exit_heads": asdict(report) if report is not None else None,
+            "data": str(data) if data else "self-distilled, calibration prompt set",
+            "heldout": "self-distilled, held-out prompt set",
             "seq_len": seq_len,
-            "windows": int(windows.shape[0]),
         }
+        if report is not None:
+            save_exit_heads(model, d)
         tmp = d / (LOOPSERVE_CONFIG + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
         tmp.replace(d / LOOPSERVE_CONFIG)
-    return result
+    return result, report

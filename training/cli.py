@@ -13,11 +13,13 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from model.calibration_data import CalibrationError as CalibrationDataError
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
 from training import distributed
-from training.calibrate import CalibrationError, calibrate_checkpoint
+from training.calibrate import DELTA, CalibrationError, calibrate_checkpoint
 from training.distill_data import DataConfig, DataError
+from training.exit_heads import HeadTraining, HeadTrainingError
 from training.uptrain import (
     DEFAULT_GROUPS,
     RunSummary,
@@ -26,7 +28,15 @@ from training.uptrain import (
     UptrainError,
 )
 
-USER_ERRORS = (UptrainError, DataError, CalibrationError, CheckpointError, ConfigError)
+USER_ERRORS = (
+    UptrainError,
+    DataError,
+    CalibrationError,
+    CalibrationDataError,
+    HeadTrainingError,
+    CheckpointError,
+    ConfigError,
+)
 
 
 def plot_curve(log_path: str | Path, png_path: str | Path, title: str = "uptraining") -> Path:
@@ -406,27 +416,46 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     """Add ``calibrate``: fit per-depth exit thresholds and write them into the checkpoint."""
     p = subparsers.add_parser(
         "calibrate",
-        help="fit early-exit confidence thresholds on held-out text",
+        help="fit early-exit confidence thresholds with a guarantee, verify them held out",
         description=(
-            "Per loop depth and confidence measure (max prob, top-1 minus top-2 margin), find "
-            "the lowest threshold at which tokens exiting there agree with the full-depth "
-            "token at least --target of the time; write them into loopserve.json."
+            "Per loop depth and confidence measure (max prob, top-1 minus top-2 margin), fit "
+            "thresholds on the checkpoint's own samples from the calibration prompt set so that "
+            "tokens exiting at each depth agree with the full-depth token at least --target of "
+            "the time, with probability at least 1 - --delta (fixed-sequence binomial tests); "
+            "verify them on samples from the disjoint held-out prompt set and write thresholds "
+            "and both reports into loopserve.json."
         ),
     )
     p.add_argument("--model", required=True, help="loopserve checkpoint directory")
     p.add_argument("--target", type=float, default=0.99, help="agreement target (default 0.99)")
-    p.add_argument("--data", metavar="FILE", help="held-out file (default: built-in eval text)")
-    p.add_argument("--seq-len", type=_positive_int, default=256)
-    p.add_argument("--max-windows", type=_positive_int, default=64)
-    p.add_argument("--min-loops", type=_positive_int, default=1, help="loops before any exit")
     p.add_argument(
-        "--z",
-        type=float,
-        default=1.645,
-        help="one-sided Wilson z for the agreement bound (0: raw fraction; default 1.645)",
+        "--delta", type=float, default=DELTA, help=f"failure probability (default {DELTA})"
     )
+    p.add_argument(
+        "--data",
+        metavar="FILE",
+        help="calibration file instead of self-distilled samples (never the evaluation text)",
+    )
+    p.add_argument(
+        "--tokens", type=_positive_int, default=8192, help="self-distilled calibration tokens"
+    )
+    p.add_argument("--seq-len", type=_positive_int, default=256)
+    p.add_argument("--min-loops", type=_positive_int, default=1, help="loops before any exit")
+    heads = p.add_argument_group("learned exit heads")
+    h = HeadTraining()
+    heads.add_argument(
+        "--exit-heads",
+        action="store_true",
+        help="first train one affine exit head per early depth (tuned lens) on half the "
+        "calibration windows against the final loop (KL); thresholds use their confidences",
+    )
+    heads.add_argument("--head-steps", type=_positive_int, default=h.steps)
+    heads.add_argument("--head-seconds", type=float, default=h.max_seconds, help="time bound")
+    heads.add_argument("--head-batch", type=_positive_int, default=h.batch_tokens, help="tokens")
+    heads.add_argument("--head-lr", type=float, default=h.lr)
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     p.add_argument("--dry-run", action="store_true", help="print, do not write the config")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     p.set_defaults(func=run_calibrate_command)
     return p
@@ -435,26 +464,51 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 def run_calibrate_command(args: argparse.Namespace) -> int:
     """Handler of ``loopserve calibrate``."""
     try:
-        result = calibrate_checkpoint(
+        heads = None
+        if args.exit_heads:
+            heads = HeadTraining(
+                steps=args.head_steps,
+                max_seconds=args.head_seconds,
+                batch_tokens=args.head_batch,
+                lr=args.head_lr,
+                progress=not args.no_progress,
+            )
+        result, report = calibrate_checkpoint(
             args.model,
             target=args.target,
+            delta=args.delta,
             data=args.data,
+            tokens=args.tokens,
             seq_len=args.seq_len,
-            max_windows=args.max_windows,
             min_loops=args.min_loops,
-            z=args.z,
             write=not args.dry_run,
             device=args.device,
+            progress=not args.no_progress,
+            heads=heads,
         )
     except USER_ERRORS as e:
         print(f"loopserve calibrate: error: {e}", file=sys.stderr)
         return 2
+    if report is not None:
+        kl = " ".join(
+            f"{a:.3f} -> {b:.3f}" for a, b in zip(report.kl_before, report.kl_after, strict=True)
+        )
+        print(
+            f"exit heads: {report.steps} steps on {report.train_tokens} tokens in "
+            f"{report.seconds:.0f} s; held-out KL to the final loop per depth {kl}"
+        )
+        bce = zip(report.gate_bce, report.constant_bce, strict=True)
+        print(
+            "exit gates: held-out cross-entropy per depth (constant guess) "
+            + " ".join(f"{g:.3f} ({c:.3f})" for g, c in bce)
+        )
     for line in result.lines():
         print(line)
     if not args.dry_run:
         print(f"wrote exit thresholds to {Path(args.model) / 'loopserve.json'}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        record = {**result.to_dict(), "exit_heads": asdict(report) if report else None}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
