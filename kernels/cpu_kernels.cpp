@@ -96,6 +96,28 @@ inline vf16 load16(const T* p) {
   return v;
 }
 
+// vexp on 16 lanes at once: the same Cephes range reduction and polynomial, in registers.
+inline vf16 vexp16(vf16 x) {
+  const __m512 xv = (__m512)x;
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(xv, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_add_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  vf16 r = (vf16)xc - (vf16)n * 0.693359375f;
+  r = r + (vf16)n * 2.12194440e-4f;
+  vf16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vf16 y = p * r * r + r + 1.0f;
+  const __m512i bits = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const __m512 out = _mm512_mul_ps((__m512)y, _mm512_castsi512_ps(bits));
+  const __mmask16 under = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+  return (vf16)_mm512_maskz_mov_ps(static_cast<__mmask16>(~under), out);
+}
+
 inline float hsum(vf16 v) {
   const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -483,13 +505,22 @@ void max_lse(const T* logits, int64_t rows, int64_t vocab, int64_t stride, int64
         first[j] = j;
       }
       const int64_t body = vocab - vocab % LANES;
-      for (int64_t i = 0; i < body; i += LANES)
-        for (int64_t j = 0; j < LANES; ++j) {
-          const float v = load(x, i + j);
-          const bool more = v > part[j];
-          part[j] = more ? v : part[j];
-          first[j] = more ? i + j : first[j];
+      {  // whole registers: compare, keep the larger and its index per lane
+        __m512 lanes = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512i where = index;
+        const __m512i step = _mm512_set1_epi32(LANES);
+        for (int64_t i = 0; i < body; i += LANES, index = _mm512_add_epi32(index, step)) {
+          const __m512 v = (__m512)load16(x + i);
+          const __mmask16 more = _mm512_cmp_ps_mask(v, lanes, _CMP_GT_OQ);
+          lanes = _mm512_mask_mov_ps(lanes, more, v);
+          where = _mm512_mask_mov_epi32(where, more, index);
         }
+        alignas(64) int32_t w[LANES];
+        _mm512_storeu_ps(part, lanes);
+        _mm512_store_si512(w, where);
+        for (int64_t j = 0; j < LANES; ++j) first[j] = w[j];
+      }
       for (int64_t i = body; i < vocab; ++i) {  // the tail joins lane i % LANES
         const float v = load(x, i);
         if (v > part[i % LANES]) {
@@ -504,11 +535,10 @@ void max_lse(const T* logits, int64_t rows, int64_t vocab, int64_t stride, int64
           best = part[j];
           at = first[j];
         }
-      for (int64_t j = 0; j < LANES; ++j) part[j] = 0.0f;
-      for (int64_t i = 0; i < body; i += LANES)
-        for (int64_t j = 0; j < LANES; ++j) part[j] += vexp(load(x, i + j) - best);
+      vf16 sums = {};
+      for (int64_t i = 0; i < body; i += LANES) sums += vexp16(load16(x + i) - best);
       float total = 0.0f;
-      for (int64_t j = 0; j < LANES; ++j) total += part[j];
+      for (int64_t j = 0; j < LANES; ++j) total += sums[j];
       for (int64_t i = body; i < vocab; ++i) total += vexp(load(x, i) - best);
       argmax[r] = at;
       top[r] = best;
