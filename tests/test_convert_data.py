@@ -202,3 +202,39 @@ def test_convert_cli_calibrates_and_reports_both_evaluation_sets(
     assert meta["method"] == "sequential" and meta["fidelity_heldout"] is not None
     model = load_model(out)
     assert model.config.recursion.ranks["q"] == 48
+
+
+def test_calibration_overlapping_an_evaluation_set_is_refused(
+    tiny_src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("LOOPSERVE_HOME", str(tmp_path / "home"))
+    source = load_model(tiny_src)
+    tok = AutoTokenizer.from_pretrained(str(tiny_src))
+    held = cd.heldout_samples(source, tiny_src, tok, progress=False)
+    held_words = tok.decode(held[3], skip_special_tokens=True).split()
+    own = "Calibration prose of its own, about tide pools, kelp and the crabs that hide in them."
+    chat = {"messages": [{"role": "user", "content": own}, {"role": "assistant", "content": own}]}
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(json.dumps({"text": own * 3}) + "\n" + json.dumps(chat) + "\n")
+    windows = cd.calibration_windows(source, tiny_src, tok, clean, seq_len=8, progress=False)
+    assert windows.shape[0] > 0  # the chat template's own words do not count as overlap
+
+    copied = {
+        "the built-in evaluation text": "Notes. " + " ".join(eval_text().split()[200:214]),
+        "the held-out set": " ".join(held_words[10:24]) + " and more.",
+    }
+    for name, text in copied.items():
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"text": own}) + "\n" + json.dumps({"text": text}) + "\n")
+        with pytest.raises(cd.CalibrationError, match=f"bad.jsonl:2: .*13 words with {name}"):
+            cd.calibration_windows(source, tiny_src, tok, bad, seq_len=8, progress=False)
+    # twelve words are not an overlap; without evaluation the held-out set is not checked
+    near = tmp_path / "near.txt"
+    near.write_text(" ".join(eval_text().split()[200:212]) + " " + copied["the held-out set"])
+    cd.calibration_windows(source, tiny_src, tok, near, seq_len=8, progress=False, heldout=False)
+
+    argv = ["convert", str(tiny_src), "--loops", "3", "--rank", "4", "--calibration", str(bad)]
+    assert main([*argv, "--out", str(tmp_path / "rrt")]) == 2
+    err = capsys.readouterr().err
+    assert "must not overlap an evaluation set" in err and "held-out set" in err
+    assert not (tmp_path / "rrt").exists()
