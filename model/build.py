@@ -104,7 +104,15 @@ def convert_checkpoint(
     calibration = None
     if needs_data:
         calibration = calibration_windows(
-            source, src, tok, calibration_file, self_distill_tokens, seq_len, seed, progress
+            source,
+            src,
+            tok,
+            calibration_file,
+            self_distill_tokens,
+            seq_len,
+            seed,
+            progress,
+            heldout=evaluate,
         )
     converted, report = convert(
         source,

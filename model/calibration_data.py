@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import EXIT_HEADS_FILE
+from model.fidelity import eval_text
 from model.generate import sample_continuations
 from model.pull import loopserve_home
 from model.recursive import RecursiveLM
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 CALIBRATION_PROMPTS = "calibration_prompts.txt"
 HELDOUT_PROMPTS = "heldout_prompts.txt"
 HELDOUT_TOKENS = 18 * 256  # packed stream length: 18 windows of 256, 4,590 scored tokens
+HELDOUT_SEED = 1000  # no held-out sample shares a seed with calibration either
+OVERLAP_WORDS = 13  # a shared run this long is contamination (GPT-3's decontamination n-gram)
 
 
 class CalibrationError(ValueError):
@@ -66,14 +70,23 @@ def pack(docs: list[list[int]], seq_len: int, sep_id: int | None) -> torch.Tenso
     return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
 
 
-def read_calibration_file(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+def read_calibration_file(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, evaluation: dict[str, list[str]]
+) -> list[list[int]]:
     """Token ids per document: a ``.jsonl`` file ({"text"} or {"messages"} per line) gives one
-    per line, any other file is one text document."""
+    per line, any other file is one text document.
+
+    A document sharing a run of ``OVERLAP_WORDS`` words with a text of ``evaluation`` (set
+    name -> its texts) is refused: calibrating on an evaluation set makes its fidelity
+    figures a measure of memorisation.
+    """
     p = Path(path)
     if not p.is_file():
         raise CalibrationError(f"calibration file {p} does not exist")
+    index = _runs_index(evaluation)
     text = p.read_text(encoding="utf-8")
     if p.suffix != ".jsonl":
+        _refuse_overlap(text, index, str(p))
         return [tokenizer(text)["input_ids"]]
     docs = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -84,13 +97,42 @@ def read_calibration_file(path: str | Path, tokenizer: PreTrainedTokenizerBase) 
         except json.JSONDecodeError as e:
             raise CalibrationError(f"{p}:{n}: invalid JSON: {e}") from e
         if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+            _refuse_overlap(rec["text"], index, f"{p}:{n}")
             docs.append(tokenizer(rec["text"])["input_ids"])
         elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+            contents = [str(m.get("content", "")) for m in rec["messages"] if isinstance(m, dict)]
+            _refuse_overlap("\n".join(contents), index, f"{p}:{n}")
             chat = tokenizer.apply_chat_template(rec["messages"], tokenize=False)
             docs.append(tokenizer(chat, add_special_tokens=False)["input_ids"])
         else:
             raise CalibrationError(f"{p}:{n}: each record needs a 'text' or 'messages' field")
     return docs
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def _runs(words: list[str]) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + OVERLAP_WORDS]) for i in range(len(words) - OVERLAP_WORDS + 1)]
+
+
+def _runs_index(evaluation: dict[str, list[str]]) -> dict[tuple[str, ...], str]:
+    """Every ``OVERLAP_WORDS``-word run of the evaluation texts -> its set's name."""
+    return {
+        run: name for name, texts in evaluation.items() for t in texts for run in _runs(_words(t))
+    }
+
+
+def _refuse_overlap(text: str, index: dict[tuple[str, ...], str], where: str) -> None:
+    """Words, not tokens: a chat template's own tokens would match every chat sample."""
+    for run in _runs(_words(text)):
+        if run in index:
+            raise CalibrationError(
+                f"{where}: the calibration document shares {OVERLAP_WORDS} words with "
+                f'{index[run]} ("{" ".join(run)}"); calibration data must not overlap an '
+                "evaluation set"
+            )
 
 
 @dataclass(frozen=True)
@@ -193,16 +235,40 @@ def calibration_windows(
     seq_len: int = 256,
     seed: int = 0,
     progress: bool = True,
+    heldout: bool = True,
 ) -> torch.Tensor:
     """Calibration windows [N, seq_len]: from ``file`` if given, else ``tokens`` tokens
-    self-distilled from the calibration prompt set (never the evaluation texts)."""
+    self-distilled from the calibration prompt set (never the evaluation texts).
+
+    A file must not overlap the built-in evaluation text, nor the held-out set where
+    ``heldout`` (the held-out set is then sampled, or read from its cache, first).
+    """
     if file is not None:
-        docs = read_calibration_file(file, tokenizer)
+        evaluation = {"the built-in evaluation text": [eval_text()]}
+        if heldout:
+            samples = heldout_samples(source, src_dir, tokenizer, progress=progress)
+            evaluation["the held-out set"] = [
+                tokenizer.decode(s, skip_special_tokens=True) for s in samples
+            ]
+        docs = read_calibration_file(file, tokenizer, evaluation)
     else:
         docs = self_distilled(
             source, src_dir, tokenizer, CALIBRATION_PROMPTS, tokens, seed, progress=progress
         )
     return pack(docs, seq_len, sep_id(source, tokenizer))
+
+
+def heldout_samples(
+    source: RecursiveLM,
+    src_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    tokens: int = HELDOUT_TOKENS,
+    progress: bool = True,
+) -> list[list[int]]:
+    """The source's samples from the held-out prompt set: the second evaluation set."""
+    return self_distilled(
+        source, src_dir, tokenizer, HELDOUT_PROMPTS, tokens, HELDOUT_SEED, progress=progress
+    )
 
 
 def heldout_windows(
@@ -213,9 +279,6 @@ def heldout_windows(
     seq_len: int = 256,
     progress: bool = True,
 ) -> torch.Tensor:
-    """The second held-out evaluation set [N, seq_len]: the source's samples from prompts of
-    its own (seed 1000, so no sample shares a seed with calibration either)."""
-    docs = self_distilled(
-        source, src_dir, tokenizer, HELDOUT_PROMPTS, tokens, seed=1000, progress=progress
-    )
+    """The second held-out evaluation set [N, seq_len] (:func:`heldout_samples`, packed)."""
+    docs = heldout_samples(source, src_dir, tokenizer, tokens, progress)
     return pack(docs, seq_len, sep_id(source, tokenizer))

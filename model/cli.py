@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from model.calibration_data import CalibrationError
 from model.checkpoint import CheckpointError
 from model.config import (
     ATTN_MODULES,
@@ -21,7 +22,7 @@ from model.reconstruct import DATA_METHODS
 
 CONVERT_METHODS = ("plain", *DATA_METHODS)
 
-USER_ERRORS = (ConfigError, CheckpointError, PullError)
+USER_ERRORS = (ConfigError, CheckpointError, PullError, CalibrationError)
 
 
 def _rank(value: str) -> int:
