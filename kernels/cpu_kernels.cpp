@@ -254,6 +254,24 @@ void item_values(const DecodeItem& it, const T* vc) {
   }
 }
 
+// The cache slots of the keys sequence s's decode row sees, in order: its whole context, or
+// the last `windows[s]` positions [ctx - window, ctx) of it. Returns their count.
+inline int64_t seen_slots(const int32_t* tables, int64_t width, const int32_t* lens,
+                          const int32_t* windows, int64_t block_size, int64_t s,
+                          std::vector<int64_t>& slots) {
+  const int64_t ctx = lens[s];
+  const int64_t window = windows != nullptr ? windows[s] : 0;
+  const int64_t first = window > 0 && window < ctx ? ctx - window : 0;
+  const int64_t len = ctx - first;
+  const int32_t* table = tables + s * width;
+  slots.resize(len);
+  for (int64_t t = 0, b = first / block_size, o = first % block_size; t < len; ++t) {
+    slots[t] = static_cast<int64_t>(table[b]) * block_size + o;
+    if (++o == block_size) o = 0, ++b;
+  }
+  return len;
+}
+
 #if defined(__AVX512BF16__)
 // bf16 caches with head_dim a multiple of 32: scores by AVX-512 BF16 dot products straight
 // from the cached K rows (no float32 copy of K; q unscaled, exact bf16 products summed in
@@ -321,16 +339,7 @@ void decode_bf16(const uint16_t* q, const uint16_t* kc, const uint16_t* vc,
     std::vector<int64_t> slots;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / parts, kh0 = item % parts * span, kh1 = kh0 + span;
-      const int64_t ctx = lens[s];
-      const int64_t window = windows != nullptr ? windows[s] : 0;
-      const int64_t first = window > 0 && window < ctx ? ctx - window : 0;
-      const int64_t len = ctx - first;
-      const int32_t* table = tables + s * width;
-      slots.resize(len);
-      for (int64_t t = 0, b = first / block_size, o = first % block_size; t < len; ++t) {
-        slots[t] = static_cast<int64_t>(table[b]) * block_size + o;
-        if (++o == block_size) o = 0, ++b;
-      }
+      const int64_t len = seen_slots(tables, width, lens, windows, block_size, s, slots);
       scores.resize(heads_q * len);
       const uint16_t* qs = q + rows[s] * q_stride;
       item_scores_bf16<C>(qs, kc, slots.data(), len, kh0, kh1, group, row, scale, vc,
@@ -385,17 +394,7 @@ void decode(const T* q, const T* kc, const T* vc, const int32_t* tables, const i
     std::vector<int64_t> slots;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / heads_kv, kh = item % heads_kv;
-      // a sliding window sees the last `window` keys: positions [first, ctx)
-      const int64_t ctx = lens[s];
-      const int64_t window = windows != nullptr ? windows[s] : 0;
-      const int64_t first = window > 0 && window < ctx ? ctx - window : 0;
-      const int64_t len = ctx - first;
-      const int32_t* table = tables + s * width;
-      slots.resize(len);
-      for (int64_t t = 0, b = first / block_size, o = first % block_size; t < len; ++t) {
-        slots[t] = static_cast<int64_t>(table[b]) * block_size + o;
-        if (++o == block_size) o = 0, ++b;
-      }
+      const int64_t len = seen_slots(tables, width, lens, windows, block_size, s, slots);
       const T* qs = q + rows[s] * q_stride + kh * group * dim;
       for (int64_t j = 0; j < group * dim; ++j) qf[j] = load(qs, j) * scale;
       scores.resize(group * len);
