@@ -197,6 +197,17 @@ def _run_engine(
     return got
 
 
+def _assert_engine_is_oracle(
+    got: dict[str, tuple[list[int], list[int], list[float]]], want: dict[str, OracleOutput]
+) -> None:
+    """The engine's tokens and exit depths are the oracle's, and its logprobs too: they see
+    every K/V the tokens attended to, filled ones included."""
+    for rid, o in want.items():
+        tokens, exit_depths, logprobs = got[rid]
+        assert (tokens, exit_depths) == (o.tokens, o.exit_depths), rid
+        torch.testing.assert_close(logprobs, o.logprobs, atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def served64(rrt64: RecursiveLM) -> dict[str, RecursiveLM]:
     """The same model after the serving transforms — fused q|k|v and gate|up over low-rank
@@ -231,11 +242,7 @@ def test_engine_equals_per_token_oracle_with_mixed_exits(
         depth_alignment=alignment,
         exit_thresholds=thresholds,
     )
-    for rid, o in want.items():
-        tokens, exit_depths, logprobs = got[rid]
-        assert (tokens, exit_depths) == (o.tokens, o.exit_depths), rid
-        # the logprobs see every K/V the tokens attended to, filled ones included
-        torch.testing.assert_close(logprobs, o.logprobs, atol=1e-5, rtol=0)
+    _assert_engine_is_oracle(got, want)
 
 
 def _with_heads(model: RecursiveLM, seed: int) -> tuple[RecursiveLM, dict[str, torch.Tensor]]:
@@ -283,10 +290,7 @@ def test_engine_with_exit_heads_equals_the_oracle_applying_them(
         depth_alignment=alignment,
         exit_thresholds=thresholds,
     )
-    for rid, o in want.items():
-        tokens, exit_depths, logprobs = got[rid]
-        assert (tokens, exit_depths) == (o.tokens, o.exit_depths), rid
-        torch.testing.assert_close(logprobs, o.logprobs, atol=1e-5, rtol=0)
+    _assert_engine_is_oracle(got, want)
 
 
 @pytest.mark.parametrize(("batching", "alignment", "fill"), MODES)
@@ -323,10 +327,7 @@ def test_gated_exits_equal_the_oracle_and_run_the_lm_head_only_for_exits(
         exit_thresholds=thresholds,
         exit_measure="gate",
     )
-    for rid, o in want.items():
-        tokens, exit_depths, logprobs = got[rid]
-        assert (tokens, exit_depths) == (o.tokens, o.exit_depths), rid
-        torch.testing.assert_close(logprobs, o.logprobs, atol=1e-5, rtol=0)
+    _assert_engine_is_oracle(got, want)
     assert sum(head_rows) == sum(len(o.tokens) for o in want.values())
 
 
