@@ -35,6 +35,7 @@ from kernels import (
     packing_supported,
     prefer_dense,
 )
+from kernels.lora_linear import add_fused_lora
 from model.fused_layer import DecodeLayer, fits
 from model.packed_projection import PackedProjection, pack_stack
 from model.recursive import GATE_UP, KV, QKV, RecursiveLM
@@ -73,13 +74,17 @@ def materialise_high_rank(model: RecursiveLM, force: bool | None = None) -> list
 @dataclass
 class FusedProjection:
     """Modules that read one input, run as one matmul: per-depth dense weights
-    ``[K, D, Σout, in]``, or a shared weight ``[K, Σout, in]`` plus per-layer fused LoRA."""
+    ``[K, D, Σout, in]``, or a shared weight ``[K, Σout, in]`` plus per-layer fused LoRA. On
+    the bf16 CPU path the shared weight is ``packed`` instead (one per layer) and ``skip``
+    leading output columns of its GEMM are dropped (k|v out of q|k|v, for fills)."""
 
     modules: tuple[str, ...]
     sizes: tuple[int, ...]
     dense: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     lora: list[FusedLoRA] | None = None
+    packed: list[PackedWeight] | None = None
+    skip: int = 0
 
     @property
     def per_depth(self) -> bool:
@@ -88,10 +93,12 @@ class FusedProjection:
     def __call__(self, layer: int, x: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor:
         if self.dense is not None:
             return dense_per_depth_linear(x, self.dense[layer], depth)
+        lora = self.lora[layer] if self.lora else None
+        if self.packed is not None:
+            y = self.packed[layer](x)
+            return add_fused_lora(y[:, self.skip :] if self.skip else y, x, lora, depth)
         assert self.weight is not None
-        return fused_lora_linear(
-            x, self.weight[layer], self.lora[layer] if self.lora else None, depth
-        )
+        return fused_lora_linear(x, self.weight[layer], lora, depth)
 
     def tail(self, n: int) -> FusedProjection:
         """The last ``n`` modules as views of the same storage (k|v out of q|k|v, for fills)."""
@@ -100,7 +107,6 @@ class FusedProjection:
             return FusedProjection(
                 self.modules[-n:], self.sizes[-n:], dense=self.dense[:, :, skip:]
             )
-        assert self.weight is not None
         lora = None
         if self.lora:
             r = sum(self.lora[0].ranks[:-n])
@@ -108,6 +114,11 @@ class FusedProjection:
                 FusedLoRA(f.lora_a[:, r:], f.lora_b[:, skip:, r:], f.out_sizes[-n:], f.ranks[-n:])
                 for f in self.lora
             ]
+        if self.packed is not None:
+            return FusedProjection(
+                self.modules[-n:], self.sizes[-n:], lora=lora, packed=self.packed, skip=skip
+            )
+        assert self.weight is not None
         return FusedProjection(
             self.modules[-n:], self.sizes[-n:], weight=self.weight[:, skip:], lora=lora
         )
@@ -170,18 +181,36 @@ def pack_weights(model: RecursiveLM) -> list[tuple[str, ...]]:
         return []
     packed: list[tuple[str, ...]] = []
     for group, proj in list(model.fused.items()):
-        if group == KV or not isinstance(proj, FusedProjection) or proj.lora:
+        if group == KV or not isinstance(proj, FusedProjection):
+            continue
+        if proj.lora:  # the shared weight packed, the deltas beside it
+            assert proj.weight is not None
+            proj.packed = [PackedWeight.pack(w) for w in proj.weight]
+            proj.weight = None
+            if group == QKV:
+                model.fused[KV] = proj.tail(len(KV))
+            packed.append(group)
             continue
         stack = proj.dense if proj.dense is not None else proj.weight
         assert stack is not None
         model.fused[group] = PackedProjection(group, proj.sizes, pack_stack(stack))
         packed.append(group)
-    for m in model.config.arch.linear_modules:  # GPT-NeoX: no gate
+    arch = model.config.arch
+    for m in arch.linear_modules:  # GPT-NeoX: no gate
         if any(m in group for group in model.fused):
             continue
         if m in model.dense:  # (its factors stay named in lora_a, freed)
             stack = model.dense.pop(m)
-        elif m in model.lora_a:
+        elif m in model.lora_a:  # a lone module with deltas: packed weight + its factors
+            lora = [
+                fuse_lora([a], [b]) for a, b in zip(model.lora_a[m], model.lora_b[m], strict=True)
+            ]
+            weights = [PackedWeight.pack(w) for w in model.weights[m].data]
+            for param in (model.weights[m], model.lora_a[m], model.lora_b[m]):
+                _free(param)
+            size = (arch.linear_shape(m)[0],)
+            model.fused[(m,)] = FusedProjection((m,), size, lora=lora, packed=weights)
+            packed.append((m,))
             continue
         else:
             stack = model.weights[m].data

@@ -121,16 +121,17 @@ def test_dense_only_for_high_rank(tiny_hf: tuple[Path, LlamaForCausalLM]) -> Non
 def test_packed_weights_keep_logits_and_tokens(
     tiny_hf: tuple[Path, LlamaForCausalLM], name: str, batching: str
 ) -> None:
-    """bf16 weights packed for oneDNN give the unpacked model's logits and engine tokens —
-    with exits at every depth in depth mode, so fills run through the packed k|v tail."""
+    """bf16 weights packed for the CPU GEMM give the unpacked model's logits and engine tokens
+    — shared weights with low-rank deltas included — with exits at every depth in depth mode,
+    so fills run through the packed k|v tail."""
     model = _variants(tiny_hf)[name].to(torch.bfloat16)
     ref = copy.deepcopy(model)
     materialise_high_rank(ref)
     fuse_projections(ref)
     plan = prepare_for_serving(model)
-    singles = [("o",), ("down",)]  # the groups with deltas stay on the low-rank path
-    want = singles if name == "mixed-ranks" else [("q", "k", "v"), ("gate", "up"), *singles]
-    assert plan.packed == [*want, ("lm_head",)]
+    # every group is packed; groups with deltas keep them beside the packed shared weight
+    want = [("q", "k", "v"), ("gate", "up"), ("o",), ("down",), ("lm_head",)]
+    assert plan.packed == want
     assert model.has_dense_weights == ref.has_dense_weights
     ids = _ids(101)
     torch.testing.assert_close(model(ids), ref(ids), atol=0, rtol=0)
