@@ -44,6 +44,23 @@ def lora_linear_ref(
     return y
 
 
+def depth_segments(depth: torch.Tensor, num_depths: int) -> list[tuple[int, int, int]] | None:
+    """``(d, start, stop)`` row ranges of each depth present when ``depth`` [T] is sorted (the
+    runner sorts a step's rows by depth), so a depth's rows are a slice, not a gather and an
+    accumulating scatter; None when it is not sorted."""
+    if depth.numel() == 0 or int(depth[0]) < 0:
+        return None
+    if depth.numel() > 1 and not bool((depth[1:] >= depth[:-1]).all()):
+        return None
+    counts = torch.bincount(depth, minlength=num_depths).tolist()
+    out, start = [], 0
+    for d, n in enumerate(counts):
+        if n and d < num_depths:
+            out.append((d, start, start + n))
+        start += n
+    return out
+
+
 def _check_int_depth(depth: torch.Tensor | int, lora_a: torch.Tensor | None) -> None:
     if isinstance(depth, int) and lora_a is not None and not 0 <= depth < lora_a.shape[0]:
         raise ValueError(f"depth {depth} out of range for {lora_a.shape[0]} LoRA depths")

@@ -35,7 +35,7 @@ from kernels import (
     packing_supported,
     prefer_dense,
 )
-from kernels.lora_linear import add_fused_lora
+from kernels.lora_linear import add_fused_lora, depth_segments
 from model.fused_layer import DecodeLayer, fits
 from model.packed_projection import PackedProjection, pack_stack
 from model.recursive import GATE_UP, KV, QKV, RecursiveLM
@@ -71,6 +71,54 @@ def materialise_high_rank(model: RecursiveLM, force: bool | None = None) -> list
     return switched
 
 
+@dataclass(frozen=True)
+class PackedDelta:
+    """One (layer, depth)'s fused LoRA factors packed for the CPU GEMM: the stacked shrink
+    ``A [Σr, in]`` and one expand per slice ``B_s [out_s, r_s]`` (None where r_s = 0), the
+    twin's GEMMs in the twin's order, so the sums are its own."""
+
+    shrink: PackedWeight
+    expands: list[PackedWeight | None]
+    out_sizes: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    @staticmethod
+    def pack(f: FusedLoRA, d: int) -> PackedDelta:
+        expands: list[PackedWeight | None] = []
+        row = col = 0
+        for out, r in zip(f.out_sizes, f.ranks, strict=True):
+            b = f.lora_b[d, row : row + out, col : col + r]
+            expands.append(PackedWeight.pack(b) if r else None)
+            row, col = row + out, col + r
+        return PackedDelta(PackedWeight.pack(f.lora_a[d]), expands, f.out_sizes, f.ranks)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.shrink(x)
+        parts, col = [], 0
+        for b, out, r in zip(self.expands, self.out_sizes, self.ranks, strict=True):
+            parts.append(x.new_zeros((x.shape[0], out)) if b is None else b(t[:, col : col + r]))
+            col += r
+        return torch.cat(parts, dim=1)
+
+
+def _add_packed_deltas(
+    y: torch.Tensor, x: torch.Tensor, deltas: list[PackedDelta], depth: torch.Tensor | int
+) -> torch.Tensor:
+    """``add_fused_lora`` over packed factors: each row's own depth's delta onto ``y``."""
+    if isinstance(depth, int):
+        return y + deltas[depth](x)
+    segments = depth_segments(depth, len(deltas))
+    if segments is not None:
+        for d, start, stop in segments:
+            y[start:stop] += deltas[d](x[start:stop])
+        return y
+    for d, delta in enumerate(deltas):
+        rows = (depth == d).nonzero().squeeze(1)
+        if rows.numel():
+            y.index_put_((rows,), delta(x.index_select(0, rows)), accumulate=True)
+    return y
+
+
 @dataclass
 class FusedProjection:
     """Modules that read one input, run as one matmul: per-depth dense weights
@@ -84,6 +132,7 @@ class FusedProjection:
     weight: torch.Tensor | None = None
     lora: list[FusedLoRA] | None = None
     packed: list[PackedWeight] | None = None
+    packed_lora: list[list[PackedDelta]] | None = None  # [layer][depth], beside ``packed``
     skip: int = 0
 
     @property
@@ -96,7 +145,11 @@ class FusedProjection:
         lora = self.lora[layer] if self.lora else None
         if self.packed is not None:
             y = self.packed[layer](x)
-            return add_fused_lora(y[:, self.skip :] if self.skip else y, x, lora, depth)
+            if self.packed_lora is not None:
+                y = _add_packed_deltas(y, x, self.packed_lora[layer], depth)
+            elif lora is not None:
+                y = add_fused_lora(y, x, lora, depth)
+            return y[:, self.skip :] if self.skip else y
         assert self.weight is not None
         return fused_lora_linear(x, self.weight[layer], lora, depth)
 
@@ -114,9 +167,14 @@ class FusedProjection:
                 FusedLoRA(f.lora_a[:, r:], f.lora_b[:, skip:, r:], f.out_sizes[-n:], f.ranks[-n:])
                 for f in self.lora
             ]
-        if self.packed is not None:
+        if self.packed is not None:  # the whole GEMM and its deltas, sliced
             return FusedProjection(
-                self.modules[-n:], self.sizes[-n:], lora=lora, packed=self.packed, skip=skip
+                self.modules[-n:],
+                self.sizes[-n:],
+                lora=self.lora,
+                packed=self.packed,
+                packed_lora=self.packed_lora,
+                skip=self.skip + skip,
             )
         assert self.weight is not None
         return FusedProjection(
@@ -173,6 +231,14 @@ def fuse_projections(model: RecursiveLM) -> list[tuple[str, ...]]:
     return fused
 
 
+def _pack_deltas(lora: list[FusedLoRA], loops: int) -> list[list[PackedDelta]] | None:
+    """Packed factors per (layer, depth) where the factors fit the packed GEMM (bf16 ranks of
+    an even width), else None: the twin's delta then runs on them as they are."""
+    if any(r % 2 for f in lora for r in f.ranks):
+        return None
+    return [[PackedDelta.pack(f, d) for d in range(loops)] for f in lora]
+
+
 @torch.no_grad()
 def pack_weights(model: RecursiveLM) -> list[tuple[str, ...]]:
     """Pack every weight that runs without a low-rank delta; returns the groups packed (none
@@ -186,6 +252,7 @@ def pack_weights(model: RecursiveLM) -> list[tuple[str, ...]]:
         if proj.lora:  # the shared weight packed, the deltas beside it
             assert proj.weight is not None
             proj.packed = [PackedWeight.pack(w) for w in proj.weight]
+            proj.packed_lora = _pack_deltas(proj.lora, model.config.loops)
             proj.weight = None
             if group == QKV:
                 model.fused[KV] = proj.tail(len(KV))
@@ -195,7 +262,7 @@ def pack_weights(model: RecursiveLM) -> list[tuple[str, ...]]:
         assert stack is not None
         model.fused[group] = PackedProjection(group, proj.sizes, pack_stack(stack))
         packed.append(group)
-    arch = model.config.arch
+    arch, loops = model.config.arch, model.config.loops
     for m in arch.linear_modules:  # GPT-NeoX: no gate
         if any(m in group for group in model.fused):
             continue
@@ -209,7 +276,9 @@ def pack_weights(model: RecursiveLM) -> list[tuple[str, ...]]:
             for param in (model.weights[m], model.lora_a[m], model.lora_b[m]):
                 _free(param)
             size = (arch.linear_shape(m)[0],)
-            model.fused[(m,)] = FusedProjection((m,), size, lora=lora, packed=weights)
+            model.fused[(m,)] = FusedProjection(
+                (m,), size, lora=lora, packed=weights, packed_lora=_pack_deltas(lora, loops)
+            )
             packed.append((m,))
             continue
         else:

@@ -246,3 +246,18 @@ def test_mismatch_report_is_verbose() -> None:
     with pytest.raises(AssertionError, match=r"3/20 elements.*NaN 1, inf 1.*\(0, 0\)"):
         assert_close_verbose(bad, golden, 1e-3)
     assert_close_verbose(golden + 1e-4, golden, 1e-3)
+
+
+def test_depth_segments_are_the_rows_of_each_depth_of_a_sorted_batch() -> None:
+    """Slices where the rows are sorted by depth (depths past the factors get none), None
+    where a gather is needed: unsorted, negative or empty."""
+    from kernels.lora_linear import depth_segments
+
+    depth = torch.tensor([0, 0, 1, 3, 3, 5])
+    segments = depth_segments(depth, 4)
+    assert segments == [(0, 0, 2), (1, 2, 3), (3, 3, 5)]
+    for d, start, stop in segments:
+        assert (depth == d).nonzero().squeeze(1).tolist() == list(range(start, stop))
+    assert depth_segments(torch.tensor([1, 0]), 2) is None
+    assert depth_segments(torch.tensor([-1, 0]), 2) is None
+    assert depth_segments(torch.zeros(0, dtype=torch.int64), 2) is None
