@@ -80,6 +80,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
         "(default: auto = aligned for dense per-depth weights)",
     )
     opt("--exit-threshold", type=float, help="early-exit confidence threshold (> 1: off)")
+    opt(
+        "--exit-measure",
+        choices=("prob", "margin", "gate"),
+        help="exit confidence: max probability, top-2 margin, or the learned gate (needs exit "
+        "heads; decided before the LM head); calibrated thresholds of that measure apply "
+        "(default: prob)",
+    )
     opt("--min-loops", type=int, help="loops every token runs before it may exit (default: 1)")
     opt("--kv-fill", choices=KV_FILL_MODES, help="K/V for skipped depths (default: propagate)")
     opt("--max-num-seqs", type=int, help="most sequences running at once (default: 64)")

@@ -58,15 +58,26 @@ def exit_rule(config: ModelConfig, settings: ServeSettings) -> ExitRule:
     """Early exit is on only where a flag asks or the checkpoint carries calibrated thresholds.
 
     Calibrated thresholds apply per depth, as they were fitted (a depth calibrated at > 1 never
-    exits); ``--exit-threshold`` replaces them with one threshold for every depth.
+    exits), for ``--exit-measure`` (default: prob where calibrated); ``--exit-threshold``
+    replaces them with one threshold for every depth. The gate needs learned exit heads.
     """
-    measure, thresholds = "prob", ()
     calibrated = config.exit_thresholds or {}
-    if calibrated:
-        measure = "prob" if "prob" in calibrated else next(iter(calibrated))
+    measure = settings.exit_measure
+    if measure == "gate" and not config.exit_heads:
+        raise ServeConfigError(
+            "--exit-measure gate needs learned exit heads: run `loopserve calibrate "
+            "--exit-heads` on the checkpoint first"
+        )
+    if measure is None:
+        measure = "prob" if "prob" in calibrated or not calibrated else next(iter(calibrated))
+    thresholds: tuple[float, ...] = ()
+    if settings.exit_threshold is None and calibrated:
+        if measure not in calibrated:
+            raise ServeConfigError(
+                f"the checkpoint has no calibrated thresholds for --exit-measure {measure} "
+                f"(it has {sorted(calibrated)}); give --exit-threshold or recalibrate"
+            )
         thresholds = tuple(float(t) for t in calibrated[measure])
-    if settings.exit_threshold is not None:
-        thresholds = ()
     threshold = EXITS_OFF if settings.exit_threshold is None else settings.exit_threshold
     min_loops = 1 if settings.min_loops is None else settings.min_loops
     return ExitRule(threshold, thresholds, measure, min_loops)

@@ -53,6 +53,7 @@ class ServeSettings(BaseSettings):
     batching: Literal["depth", "sequence"] = "depth"
     depth_alignment: Literal["auto", "mixed", "aligned"] = "auto"
     exit_threshold: float | None = Field(None, ge=0)
+    exit_measure: Literal["prob", "margin", "gate"] | None = None
     min_loops: int | None = Field(None, ge=1)
     kv_fill: Literal["propagate", "copy"] = "propagate"
     max_num_seqs: int = Field(64, ge=1)

@@ -68,6 +68,21 @@ def test_exit_rule_off_unless_calibrated_or_asked() -> None:
     assert (rule.thresholds, rule.measure, rule.min_loops) == ((1.01, 0.9), "prob", 1)
     asked = exit_rule(calibrated, ServeSettings(exit_threshold=0.8, min_loops=2))
     assert (asked.threshold, asked.thresholds, asked.min_loops) == (0.8, (), 2)
+    margin = exit_rule(calibrated, ServeSettings(exit_measure="margin"))
+    assert (margin.thresholds, margin.measure) == ((0.5, 0.4), "margin")
+
+
+def test_exit_measure_needs_its_calibration_and_the_gate_its_heads() -> None:
+    calibrated = ModelConfig(ARCH, RecursionConfig(loops=3), {"prob": [0.9, 0.9]})
+    with pytest.raises(ServeConfigError, match="no calibrated thresholds for --exit-measure"):
+        exit_rule(calibrated, ServeSettings(exit_measure="margin"))
+    with pytest.raises(ServeConfigError, match="needs learned exit heads"):
+        exit_rule(calibrated, ServeSettings(exit_measure="gate"))
+    gated = dataclasses.replace(
+        calibrated, exit_thresholds={"prob": [0.9, 0.9], "gate": [0.7, 0.6]}, exit_heads=True
+    )
+    rule = exit_rule(gated, ServeSettings(exit_measure="gate"))
+    assert (rule.thresholds, rule.measure) == ((0.7, 0.6), "gate")
 
 
 def test_kv_memory_must_hold_one_full_sequence(tiny_hf: tuple[Path, LlamaForCausalLM]) -> None:
