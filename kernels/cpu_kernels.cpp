@@ -3,9 +3,10 @@
 // paged_decode: paged decode attention, one query row per sequence, K/V read in place through
 // the block table. The torch twin gathers every sequence's blocks into a padded copy, copies
 // it again heads-major and runs two batched matmuls: four passes over K/V. This reads each
-// cached K/V row once, converting to float32 16 lanes at a time; work is split over
-// (sequence, KV head) items with ATen's parallel_for (torch's intra-op threads: the extension
-// is an OpenMP build, or parallel_for, an inline template, would run on one thread).
+// cached K/V row once (bf16 caches: scores by AVX-512 BF16 dot products, see decode_bf16;
+// others converted to float32 16 lanes at a time); work is split over (sequence, KV head) or
+// whole-sequence items with ATen's parallel_for (torch's intra-op threads: the extension is an
+// OpenMP build, or parallel_for, an inline template, would run on one thread).
 //
 // row_max_lse: per row of logits, the first argmax, the max and the log-sum-exp in two
 // vectorised passes over the row (plus a scan to the max's first index), reading bf16 in place. The greedy token, its logprob (max - lse) and the

@@ -122,15 +122,7 @@ def fused_lora_linear_ref(
     x: torch.Tensor, weight: torch.Tensor, fused: FusedLoRA | None, depth: torch.Tensor | int
 ) -> torch.Tensor:
     """Torch twin of ``fused_lora_linear``: one shrink per depth, one expand per slice."""
-    return add_fused_lora(x @ weight.T, x, fused, depth)
-
-
-def add_fused_lora(
-    y: torch.Tensor, x: torch.Tensor, fused: FusedLoRA | None, depth: torch.Tensor | int
-) -> torch.Tensor:
-    """``y`` (the base GEMM's output, written in place where rows differ in depth) plus each
-    row's own per-depth delta: the twin's delta half, for a base computed elsewhere (a weight
-    packed for the CPU GEMM)."""
+    y = x @ weight.T
     if fused is None or sum(fused.ranks) == 0:
         return y
     rows_per_depth = (

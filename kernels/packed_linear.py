@@ -7,11 +7,12 @@ step is bound by weight bandwidth, so that reorder costs about a third of each l
 through plain ``F.linear``, 27-31 ms through packed weights). Two layouts:
 
 - ``onednn``: oneDNN's own, reordered once; the same kernel, so outputs are bitwise
-  ``F.linear``'s. The choice on CPUs with AMX.
+  ``F.linear``'s. The choice where no panel GEMM takes the weight (no AVX-512 BF16, AMX with
+  in-features off a multiple of 32, or the C++ kernels off).
 - ``panels``: column panels for the C++ GEMMs (``cpu_kernels.cpp``), where oneDNN streams a
   decode step's weights well below the memory bandwidth. 32 columns wide for the AMX path, the
-  choice on CPUs with AMX (measured on a 2-core Xeon, one thread, SmolLM2's linears: 16.6 vs
-  24.8 ms a step at 1 row, 17.0 vs 25.0 at 16, 21.3 vs 28.7 at 32); 64 wide for AVX-512 BF16
+  choice on CPUs with AMX (measured on a 2-core Xeon, one thread, SmolLM2's linears: 17.0-17.7
+  vs 24.8 ms a step at 1 row, 20.2-20.9 vs 28.7 at 32); 64 wide for AVX-512 BF16
   dot products, the choice on CPUs with those but no AMX (a 2-core AMD EPYC: 12 vs 19 ms at
   1 row, 14 vs 23 at 8, 45 vs 45 at 32). Outputs are float32 sums of exact bf16 products
   rounded once, like oneDNN's, in another order: within bf16 rounding of ``F.linear``, and

@@ -35,7 +35,7 @@ from kernels import (
     packing_supported,
     prefer_dense,
 )
-from kernels.lora_linear import add_fused_lora, depth_segments
+from kernels.lora_linear import depth_segments
 from model.fused_layer import DecodeLayer, fits
 from model.packed_projection import PackedProjection, pack_stack
 from model.recursive import GATE_UP, KV, QKV, RecursiveLM
@@ -142,15 +142,13 @@ class FusedProjection:
     def __call__(self, layer: int, x: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor:
         if self.dense is not None:
             return dense_per_depth_linear(x, self.dense[layer], depth)
-        lora = self.lora[layer] if self.lora else None
         if self.packed is not None:
             y = self.packed[layer](x)
             if self.packed_lora is not None:
                 y = _add_packed_deltas(y, x, self.packed_lora[layer], depth)
-            elif lora is not None:
-                y = add_fused_lora(y, x, lora, depth)
             return y[:, self.skip :] if self.skip else y
         assert self.weight is not None
+        lora = self.lora[layer] if self.lora else None
         return fused_lora_linear(x, self.weight[layer], lora, depth)
 
     def tail(self, n: int) -> FusedProjection:
@@ -160,13 +158,6 @@ class FusedProjection:
             return FusedProjection(
                 self.modules[-n:], self.sizes[-n:], dense=self.dense[:, :, skip:]
             )
-        lora = None
-        if self.lora:
-            r = sum(self.lora[0].ranks[:-n])
-            lora = [
-                FusedLoRA(f.lora_a[:, r:], f.lora_b[:, skip:, r:], f.out_sizes[-n:], f.ranks[-n:])
-                for f in self.lora
-            ]
         if self.packed is not None:  # the whole GEMM and its deltas, sliced
             return FusedProjection(
                 self.modules[-n:],
@@ -176,6 +167,13 @@ class FusedProjection:
                 packed_lora=self.packed_lora,
                 skip=self.skip + skip,
             )
+        lora = None
+        if self.lora:
+            r = sum(self.lora[0].ranks[:-n])
+            lora = [
+                FusedLoRA(f.lora_a[:, r:], f.lora_b[:, skip:, r:], f.out_sizes[-n:], f.ranks[-n:])
+                for f in self.lora
+            ]
         assert self.weight is not None
         return FusedProjection(
             self.modules[-n:], self.sizes[-n:], weight=self.weight[:, skip:], lora=lora
@@ -231,11 +229,8 @@ def fuse_projections(model: RecursiveLM) -> list[tuple[str, ...]]:
     return fused
 
 
-def _pack_deltas(lora: list[FusedLoRA], loops: int) -> list[list[PackedDelta]] | None:
-    """Packed factors per (layer, depth) where the factors fit the packed GEMM (bf16 ranks of
-    an even width), else None: the twin's delta then runs on them as they are."""
-    if any(r % 2 for f in lora for r in f.ranks):
-        return None
+def _pack_deltas(lora: list[FusedLoRA], loops: int) -> list[list[PackedDelta]]:
+    """Packed factors per (layer, depth)."""
     return [[PackedDelta.pack(f, d) for d in range(loops)] for f in lora]
 
 
