@@ -97,13 +97,26 @@ inline vf16 load16(const T* p) {
   return v;
 }
 
-// vexp on 16 lanes at once: the same Cephes range reduction and polynomial, in registers.
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline vf16 splat16(float v) { return vf16{} + v; }
+
+// vexp on 16 lanes at once: the same Cephes range reduction and polynomial, in registers
+// (AVX-512 intrinsics where the build has them; elsewhere GCC vector code, two AVX2 registers).
 inline vf16 vexp16(vf16 x) {
+#if defined(__AVX512F__)
   const __m512 xv = (__m512)x;
   const __m512 xc = _mm512_min_ps(_mm512_max_ps(xv, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
   const __m512 n = _mm512_roundscale_ps(
       _mm512_add_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(0.5f)),
       _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
+  vf16 xc = x < -87.3f ? splat16(-87.3f) : x;
+  xc = xc > 88.7f ? splat16(88.7f) : xc;
+  const vf16 t = xc * 1.44269504088896341f + 0.5f;
+  vf16 n = __builtin_convertvector(__builtin_convertvector(t, vi16), vf16);  // toward zero
+  n = n > t ? n - 1.0f : n;                                                   // floor
+#endif
   vf16 r = (vf16)xc - (vf16)n * 0.693359375f;
   r = r + (vf16)n * 2.12194440e-4f;
   vf16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
@@ -112,11 +125,17 @@ inline vf16 vexp16(vf16 x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const vf16 y = p * r * r + r + 1.0f;
+#if defined(__AVX512F__)
   const __m512i bits = _mm512_slli_epi32(
       _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   const __m512 out = _mm512_mul_ps((__m512)y, _mm512_castsi512_ps(bits));
   const __mmask16 under = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
   return (vf16)_mm512_maskz_mov_ps(static_cast<__mmask16>(~under), out);
+#else
+  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  const vf16 out = y * (vf16)bits;
+  return x < -87.3f ? vf16{} : out;
+#endif
 }
 
 inline float hsum(vf16 v) {
@@ -506,6 +525,7 @@ void max_lse(const T* logits, int64_t rows, int64_t vocab, int64_t stride, int64
       }
       const int64_t body = vocab - vocab % LANES;
       {  // whole registers: compare, keep the larger and its index per lane
+#if defined(__AVX512F__)
         __m512 lanes = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
         __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         __m512i where = index;
@@ -519,6 +539,20 @@ void max_lse(const T* logits, int64_t rows, int64_t vocab, int64_t stride, int64
         alignas(64) int32_t w[LANES];
         _mm512_storeu_ps(part, lanes);
         _mm512_store_si512(w, where);
+#else
+        vf16 lanes = splat16(-std::numeric_limits<float>::infinity());
+        vi16 index = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        vi16 where = index;
+        for (int64_t i = 0; i < body; i += LANES, index += static_cast<int32_t>(LANES)) {
+          const vf16 v = load16(x + i);
+          const vi16 more = v > lanes;
+          lanes = more ? v : lanes;
+          where = more ? index : where;
+        }
+        int32_t w[LANES];
+        store16(part, lanes);
+        __builtin_memcpy(w, &where, sizeof w);
+#endif
         for (int64_t j = 0; j < LANES; ++j) first[j] = w[j];
       }
       for (int64_t i = body; i < vocab; ++i) {  // the tail joins lane i % LANES
