@@ -214,6 +214,60 @@ struct DecodeItem {
   float* acc;     // [group, dim] output, float32
 };
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// r[j] = the sum of v[j]'s lanes for 8 AVX2 vectors: three rounds of pairwise adds. (The
+// 16-lane hsum16 below has no AVX2 form: GCC lowers its 512-bit two-input shuffles to scalar
+// moves, ~800 cycles a key.)
+inline __m256 hsum8(const __m256* v) {
+  const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+// Scores on AVX2: 8 keys at a time, each query head's 8 dot products in 8 accumulators
+// reduced together; float32 caches are read in place, others converted to float32 first.
+template <typename T>
+void item_scores(const DecodeItem& it, const T* kc) {
+  const int64_t dim = it.dim, blocks = it.len - it.len % 8;
+  const float* keys[8];
+  auto gather = [&](int64_t t0, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T* kp = kc + it.slots[t0 + j] * it.row;
+      if constexpr (std::is_same_v<T, float>) {
+        keys[j] = kp;
+      } else {
+        for (int64_t c = 0; c < dim; c += 16) store16(it.kf + j * dim + c, load16(kp + c));
+        keys[j] = it.kf + j * dim;
+      }
+    }
+  };
+  for (int64_t t0 = 0; t0 < blocks; t0 += 8) {
+    for (int64_t j = t0 + 8; j < std::min(t0 + 16, it.len); ++j) {
+      const char* next = reinterpret_cast<const char*>(kc + it.slots[j] * it.row);
+      for (int64_t b = 0; b < dim * int64_t(sizeof(T)); b += 64) __builtin_prefetch(next + b);
+    }
+    gather(t0, 8);
+    for (int64_t h = 0; h < it.group; ++h) {
+      const float* qh = it.qf + h * dim;
+      __m256 part[8];
+      for (int j = 0; j < 8; ++j) part[j] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < dim; c += 8) {
+        const __m256 qc = _mm256_loadu_ps(qh + c);
+        for (int j = 0; j < 8; ++j) part[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(keys[j] + c), part[j]);
+      }
+      _mm256_storeu_ps(it.scores + h * it.len + t0, hsum8(part));
+    }
+  }
+  for (int64_t t = blocks; t < it.len; ++t) {
+    gather(t, 1);
+    for (int64_t h = 0; h < it.group; ++h) {
+      vf16 part = {};
+      for (int64_t c = 0; c < dim; c += 16) part += load16(it.qf + h * dim + c) * load16(keys[0] + c);
+      it.scores[h * it.len + t] = hsum(part);
+    }
+  }
+}
+#else
 template <typename T>
 void item_scores(const DecodeItem& it, const T* kc) {
   const int64_t chunks = it.dim / 16;
@@ -249,6 +303,63 @@ void item_scores(const DecodeItem& it, const T* kc) {
   }
 }
 
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+template <typename T>
+inline __m256 load8(const T* p) {  // other dtypes (float64): converted one by one
+  alignas(32) float f[8];
+  for (int j = 0; j < 8; ++j) f[j] = static_cast<float>(p[j]);
+  return _mm256_load_ps(f);
+}
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// V on AVX2: columns [c0, c0 + 8 W) of G heads' outputs, G·W accumulators in registers
+// (at most 12 of the 16), one pass over the keys. (The 16-lane form spills them to the stack.)
+template <int G, int W, typename T>
+void item_values(const DecodeItem& it, const T* vc, int64_t h0, int64_t c0) {
+  __m256 a[G][W];
+  for (int h = 0; h < G; ++h)
+    for (int w = 0; w < W; ++w) a[h][w] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < it.len; ++t) {
+    const T* vp = vc + it.slots[t] * it.row + c0;
+    if (t + 8 < it.len) __builtin_prefetch(vc + it.slots[t + 8] * it.row + c0);
+    __m256 p[G];  // G + 1 + G·W registers: 16 at most
+    for (int h = 0; h < G; ++h) p[h] = _mm256_broadcast_ss(it.scores + (h0 + h) * it.len + t);
+    for (int w = 0; w < W; ++w) {
+      const __m256 v = load8(vp + 8 * w);
+      for (int h = 0; h < G; ++h) a[h][w] = _mm256_fmadd_ps(p[h], v, a[h][w]);
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int w = 0; w < W; ++w) _mm256_storeu_ps(it.acc + (h0 + h) * it.dim + c0 + 8 * w, a[h][w]);
+}
+
+template <int W, typename T>
+void item_values_cols(const DecodeItem& it, const T* vc, int64_t c0) {
+  for (int64_t h0 = 0; h0 < it.group; h0 += 3) {
+    switch (std::min<int64_t>(it.group - h0, 3)) {
+      case 1: item_values<1, W>(it, vc, h0, c0); break;
+      case 2: item_values<2, W>(it, vc, h0, c0); break;
+      default: item_values<3, W>(it, vc, h0, c0); break;
+    }
+  }
+}
+
+template <typename T>
+void item_values(const DecodeItem& it, const T* vc) {
+  int64_t c0 = 0;
+  for (; c0 + 32 <= it.dim; c0 += 32) item_values_cols<4>(it, vc, c0);
+  if (c0 < it.dim) item_values_cols<2>(it, vc, c0);  // dim is a multiple of 16
+}
+#else
 template <int G, typename T>
 void item_values(const DecodeItem& it, const T* vc, int64_t h0) {
   for (int64_t c = 0; c < it.dim; c += 16) {
@@ -273,6 +384,7 @@ void item_values(const DecodeItem& it, const T* vc) {
     }
   }
 }
+#endif
 
 // The cache slots of the keys sequence s's decode row sees, in order: its whole context, or
 // the last `windows[s]` positions [ctx - window, ctx) of it. Returns their count.
@@ -777,7 +889,7 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_c
   }
 }
 
-// x [T, in] bf16 @ a weight packed by torch.ops.mkldnn._reorder_linear_weight: the op
+// x [T, in] (bf16 or float32) @ a weight packed by torch.ops.mkldnn._reorder_linear_weight: the op
 // kernels/packed_linear.py calls, through the dispatcher, so the outputs are the same bits.
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w) {
   static const auto op =
@@ -1033,8 +1145,9 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& inp
                            const torch::Tensor& chunk_tables, const torch::Tensor& chunk_starts,
                            const torch::Tensor& chunk_ctx, const torch::Tensor& chunk_windows,
                            const torch::Tensor& chunks, int64_t heads_q, double scale) {
-  TORCH_CHECK(hidden.scalar_type() == at::kBFloat16 && hidden.is_contiguous() && hidden.dim() == 2,
-              "hidden must be contiguous bf16 [T, H]");
+  TORCH_CHECK((hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kFloat) &&
+                  hidden.is_contiguous() && hidden.dim() == 2,
+              "hidden must be contiguous bf16 or float32 [T, H]");
   TORCH_CHECK(input_norm.dim() == 1 && post_norm.dim() == 1, "norm weights must be [H]");
   const int64_t t = hidden.size(0), heads_kv = k_cache.size(2), dim = k_cache.size(3);
   const int64_t qw = heads_q * dim, kvw = heads_kv * dim;

@@ -26,7 +26,8 @@ LAYER_GROUPS: tuple[tuple[str, ...], ...] = (QKV, ("o",), GATE_UP, ("down",))
 def fits(model: RecursiveLM) -> bool:
     """Whether the model's layers are the ones the C++ layer computes: RMSNorm, full RoPE,
     silu-gated MLP, no biases, QK-norm, sandwich norms, windows or parallel residual, the
-    default attention scale, and every projection packed (bf16 on a CPU with native bf16)."""
+    default attention scale, and every projection packed (float32, or bf16 on a CPU with
+    native bf16)."""
     a = model.config.arch
     return (
         a.norm == "rms"
@@ -80,8 +81,9 @@ class DecodeLayer:
         return DecodeLayer(weights, a.rms_norm_eps, a.num_heads)
 
     def applies(self, hidden: torch.Tensor) -> bool:
-        """The C++ kernels run this call: CPU bf16 rows, no autograd, kernels built."""
-        if hidden.dtype != torch.bfloat16 or torch.is_grad_enabled():
+        """The C++ kernels run this call: CPU bf16 or float32 rows, no autograd, kernels
+        built."""
+        if hidden.dtype not in (torch.bfloat16, torch.float32) or torch.is_grad_enabled():
             return False
         mode = cpu_kernel_mode(hidden)
         return mode == "require" or (mode == "prefer" and cpu_kernel_available())

@@ -22,9 +22,19 @@ from scheduler.sampling import SamplingParams
 from tests.conftest import tiny_llama_config, write_hf_model
 
 pytestmark = pytest.mark.skipif(
-    not packing_supported(torch.zeros(1, 1, dtype=torch.bfloat16)) or not cpu_kernel_available(),
-    reason="the fused layer runs on packed bf16 weights and the C++ kernels",
+    not cpu_kernel_available(), reason="the fused layer runs the C++ kernels"
 )
+DTYPES = [
+    pytest.param(
+        dtype,
+        marks=pytest.mark.skipif(
+            not packing_supported(torch.zeros(1, 1, dtype=dtype)),
+            reason=f"{dtype} weights cannot be packed on this CPU",
+        ),
+        id=str(dtype).removeprefix("torch."),
+    )
+    for dtype in (torch.bfloat16, torch.float32)
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +56,8 @@ def _variant(directory: Path, name: str) -> RecursiveLM:
     return model
 
 
-def _served(model: RecursiveLM) -> RecursiveLM:
-    model = model.to(torch.bfloat16)
+def _served(model: RecursiveLM, dtype: torch.dtype = torch.bfloat16) -> RecursiveLM:
+    model = model.to(dtype)
     prepare_for_serving(model)
     return model
 
@@ -90,6 +100,7 @@ def _generate(model: RecursiveLM, batching: str) -> list[tuple]:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("name", "batching"),
     [
@@ -100,12 +111,12 @@ def _generate(model: RecursiveLM, batching: str) -> list[tuple]:
     ],
 )
 def test_engine_with_the_fused_layer_equals_the_python_layer(
-    llama_dir: Path, name: str, batching: str
+    llama_dir: Path, name: str, batching: str, dtype: torch.dtype
 ) -> None:
     """Same tokens, logprobs and exit depths, step by step; the exact B = 2 conversion serves
     dense per-depth weights (aligned depth-wise batching: one depth a step, as the fused layer
     needs), and the fused layer must have run for most layers, prefill chunks among them."""
-    fused, python = (_served(_variant(llama_dir, name)) for _ in range(2))
+    fused, python = (_served(_variant(llama_dir, name), dtype) for _ in range(2))
     python.decode_layer = None
     assert isinstance(fused.decode_layer, DecodeLayer)
     counted = _Counted(fused.decode_layer)
@@ -116,15 +127,16 @@ def test_engine_with_the_fused_layer_equals_the_python_layer(
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_layers_the_fused_layer_cannot_compute_keep_the_python_layer(
-    llama_dir: Path, tmp_path: Path
+    llama_dir: Path, tmp_path: Path, dtype: torch.dtype
 ) -> None:
-    """Low-rank deltas (mixed depths in one GEMM), biases (Qwen2), float32 weights: no fused
-    layer is attached, so nothing is computed wrongly in C++."""
-    assert _served(_variant(llama_dir, "rank4-b2")).decode_layer is None
-    assert _served(_variant(llama_dir, "vanilla")).decode_layer is not None
-    unpacked = load_model(llama_dir)
-    prepare_for_serving(unpacked)  # float32: nothing packed
+    """Low-rank deltas (mixed depths in one GEMM), biases (Qwen2), float64 weights (nothing
+    packed): no fused layer is attached, so nothing is computed wrongly in C++."""
+    assert _served(_variant(llama_dir, "rank4-b2"), dtype).decode_layer is None
+    assert _served(_variant(llama_dir, "vanilla"), dtype).decode_layer is not None
+    unpacked = load_model(llama_dir).to(torch.float64)
+    prepare_for_serving(unpacked)
     assert unpacked.decode_layer is None
     cfg = Qwen2Config(
         vocab_size=101,
@@ -136,4 +148,4 @@ def test_layers_the_fused_layer_cannot_compute_keep_the_python_layer(
     )
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
-    assert _served(load_model(tmp_path)).decode_layer is None
+    assert _served(load_model(tmp_path), dtype).decode_layer is None

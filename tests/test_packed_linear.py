@@ -1,6 +1,8 @@
-"""The panel layout's bf16 GEMM (``kernels.packed_linear``, C++ ``panel_gemm``): outputs within
-bf16 rounding of a float64 reference, a row's bits independent of its batch and of the thread
-count, and a served model on panels keeping the unpacked model's logits and greedy tokens."""
+"""Packed CPU weights (``kernels.packed_linear``). The panel layout's bf16 GEMM (C++
+``panel_gemm``): outputs within bf16 rounding of a float64 reference, a row's bits independent
+of its batch and of the thread count, and a served model on panels keeping the unpacked model's
+logits and greedy tokens. float32 weights in oneDNN's layout: within float32 rounding of float64
+and the same batch independence."""
 
 from __future__ import annotations
 
@@ -10,7 +12,14 @@ import pytest
 import torch
 
 from kernels.cpu_kernels import amx_takes, panel_gemm_built
-from kernels.packed_linear import PANEL, TILE_PANEL, PackedWeight, from_panels, to_panels
+from kernels.packed_linear import (
+    PANEL,
+    TILE_PANEL,
+    PackedWeight,
+    from_panels,
+    packing_supported,
+    to_panels,
+)
 from model.checkpoint import load_model
 from model.serving import prepare_for_serving
 from scheduler.config import EngineConfig
@@ -18,8 +27,11 @@ from scheduler.engine import Engine
 from scheduler.sampling import SamplingParams
 from tests.conftest import tiny_llama_config, write_hf_model
 
-pytestmark = pytest.mark.skipif(
+panels_only = pytest.mark.skipif(
     not panel_gemm_built(), reason="the panel GEMM needs a CPU with AVX-512 BF16"
+)
+fp32_only = pytest.mark.skipif(
+    not packing_supported(torch.zeros(1, 1)), reason="float32 packing needs oneDNN"
 )
 
 SHAPES = [(128, 64), (960, 576), (576, 1536), (64, 2)]
@@ -38,6 +50,7 @@ def _bound(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return ref.abs() * 2.0**-8 + magnitude * (k * 2.0**-24) + 1e-30
 
 
+@panels_only
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 16, 17, 31, 32, 33, 70])
@@ -57,6 +70,7 @@ def test_panel_gemm_is_within_bf16_rounding_of_float64(
     assert ((y.double() - ref).abs() <= _bound(x, w, ref)).all()
 
 
+@panels_only
 @pytest.mark.parametrize("width", WIDTHS)
 def test_panel_gemm_row_is_the_same_in_any_batch_and_thread_count(width: int) -> None:
     torch.manual_seed(0)
@@ -74,6 +88,7 @@ def test_panel_gemm_row_is_the_same_in_any_batch_and_thread_count(width: int) ->
         torch.set_num_threads(threads)
 
 
+@panels_only
 @pytest.mark.parametrize("width", WIDTHS)
 def test_panel_gemm_reads_strided_rows(width: int) -> None:
     w = torch.randn(128, 64, dtype=torch.bfloat16)
@@ -82,6 +97,7 @@ def test_panel_gemm_reads_strided_rows(width: int) -> None:
     assert torch.equal(packed(x), packed(x.contiguous()))
 
 
+@panels_only
 def test_panels_round_trip_and_refuse_other_shapes() -> None:
     w = torch.randn(192, 96, dtype=torch.bfloat16)
     for width in (PANEL, TILE_PANEL):
@@ -96,7 +112,7 @@ def test_panels_round_trip_and_refuse_other_shapes() -> None:
     if amx_takes(32):
         with pytest.raises(ValueError, match="divisible by 32"):
             PackedWeight.pack(torch.zeros(64, 48, dtype=torch.bfloat16), "panels", TILE_PANEL)
-    with pytest.raises(ValueError, match="must be bfloat16"):
+    with pytest.raises(ValueError, match=r"must be torch\.bfloat16"):
         PackedWeight.pack(w, "panels")(torch.zeros(2, 96))
 
 
@@ -111,6 +127,7 @@ def panel_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+@panels_only
 @torch.no_grad()
 def test_served_model_on_panels_keeps_logits_and_greedy_tokens(panel_llama: Path) -> None:
     ref = load_model(panel_llama).to(torch.bfloat16)
@@ -128,3 +145,49 @@ def test_served_model_on_panels_keeps_logits_and_greedy_tokens(panel_llama: Path
     assert Engine(model, cfg).generate(prompts, params) == Engine(ref, cfg).generate(
         prompts, params
     )
+
+
+@fp32_only
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 17, 32, 33, 70])
+def test_fp32_packed_weight_is_within_float32_rounding_of_float64(
+    shape: tuple[int, int], rows: int
+) -> None:
+    torch.manual_seed(rows)
+    w, x = torch.randn(shape), torch.randn(rows, shape[1])
+    packed = PackedWeight.pack(w)
+    assert packed.layout == "onednn" and packed.dtype == torch.float32
+    y = packed(x)
+    assert y.shape == (rows, shape[0]) and y.dtype == torch.float32
+    ref = x.double() @ w.double().T
+    magnitude = x.double().abs() @ w.double().abs().T
+    assert ((y.double() - ref).abs() <= magnitude * (shape[1] * 2.0**-24) + 1e-30).all()
+
+
+@fp32_only
+def test_fp32_packed_row_is_the_same_in_any_batch_and_thread_count() -> None:
+    """What ``F.linear`` (MKL) does not give: it switches kernels below a few rows."""
+    torch.manual_seed(0)
+    for shape in ((960, 576), (576, 1536)):
+        w, x = torch.randn(shape), torch.randn(70, shape[1])
+        packed = PackedWeight.pack(w)
+        alone = torch.cat([packed(x[i : i + 1]) for i in range(70)])
+        threads = torch.get_num_threads()
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                for start, stop in ((0, 70), (3, 10), (7, 8), (11, 38), (1, 34), (5, 69)):
+                    assert torch.equal(packed(x[start:stop]), alone[start:stop])
+        finally:
+            torch.set_num_threads(threads)
+
+
+@fp32_only
+def test_fp32_weights_refuse_panels_and_other_dtypes() -> None:
+    w = torch.randn(128, 64)
+    with pytest.raises(ValueError, match="panels hold bfloat16"):
+        PackedWeight.pack(w, "panels")
+    with pytest.raises(ValueError, match=r"must be torch\.float32"):
+        PackedWeight.pack(w)(torch.zeros(2, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="cannot pack"):
+        PackedWeight.pack(w.double())

@@ -10,11 +10,12 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from kernels import packing_supported
+from kernels import PackedWeight, packing_supported
 from model.checkpoint import load_model
 from model.config import FULL_RANK, LINEAR_MODULES
 from model.convert import convert
 from model.generate import greedy_generate
+from model.packed_projection import PackedProjection
 from model.recursive import RecursiveLM
 from model.serving import fuse_projections, materialise_high_rank, prepare_for_serving
 from scheduler.config import EngineConfig
@@ -50,7 +51,8 @@ def test_fused_projections_keep_logits_and_tokens(tiny_hf: tuple[Path, LlamaForC
         plan = prepare_for_serving(model)
         assert plan.fused == [("q", "k", "v"), ("gate", "up")], name
         assert bool(plan.dense) == (name == "full-rank-dense"), name
-        assert plan.packed == [], name  # float32: nothing to pack
+        # float32 weights are packed for oneDNN where it is built (the CPU path)
+        assert bool(plan.packed) == packing_supported(model.embed[:1]), name
         torch.testing.assert_close(model(ids), want, atol=1e-4, rtol=0, msg=name)
         cfg = EngineConfig(block_size=4, num_blocks=128, max_model_len=64)
         params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -89,15 +91,27 @@ def test_serving_frees_what_it_replaced(tiny_hf: tuple[Path, LlamaForCausalLM]) 
         prepare_for_serving(m)
 
     def resident(model: RecursiveLM) -> int:
+        """Bytes of every distinct storage, packed weights (opaque oneDNN tensors) at their
+        logical size."""
         tensors = list(model.parameters()) + list(model.dense.values())
+        packed: list[PackedWeight] = [model.packed_head] if model.packed_head else []
         for f in model.fused.values():
-            tensors += [t for t in (f.dense, getattr(f, "weight", None)) if t is not None]
+            if isinstance(f, PackedProjection):
+                packed += [w for ws in f.weights for w in ws]
+                continue
+            tensors += [t for t in (f.dense, f.weight) if t is not None]
+            packed += f.packed or []
+            packed += [
+                w for ds in f.packed_lora or [] for d in ds for w in (d.shrink, *d.expands) if w
+            ]
         seen, total = set(), 0
         for t in tensors:
             key = t.untyped_storage().data_ptr()
             if key not in seen:
                 seen.add(key)
                 total += t.untyped_storage().nbytes()
+        for w in {id(w): w for w in packed}.values():
+            total += w.out_features * w.in_features * w.dtype.itemsize
         return total
 
     assert exact.checkpoint_parameters > 1.5 * vanilla.checkpoint_parameters
