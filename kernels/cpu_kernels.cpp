@@ -889,15 +889,46 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_c
   }
 }
 
-// x [T, in] (bf16 or float32) @ a weight packed by torch.ops.mkldnn._reorder_linear_weight: the op
-// kernels/packed_linear.py calls, through the dispatcher, so the outputs are the same bits.
-torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w) {
+// oneDNN (through torch's ideep) builds and caches a JIT-compiled primitive for every row
+// count it meets, about half a MiB of code each, in two caches of 1,024 entries: a server whose
+// steps carry every row count from 1 to a few thousand grows by hundreds of MiB (measured: 1.7
+// MiB per row count for three small weights) and pays ~1 ms to build each. So a call's rows are
+// padded up to one of a few counts: exact up to 16, then 4 counts an octave (at most 1/4 more
+// rows), in pieces of at most kGemmPiece rows. A row's result does not depend on the others.
+constexpr int64_t kGemmPiece = 512;
+
+int64_t gemm_rows(int64_t m) {
+  TORCH_CHECK(m >= 0 && m <= kGemmPiece, "gemm_rows takes 0..", kGemmPiece, " rows, got ", m);
+  if (m <= 16) return m;
+  const int64_t step = int64_t{1} << (63 - __builtin_clzll(static_cast<uint64_t>(m)) - 2);
+  return (m + step - 1) / step * step;
+}
+
+torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& w) {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   std::vector<c10::IValue> stack{x, w, c10::IValue(), std::string("none"),
                                  c10::List<c10::optional<at::Scalar>>(), std::string("")};
   op.callBoxed(&stack);
   return stack[0].toTensor();
+}
+
+// x [T, in] (bf16 or float32) @ a weight packed by torch.ops.mkldnn._reorder_linear_weight: the op
+// kernels/packed_linear.py calls, through the dispatcher, with the same row padding, so the
+// outputs are the same bits.
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w) {
+  const int64_t m = x.size(0);
+  if (m > kGemmPiece) {
+    std::vector<torch::Tensor> pieces;
+    for (int64_t start = 0; start < m; start += kGemmPiece)
+      pieces.push_back(packed_linear(x.narrow(0, start, std::min(kGemmPiece, m - start)), w));
+    return torch::cat(pieces);
+  }
+  const int64_t rows = gemm_rows(m);
+  if (rows == m) return onednn_linear(x, w);
+  torch::Tensor padded = torch::zeros({rows, x.size(1)}, x.options());
+  padded.narrow(0, 0, m).copy_(x);
+  return onednn_linear(padded, w).narrow(0, 0, m);
 }
 
 // ---- bf16 GEMM over 64-column weight panels, by AVX-512 BF16 dot products ----
@@ -1187,5 +1218,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("panel_width", &panel_width, "the fastest panel width for k input columns (0: oneDNN)");
   m.def("amx_takes", &amx_takes, "whether 32-column panels over k input columns can run");
   m.def("prefill_chunks", &prefill_chunks, "paged attention of prefill chunks", nogil());
+  m.def("packed_linear", &packed_linear, "x @ a weight in oneDNN's packed layout", nogil());
+  m.def("gemm_rows", &gemm_rows, "the row count packed_linear calls oneDNN with for m rows");
   m.def("decode_layer", &decode_layer, "one Llama-family block layer over a step", nogil());
 }

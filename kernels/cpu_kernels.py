@@ -127,6 +127,15 @@ def panel_gemm_cpu(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
     return _loaded().panel_gemm(x, panels)
 
 
+def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` for a weight in oneDNN's packed layout, rows padded as ``gemm_rows`` says."""
+    return _loaded().packed_linear(x, packed)
+
+
+def gemm_rows_cpu(rows: int) -> int:
+    return int(_loaded().gemm_rows(rows))
+
+
 def panel_gemm_built() -> bool:
     """Whether the build has the panel GEMM (the CPU has AVX-512 BF16), building on first call."""
     ext = _extension()

@@ -32,7 +32,13 @@ from typing import Literal
 
 import torch
 
-from kernels.cpu_kernels import amx_takes, cpu_kernel_available, panel_gemm_cpu, panel_width
+from kernels.cpu_kernels import (
+    amx_takes,
+    cpu_kernel_available,
+    packed_linear_cpu,
+    panel_gemm_cpu,
+    panel_width,
+)
 from kernels.dispatch import cpu_kernel_mode
 
 Layout = Literal["onednn", "panels"]
@@ -43,6 +49,38 @@ TILE_PANEL = 32
 
 PACK_BATCH_HINT = 32
 """The row count oneDNN picks the packed layout for; outputs are the same for any count."""
+
+GEMM_PIECE = 512
+"""The most rows one oneDNN call takes (``gemm_rows``)."""
+
+
+def gemm_rows(rows: int) -> int:
+    """The row count oneDNN's GEMM is called with for ``rows`` (at most ``GEMM_PIECE``) rows.
+
+    oneDNN builds and caches a JIT-compiled primitive for every row count it meets, about half
+    a MiB each in two 1,024-entry caches: serving every count from 1 to a few thousand grew a
+    server by hundreds of MiB and cost ~1 ms a new count. Padding to exact counts up to 16, then
+    4 an octave (at most 1/4 more rows), keeps it to 36 counts a weight shape (8 an octave
+    still grew the soak server by ~70 MiB after its warm-up). The C++ layer's
+    ``gemm_rows`` is the same rule (tested); a row's result does not depend on the others.
+    """
+    if not 0 <= rows <= GEMM_PIECE:
+        raise ValueError(f"gemm_rows takes 0..{GEMM_PIECE} rows, got {rows}")
+    if rows <= 16:
+        return rows
+    step = 1 << (rows.bit_length() - 3)
+    return -(-rows // step) * step
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` through oneDNN in pieces of padded row counts (``gemm_rows``)."""
+    if x.shape[0] > GEMM_PIECE:
+        return torch.cat([onednn_linear(piece, packed) for piece in x.split(GEMM_PIECE)])
+    count = x.shape[0]
+    rows = gemm_rows(count)
+    if rows != count:
+        x = torch.cat([x, x.new_zeros((rows - count, x.shape[1]))])
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")[:count]
 
 
 @cache
@@ -148,4 +186,6 @@ class PackedWeight:
             return x.new_empty((0, self.out_features))
         if self.layout == "panels":
             return panel_gemm_cpu(x, self.packed)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        if cpu_kernel_available():
+            return packed_linear_cpu(x, self.packed)
+        return onednn_linear(x, self.packed)

@@ -11,12 +11,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.cpu_kernels import amx_takes, panel_gemm_built
+from kernels.cpu_kernels import (
+    amx_takes,
+    cpu_kernel_available,
+    gemm_rows_cpu,
+    packed_linear_cpu,
+    panel_gemm_built,
+)
 from kernels.packed_linear import (
+    GEMM_PIECE,
     PANEL,
     TILE_PANEL,
     PackedWeight,
     from_panels,
+    gemm_rows,
+    onednn_linear,
     packing_supported,
     to_panels,
 )
@@ -191,3 +200,40 @@ def test_fp32_weights_refuse_panels_and_other_dtypes() -> None:
         PackedWeight.pack(w)(torch.zeros(2, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="cannot pack"):
         PackedWeight.pack(w.double())
+
+
+def test_gemm_rows_pads_to_few_counts_and_little() -> None:
+    """oneDNN keeps a compiled primitive per row count it meets: the padded counts must be few
+    (a bounded cache) and each at most a quarter above the rows asked for."""
+    counts = [gemm_rows(m) for m in range(GEMM_PIECE + 1)]
+    assert counts[:17] == list(range(17))
+    assert all(m <= c <= max(m, 16) + m // 4 for m, c in enumerate(counts))
+    assert all(gemm_rows(c) == c for c in counts)  # a padded count is its own bucket
+    assert len(set(counts)) <= 17 + 4 * 5
+    with pytest.raises(ValueError, match="gemm_rows takes"):
+        gemm_rows(GEMM_PIECE + 1)
+
+
+@pytest.mark.skipif(not cpu_kernel_available(), reason="the C++ kernels did not build")
+def test_cpp_layer_pads_rows_by_the_same_rule() -> None:
+    assert [gemm_rows_cpu(m) for m in range(GEMM_PIECE + 1)] == [
+        gemm_rows(m) for m in range(GEMM_PIECE + 1)
+    ]
+
+
+@fp32_only
+@pytest.mark.parametrize("rows", [1, 17, 45, 511, 512, 513, 1100])
+def test_padded_and_pieced_gemm_equals_each_row_alone(rows: int) -> None:
+    """Padding to a bucket and cutting into ``GEMM_PIECE`` pieces change no row's bits, in the
+    C++ call the decode layer makes and in the Python one used without the C++ kernels."""
+    torch.manual_seed(rows)
+    w, x = torch.randn(96, 64), torch.randn(rows, 64)
+    packed = PackedWeight.pack(w)
+    alone = torch.cat([onednn_linear(x[i : i + 1], packed.packed) for i in range(rows)])
+    assert torch.equal(onednn_linear(x, packed.packed), alone)
+    if cpu_kernel_available():
+        assert torch.equal(packed_linear_cpu(x, packed.packed), alone)
+    ref = x.double() @ w.double().T
+    assert (
+        (alone.double() - ref).abs() <= (x.double().abs() @ w.double().abs().T) * 2.0**-18
+    ).all()
