@@ -890,7 +890,7 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_c
 }
 
 // oneDNN (through torch's ideep) builds and caches a JIT-compiled primitive for every row
-// count it meets, about half a MiB of code each, in two caches of 1,024 entries: a server whose
+// count it meets, about half a MiB each, in two caches of 1,024 entries: a server whose
 // steps carry every row count from 1 to a few thousand grows by hundreds of MiB (measured: 1.7
 // MiB per row count for three small weights) and pays ~1 ms to build each. So a call's rows are
 // padded up to one of a few counts: exact up to 16, then 4 counts an octave (at most 1/4 more
