@@ -1219,31 +1219,138 @@ torch::Tensor packed_matmul(const torch::Tensor& x, const torch::Tensor& w) {
   return w.is_mkldnn() ? packed_linear(x, w) : panel_gemm(x, w);
 }
 
+// A step's rows of one depth: [lo, hi), that depth's norms, and each projection group's
+// low-rank delta (none for a model without deltas). The runner sorts rows by depth, so a
+// depth is one slice.
+struct GroupDelta {
+  torch::Tensor shrink;  // packed A [Σr, in] of the group's slices, stacked
+  std::vector<c10::optional<torch::Tensor>> expands;  // packed B_s [out_s, r_s]; none: r_s = 0
+  std::vector<int64_t> outs, ranks;
+};
+
+struct Segment {
+  int64_t lo, hi;
+  torch::Tensor input_norm, post_norm;
+  std::vector<GroupDelta> deltas;  // q|k|v, o, gate|up, down; empty without deltas
+};
+
+// segments: (lo, hi) pairs; norms: (input, post) per segment; delta_w and delta_dims, per
+// segment and group in order: the shrink then one entry per slice, and the slice count then
+// (out, rank) per slice.
+std::vector<Segment> parse_segments(const std::vector<int64_t>& bounds,
+                                    const std::vector<torch::Tensor>& norms,
+                                    const std::vector<c10::optional<torch::Tensor>>& delta_w,
+                                    const std::vector<int64_t>& delta_dims, int64_t rows) {
+  const size_t count = bounds.size() / 2;
+  TORCH_CHECK(bounds.size() == 2 * count && count >= 1 && norms.size() == 2 * count,
+              "segments must be (lo, hi) pairs with an (input, post) norm pair each");
+  std::vector<Segment> segs(count);
+  size_t w = 0, d = 0;
+  for (size_t i = 0; i < count; ++i) {
+    Segment& seg = segs[i];
+    seg.lo = bounds[2 * i];
+    seg.hi = bounds[2 * i + 1];
+    TORCH_CHECK(seg.lo == (i ? segs[i - 1].hi : 0) && seg.hi > seg.lo,
+                "segments must tile the rows in order, each non-empty");
+    seg.input_norm = norms[2 * i];
+    seg.post_norm = norms[2 * i + 1];
+    if (delta_dims.empty()) continue;
+    for (int g = 0; g < 4; ++g) {
+      TORCH_CHECK(d < delta_dims.size() && w < delta_w.size() && delta_w[w].has_value(),
+                  "delta lists end early");
+      GroupDelta gd;
+      gd.shrink = *delta_w[w++];
+      const int64_t slices = delta_dims[d++];
+      for (int64_t j = 0; j < slices; ++j) {
+        TORCH_CHECK(d + 2 <= delta_dims.size() && w < delta_w.size(), "delta lists end early");
+        gd.outs.push_back(delta_dims[d++]);
+        gd.ranks.push_back(delta_dims[d++]);
+        gd.expands.push_back(delta_w[w++]);
+        TORCH_CHECK(gd.expands.back().has_value() == (gd.ranks.back() > 0),
+                    "an expand is given exactly where its rank is > 0");
+      }
+      seg.deltas.push_back(std::move(gd));
+    }
+  }
+  TORCH_CHECK(segs.back().hi == rows, "segments must cover every row");
+  TORCH_CHECK(w == delta_w.size() && d == delta_dims.size(), "delta lists run long");
+  return segs;
+}
+
+// y [T, out] += each segment's delta of group g over its rows of x: the Python layer's
+// `_add_packed_deltas` (shrink, one expand per slice, added to its columns), the same GEMMs.
+void add_deltas(torch::Tensor& y, const torch::Tensor& x, const std::vector<Segment>& segs,
+                int g) {
+  for (const Segment& seg : segs) {
+    if (seg.deltas.empty()) return;
+    const GroupDelta& gd = seg.deltas[g];
+    const int64_t n = seg.hi - seg.lo;
+    const torch::Tensor t = packed_matmul(x.narrow(0, seg.lo, n), gd.shrink);
+    int64_t col = 0, rank_col = 0;
+    for (size_t j = 0; j < gd.outs.size(); ++j) {
+      if (gd.expands[j].has_value())
+        y.narrow(0, seg.lo, n)
+            .narrow(1, col, gd.outs[j])
+            .add_(packed_matmul(t.narrow(1, rank_col, gd.ranks[j]), *gd.expands[j]));
+      col += gd.outs[j];
+      rank_col += gd.ranks[j];
+    }
+  }
+}
+
+// RMSNorm with each segment's weight: one [H] weight, or [T, H] rows of them (as the Python
+// layer indexes per-depth norms by a row's depth).
+std::vector<torch::Tensor> segment_rms_norm(const torch::Tensor& x, const std::vector<Segment>& segs,
+                                            bool post, double eps,
+                                            const c10::optional<torch::Tensor>& residual) {
+  if (segs.size() == 1) return rms_norm(x, post ? segs[0].post_norm : segs[0].input_norm, eps, residual);
+  torch::Tensor w = torch::empty({x.size(0), x.size(1)}, x.options());
+  for (const Segment& seg : segs) {
+    const torch::Tensor& ws = post ? seg.post_norm : seg.input_norm;
+    w.narrow(0, seg.lo, seg.hi - seg.lo).copy_(ws.unsqueeze(0).expand({seg.hi - seg.lo, x.size(1)}));
+  }
+  return rms_norm(x, w, eps, residual);
+}
+
+torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w,
+                      const std::vector<Segment>& segs, int g) {
+  torch::Tensor y = packed_matmul(x, w);
+  add_deltas(y, x, segs, g);
+  return y;
+}
+
 // One Llama-family block layer (RMSNorm, fused q|k|v, RoPE, paged attention, o, residual +
 // RMSNorm, fused gate|up, silu·mul, down, residual) for a step of decode rows and prefill
 // chunks, in one call: the same kernels, in the same order, as the Python layer runs them one
-// call at a time (about 0.3 ms of Python a layer). hidden [T, H]; norms [H]; weights packed;
-// cos, sin [T, D]; tables/lens/rows/windows: paged_decode's, for the decode sequences (none:
-// zero rows); chunk_*: prefill_chunks' metadata and chunk sequences.
-torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& input_norm,
-                           const torch::Tensor& post_norm, double eps, const torch::Tensor& w_qkv,
-                           const torch::Tensor& w_o, const torch::Tensor& w_gate_up,
-                           const torch::Tensor& w_down, const torch::Tensor& cos,
-                           const torch::Tensor& sin, torch::Tensor& k_cache,
-                           torch::Tensor& v_cache, const torch::Tensor& slots,
-                           const torch::Tensor& tables, const torch::Tensor& lens,
-                           const torch::Tensor& rows, const torch::Tensor& windows,
-                           const torch::Tensor& chunk_tables, const torch::Tensor& chunk_starts,
-                           const torch::Tensor& chunk_ctx, const torch::Tensor& chunk_windows,
-                           const torch::Tensor& chunks, int64_t heads_q, double scale) {
+// call at a time (about 0.3 ms of Python a layer). hidden [T, H]; weights packed (shared by
+// the step's depths); segments, norms, delta_*: the rows of each depth with that depth's norms
+// and low-rank deltas (parse_segments); cos, sin [T, D]; tables/lens/rows/windows:
+// paged_decode's, for the decode sequences (none: zero rows); chunk_*: prefill_chunks'
+// metadata and chunk sequences.
+torch::Tensor decode_layer(const torch::Tensor& hidden, const std::vector<int64_t>& segments,
+                           const std::vector<torch::Tensor>& norms,
+                           const std::vector<c10::optional<torch::Tensor>>& delta_w,
+                           const std::vector<int64_t>& delta_dims, double eps,
+                           const torch::Tensor& w_qkv, const torch::Tensor& w_o,
+                           const torch::Tensor& w_gate_up, const torch::Tensor& w_down,
+                           const torch::Tensor& cos, const torch::Tensor& sin,
+                           torch::Tensor& k_cache, torch::Tensor& v_cache,
+                           const torch::Tensor& slots, const torch::Tensor& tables,
+                           const torch::Tensor& lens, const torch::Tensor& rows,
+                           const torch::Tensor& windows, const torch::Tensor& chunk_tables,
+                           const torch::Tensor& chunk_starts, const torch::Tensor& chunk_ctx,
+                           const torch::Tensor& chunk_windows, const torch::Tensor& chunks,
+                           int64_t heads_q, double scale) {
   TORCH_CHECK((hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kFloat) &&
                   hidden.is_contiguous() && hidden.dim() == 2,
               "hidden must be contiguous bf16 or float32 [T, H]");
-  TORCH_CHECK(input_norm.dim() == 1 && post_norm.dim() == 1, "norm weights must be [H]");
   const int64_t t = hidden.size(0), heads_kv = k_cache.size(2), dim = k_cache.size(3);
+  const std::vector<Segment> segs = parse_segments(segments, norms, delta_w, delta_dims, t);
+  for (const Segment& seg : segs)
+    TORCH_CHECK(seg.input_norm.dim() == 1 && seg.post_norm.dim() == 1, "norm weights must be [H]");
   const int64_t qw = heads_q * dim, kvw = heads_kv * dim;
-  const torch::Tensor h = rms_norm(hidden, input_norm, eps, c10::nullopt)[0];
-  const torch::Tensor qkv = packed_matmul(h, w_qkv);
+  const torch::Tensor h = segment_rms_norm(hidden, segs, false, eps, c10::nullopt)[0];
+  const torch::Tensor qkv = project(h, w_qkv, segs, 0);
   TORCH_CHECK(qkv.size(1) == qw + 2 * kvw, "the q|k|v weight does not match the heads");
   torch::Tensor q = qkv.narrow(1, 0, qw).view({t, heads_q, dim});
   torch::Tensor k = qkv.narrow(1, qw, kvw).view({t, heads_kv, dim});
@@ -1255,10 +1362,10 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const torch::Tensor& inp
   if (tables.size(0)) paged_decode(q, k_cache, v_cache, tables, lens, rows, windows, attn, scale);
   prefill_chunks(q, k_cache, v_cache, chunk_tables, chunk_starts, chunk_ctx, chunk_windows, chunks,
                  attn, scale);
-  const torch::Tensor o = packed_matmul(attn.view({t, qw}), w_o);
-  const auto normed = rms_norm(hidden, post_norm, eps, o);  // {norm(hidden + o), hidden + o}
-  const torch::Tensor inner = silu_mul(packed_matmul(normed[0], w_gate_up));
-  return normed[1] + packed_matmul(inner, w_down);
+  const torch::Tensor o = project(attn.view({t, qw}), w_o, segs, 1);
+  const auto normed = segment_rms_norm(hidden, segs, true, eps, o);  // {norm(h + o), h + o}
+  const torch::Tensor inner = silu_mul(project(normed[0], w_gate_up, segs, 2));
+  return normed[1] + project(inner, w_down, segs, 3);
 }
 
 }  // namespace

@@ -181,8 +181,10 @@ def prefill_chunks_cpu(
 
 def decode_layer_cpu(
     hidden: torch.Tensor,
-    input_norm: torch.Tensor,
-    post_norm: torch.Tensor,
+    segments: list[int],
+    norms: list[torch.Tensor],
+    delta_weights: list[torch.Tensor | None],
+    delta_dims: list[int],
     eps: float,
     weights: list[torch.Tensor],
     cos: torch.Tensor,
@@ -196,14 +198,19 @@ def decode_layer_cpu(
     scale: float,
 ) -> torch.Tensor:
     """One Llama-family layer over a step's decode rows and prefill chunks
-    (``model.fused_layer``): ``weights`` are the packed q|k|v, o, gate|up and down; ``decode``
-    is paged_decode's (tables, lengths, rows, windows) for the decode sequences, ``chunks``
-    prefill_chunks_cpu's; returns the layer's output rows."""
+    (``model.fused_layer``): ``segments`` are (start, stop) row pairs, one per depth present,
+    ``norms`` each one's (input, post-attention) norm, ``delta_weights`` / ``delta_dims``
+    each one's packed low-rank deltas per group (empty without deltas); ``weights`` are the
+    packed q|k|v, o, gate|up and down the depths share; ``decode`` is paged_decode's
+    (tables, lengths, rows, windows) for the decode sequences, ``chunks`` prefill_chunks_cpu's;
+    returns the layer's output rows."""
     qkv, o, gate_up, down = weights
     return _loaded().decode_layer(
         hidden,
-        input_norm,
-        post_norm,
+        segments,
+        norms,
+        delta_weights,
+        delta_dims,
         eps,
         qkv,
         o,

@@ -47,10 +47,14 @@ class DecodeLayerFn(Protocol):
 
     def applies(self, hidden: torch.Tensor) -> bool: ...
 
+    def segments(
+        self, depth: torch.Tensor | int, rows: int
+    ) -> list[tuple[int, int, int]] | None: ...
+
     def __call__(
         self,
         layer: int,
-        depth: int,
+        segments: list[tuple[int, int, int]],
         hidden: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
@@ -314,13 +318,14 @@ class RecursiveLM(nn.Module):
         """
         tables = self.rope_tables(positions, hidden.dtype)
         fast = self.decode_layer
-        inputs = None
-        if fast is not None and isinstance(depth, int) and fast.applies(hidden):
-            inputs = attention.decode_inputs()
+        inputs = segments = None
+        if fast is not None and fast.applies(hidden):
+            segments = fast.segments(depth, hidden.shape[0])  # once, not per layer
+            inputs = None if segments is None else attention.decode_inputs()
         for layer in range(self.config.block_layers):
             cos, sin = self.rotary.select(tables, layer, depth)
-            if inputs is not None:
-                hidden = fast(layer, depth, hidden, cos, sin, inputs)
+            if inputs is not None and segments is not None:
+                hidden = fast(layer, segments, hidden, cos, sin, inputs)
             else:
                 hidden = self.layer_forward(layer, hidden, depth, cos, sin, attention)
         return hidden

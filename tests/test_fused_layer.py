@@ -66,23 +66,33 @@ class _Counted:
     """The model's fused layer, counting its calls (a test that never ran it cannot pass)."""
 
     def __init__(self, inner: DecodeLayer) -> None:
-        self.inner, self.calls, self.with_chunks = inner, 0, 0
+        self.inner, self.calls, self.with_chunks, self.mixed = inner, 0, 0, 0
 
     def applies(self, hidden: torch.Tensor) -> bool:
         return self.inner.applies(hidden)
 
+    def segments(self, depth: torch.Tensor | int, rows: int) -> list[tuple[int, int, int]] | None:
+        return self.inner.segments(depth, rows)
+
     def __call__(self, *args: object) -> torch.Tensor:
         self.calls += 1
-        inputs = args[-1]
-        assert isinstance(inputs, DecodeInputs)
+        segments, inputs = args[1], args[-1]
+        assert isinstance(segments, list) and isinstance(inputs, DecodeInputs)
         self.with_chunks += inputs.chunks[-1].numel() > 0
+        self.mixed += len(segments) > 1
         return self.inner(*args)
 
 
-def _generate(model: RecursiveLM, batching: str) -> list[tuple]:
-    """Every step's outputs: request, tokens, sampled logprobs and top-2, exit depths."""
+def _generate(model: RecursiveLM, batching: str, forced: tuple[float, ...] = ()) -> list[tuple]:
+    """Every step's outputs: request, tokens, sampled logprobs and top-2, exit depths;
+    ``forced``: per-depth exit weights (tokens leave at every depth, their K/V filled)."""
     cfg = EngineConfig(
-        block_size=4, num_blocks=512, max_model_len=96, batching=batching, max_num_seqs=8
+        block_size=4,
+        num_blocks=512,
+        max_model_len=96,
+        batching=batching,
+        max_num_seqs=8,
+        forced_exit_weights=forced,
     )
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
     g = torch.Generator().manual_seed(7)
@@ -102,28 +112,36 @@ def _generate(model: RecursiveLM, batching: str) -> list[tuple]:
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("name", "batching"),
+    ("name", "batching", "forced"),
     [
-        ("vanilla", "sequence"),
-        ("vanilla", "depth"),
-        ("exact-b2", "depth"),
-        ("exact-b2", "sequence"),
+        ("vanilla", "sequence", ()),
+        ("vanilla", "depth", ()),
+        ("exact-b2", "depth", ()),
+        ("exact-b2", "sequence", ()),
+        ("rank4-b2", "depth", ()),
+        ("rank4-b2", "depth", (1.0, 1.0)),
+        ("rank4-b2", "sequence", (1.0, 1.0)),
     ],
 )
 def test_engine_with_the_fused_layer_equals_the_python_layer(
-    llama_dir: Path, name: str, batching: str, dtype: torch.dtype
+    llama_dir: Path, name: str, batching: str, forced: tuple[float, ...], dtype: torch.dtype
 ) -> None:
     """Same tokens, logprobs and exit depths, step by step; the exact B = 2 conversion serves
     dense per-depth weights (aligned depth-wise batching: one depth a step, as the fused layer
-    needs), and the fused layer must have run for most layers, prefill chunks among them."""
+    needs them), the rank-4 one a shared weight plus packed deltas at mixed depths (each depth's
+    rows a slice with its own norms and deltas), with forced exits at both depths. The fused
+    layer must have run for most layers, prefill chunks among them, and under forced exits
+    in depth-wise batching steps at two depths."""
     fused, python = (_served(_variant(llama_dir, name), dtype) for _ in range(2))
     python.decode_layer = None
     assert isinstance(fused.decode_layer, DecodeLayer)
     counted = _Counted(fused.decode_layer)
     fused.decode_layer = counted
-    assert _generate(fused, batching) == _generate(python, batching)
+    assert _generate(fused, batching, forced) == _generate(python, batching, forced)
     assert counted.calls >= 11 * fused.config.block_layers  # every all-decode step
     assert counted.with_chunks >= fused.config.block_layers  # steps with prompt chunks too
+    if forced and batching == "depth":
+        assert counted.mixed >= 4 * fused.config.block_layers
 
 
 @torch.no_grad()
@@ -131,9 +149,17 @@ def test_engine_with_the_fused_layer_equals_the_python_layer(
 def test_layers_the_fused_layer_cannot_compute_keep_the_python_layer(
     llama_dir: Path, tmp_path: Path, dtype: torch.dtype
 ) -> None:
-    """Low-rank deltas (mixed depths in one GEMM), biases (Qwen2), float64 weights (nothing
-    packed): no fused layer is attached, so nothing is computed wrongly in C++."""
-    assert _served(_variant(llama_dir, "rank4-b2"), dtype).decode_layer is None
+    """Dense per-depth weights at mixed depths (no segments: the Python layer runs), biases
+    (Qwen2), float64 weights (nothing packed): no fused layer runs them, so nothing is
+    computed wrongly in C++."""
+    exact = _served(_variant(llama_dir, "exact-b2"), dtype).decode_layer
+    assert isinstance(exact, DecodeLayer)
+    assert exact.segments(torch.tensor([0, 0, 1]), 3) is None
+    assert exact.segments(1, 3) == [(1, 0, 3)]
+    compact = _served(_variant(llama_dir, "rank4-b2"), dtype).decode_layer
+    assert isinstance(compact, DecodeLayer)
+    assert compact.segments(torch.tensor([0, 0, 1]), 3) == [(0, 0, 2), (1, 2, 3)]
+    assert compact.segments(torch.tensor([1, 0]), 2) is None  # unsorted rows
     assert _served(_variant(llama_dir, "vanilla"), dtype).decode_layer is not None
     unpacked = load_model(llama_dir).to(torch.float64)
     prepare_for_serving(unpacked)
