@@ -3,7 +3,7 @@
 Callers use the names below; ``kernels.dispatch`` picks the implementation per call.
 """
 
-from kernels.cpu_kernels import cpu_kernel_available, decode_layer_cpu
+from kernels.cpu_kernels import cpu_kernel_available, decode_layer_cpu, fill_kv_layer_cpu
 from kernels.dense_lora import dense_per_depth_linear, materialise_dense, prefer_dense
 from kernels.dispatch import cpu_kernel_mode, use_backend
 from kernels.logit_stats import row_max_lse
@@ -28,6 +28,7 @@ __all__ = [
     "decode_inputs",
     "decode_layer_cpu",
     "dense_per_depth_linear",
+    "fill_kv_layer_cpu",
     "fuse_lora",
     "fused_lora_linear",
     "lora_linear",

@@ -1234,16 +1234,18 @@ struct Segment {
   std::vector<GroupDelta> deltas;  // q|k|v, o, gate|up, down; empty without deltas
 };
 
-// segments: (lo, hi) pairs; norms: (input, post) per segment; delta_w and delta_dims, per
-// segment and group in order: the shrink then one entry per slice, and the slice count then
-// (out, rank) per slice.
+// segments: (lo, hi) pairs; norms: the input (and, for a whole layer, post-attention) norm
+// per segment; delta_w and delta_dims, per segment and group in order: the shrink then one
+// entry per slice, and the slice count then (out, rank) per slice. `groups`: the projection
+// groups given (4 for a layer, 1 — q|k|v — for K/V fills).
 std::vector<Segment> parse_segments(const std::vector<int64_t>& bounds,
                                     const std::vector<torch::Tensor>& norms,
                                     const std::vector<c10::optional<torch::Tensor>>& delta_w,
-                                    const std::vector<int64_t>& delta_dims, int64_t rows) {
-  const size_t count = bounds.size() / 2;
-  TORCH_CHECK(bounds.size() == 2 * count && count >= 1 && norms.size() == 2 * count,
-              "segments must be (lo, hi) pairs with an (input, post) norm pair each");
+                                    const std::vector<int64_t>& delta_dims, int64_t rows,
+                                    int groups) {
+  const size_t count = bounds.size() / 2, per = groups == 4 ? 2 : 1;
+  TORCH_CHECK(bounds.size() == 2 * count && count >= 1 && norms.size() == per * count,
+              "segments must be (lo, hi) pairs, each with its norms");
   std::vector<Segment> segs(count);
   size_t w = 0, d = 0;
   for (size_t i = 0; i < count; ++i) {
@@ -1252,10 +1254,10 @@ std::vector<Segment> parse_segments(const std::vector<int64_t>& bounds,
     seg.hi = bounds[2 * i + 1];
     TORCH_CHECK(seg.lo == (i ? segs[i - 1].hi : 0) && seg.hi > seg.lo,
                 "segments must tile the rows in order, each non-empty");
-    seg.input_norm = norms[2 * i];
-    seg.post_norm = norms[2 * i + 1];
+    seg.input_norm = norms[per * i];
+    seg.post_norm = norms[per * i + per - 1];
     if (delta_dims.empty()) continue;
-    for (int g = 0; g < 4; ++g) {
+    for (int g = 0; g < groups; ++g) {
       TORCH_CHECK(d < delta_dims.size() && w < delta_w.size() && delta_w[w].has_value(),
                   "delta lists end early");
       GroupDelta gd;
@@ -1345,7 +1347,7 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const std::vector<int64_
                   hidden.is_contiguous() && hidden.dim() == 2,
               "hidden must be contiguous bf16 or float32 [T, H]");
   const int64_t t = hidden.size(0), heads_kv = k_cache.size(2), dim = k_cache.size(3);
-  const std::vector<Segment> segs = parse_segments(segments, norms, delta_w, delta_dims, t);
+  const std::vector<Segment> segs = parse_segments(segments, norms, delta_w, delta_dims, t, 4);
   for (const Segment& seg : segs)
     TORCH_CHECK(seg.input_norm.dim() == 1 && seg.post_norm.dim() == 1, "norm weights must be [H]");
   const int64_t qw = heads_q * dim, kvw = heads_kv * dim;
@@ -1368,6 +1370,49 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const std::vector<int64_
   return normed[1] + project(inner, w_down, segs, 3);
 }
 
+// K/V that block layer `layer` would write at each fill row's depth if its input were that
+// row's hidden state (an exited token's, standing in for the loops it skipped): the input
+// norm, q|k|v with the depth's weight (w_qkv: one per segment) and deltas, RoPE on k, then
+// written at `slots` — RecursiveLM.kv_projection and write_kv in one call.
+void fill_kv_layer(const torch::Tensor& hidden, const std::vector<int64_t>& segments,
+                   const std::vector<torch::Tensor>& norms,
+                   const std::vector<c10::optional<torch::Tensor>>& delta_w,
+                   const std::vector<int64_t>& delta_dims, double eps,
+                   const std::vector<torch::Tensor>& w_qkv, const torch::Tensor& cos,
+                   const torch::Tensor& sin, torch::Tensor& k_cache, torch::Tensor& v_cache,
+                   const torch::Tensor& slots, int64_t heads_q) {
+  TORCH_CHECK(hidden.is_contiguous() && hidden.dim() == 2, "hidden must be contiguous [T, H]");
+  const int64_t t = hidden.size(0), heads_kv = k_cache.size(2), dim = k_cache.size(3);
+  const std::vector<Segment> segs = parse_segments(segments, norms, delta_w, delta_dims, t, 1);
+  TORCH_CHECK(w_qkv.size() == segs.size(), "one q|k|v weight per segment");
+  const int64_t qw = heads_q * dim, kvw = heads_kv * dim;
+  const torch::Tensor h = segment_rms_norm(hidden, segs, false, eps, c10::nullopt)[0];
+  torch::Tensor qkv;
+  if (segs.size() == 1 || std::all_of(w_qkv.begin(), w_qkv.end(), [&](const torch::Tensor& w) {
+        return w.is_same(w_qkv[0]);
+      })) {
+    qkv = project(h, w_qkv[0], segs, 0);
+  } else {  // per-depth weights: each segment's GEMM, then its own delta (none: dense)
+    qkv = torch::empty({t, qw + 2 * kvw}, hidden.options());
+    for (size_t i = 0; i < segs.size(); ++i) {
+      const int64_t n = segs[i].hi - segs[i].lo;
+      torch::Tensor part = packed_matmul(h.narrow(0, segs[i].lo, n), w_qkv[i]);
+      if (!segs[i].deltas.empty()) {
+        Segment local = segs[i];
+        local.lo = 0;
+        local.hi = n;
+        add_deltas(part, h.narrow(0, segs[i].lo, n), {local}, 0);
+      }
+      qkv.narrow(0, segs[i].lo, n).copy_(part);
+    }
+  }
+  TORCH_CHECK(qkv.size(1) == qw + 2 * kvw, "the q|k|v weight does not match the heads");
+  torch::Tensor k = qkv.narrow(1, qw, kvw).view({t, heads_kv, dim});
+  const torch::Tensor v = qkv.narrow(1, qw + kvw, kvw).view({t, heads_kv, dim});
+  rope_(k, cos, sin);
+  write_kv(k, v, k_cache, v_cache, slots);
+}
+
 }  // namespace
 
 // every kernel lets go of the GIL: the event loop's thread runs while a step computes
@@ -1388,4 +1433,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear", &packed_linear, "x @ a weight in oneDNN's packed layout", nogil());
   m.def("gemm_rows", &gemm_rows, "the row count packed_linear calls oneDNN with for m rows");
   m.def("decode_layer", &decode_layer, "one Llama-family block layer over a step", nogil());
+  m.def("fill_kv_layer", &fill_kv_layer, "K/V of exited rows at the depths they skipped", nogil());
 }

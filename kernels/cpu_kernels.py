@@ -226,3 +226,38 @@ def decode_layer_cpu(
         heads_q,
         scale,
     )
+
+
+def fill_kv_layer_cpu(
+    hidden: torch.Tensor,
+    segments: list[int],
+    norms: list[torch.Tensor],
+    delta_weights: list[torch.Tensor | None],
+    delta_dims: list[int],
+    eps: float,
+    qkv_weights: list[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    heads_q: int,
+) -> None:
+    """K/V of fill rows (exited tokens' hidden states at the depths they skipped) for one
+    layer, written at ``slots``: per segment (as ``decode_layer_cpu``'s, q|k|v deltas only)
+    its input norm and packed q|k|v weight."""
+    _loaded().fill_kv_layer(
+        hidden,
+        segments,
+        norms,
+        delta_weights,
+        delta_dims,
+        eps,
+        qkv_weights,
+        cos,
+        sin,
+        k_cache,
+        v_cache,
+        slots,
+        heads_q,
+    )

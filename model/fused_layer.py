@@ -24,6 +24,7 @@ from kernels import (
     cpu_kernel_available,
     cpu_kernel_mode,
     decode_layer_cpu,
+    fill_kv_layer_cpu,
 )
 from kernels.lora_linear import depth_segments
 from model.fused_projection import FusedProjection, PackedDelta
@@ -89,6 +90,8 @@ class LayerWeights:
     packed: list[torch.Tensor]
     delta_weights: list[torch.Tensor | None]
     delta_dims: list[int]
+    qkv_delta_weights: list[torch.Tensor | None]  # the q|k|v group's alone, for K/V fills
+    qkv_delta_dims: list[int]
 
 
 @dataclass(frozen=True)
@@ -113,10 +116,10 @@ class DecodeLayer:
             assert p.packed is not None
             return p.packed[k].packed
 
-        def deltas(k: int, d: int) -> tuple[list[torch.Tensor | None], list[int]]:
+        def deltas(k: int, d: int, of: list) -> tuple[list[torch.Tensor | None], list[int]]:
             weights: list[torch.Tensor | None] = []
             dims: list[int] = []
-            for p in groups:
+            for p in of:
                 if isinstance(p, FusedProjection) and p.packed_lora is not None:
                     w, n = _delta_lists(p.packed_lora[k][d])
                     weights += w
@@ -129,7 +132,8 @@ class DecodeLayer:
                     model.input_norm[k][d],
                     model.post_attn_norm[k][d],
                     [base(p, k, d) for p in groups],
-                    *deltas(k, d),
+                    *deltas(k, d, groups),
+                    *deltas(k, d, groups[:1]),
                 )
                 for d in range(loops)
             ]
@@ -183,4 +187,38 @@ class DecodeLayer:
             inputs.chunks,
             self.heads_q,
             inputs.scale,
+        )
+
+    def fill_segments(self, depth: torch.Tensor) -> Segments | None:
+        """Fill rows' ``(depth, start, stop)`` slices (rows sorted by depth; any weights: a
+        fill runs each depth's own GEMM where depths have their own)."""
+        return depth_segments(depth, len(self.weights[0]))
+
+    def fill(
+        self,
+        layer: int,
+        segments: Segments,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> None:
+        """``RecursiveLM.kv_projection`` + ``write_kv`` of layer ``layer`` for fill rows."""
+        ws = [self.weights[layer][d] for d, _, _ in segments]
+        fill_kv_layer_cpu(
+            hidden.contiguous(),
+            [b for _, lo, hi in segments for b in (lo, hi)],
+            [w.input_norm for w in ws],
+            [t for w in ws for t in w.qkv_delta_weights],
+            [n for w in ws for n in w.qkv_delta_dims],
+            self.eps,
+            [w.packed[0] for w in ws],
+            cos,
+            sin,
+            k_cache,
+            v_cache,
+            slots,
+            self.heads_q,
         )

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from kernels import DecodeInputs, dense_per_depth_linear, lora_linear
+from kernels import DecodeInputs, dense_per_depth_linear, lora_linear, write_kv
 from kernels.pointwise import add_rms_norm, apply_rope, silu_mul
 from model.attention import AttentionBackend, CausalAttention
 from model.config import ModelConfig
@@ -60,6 +60,20 @@ class DecodeLayerFn(Protocol):
         sin: torch.Tensor,
         inputs: DecodeInputs,
     ) -> torch.Tensor: ...
+
+    def fill_segments(self, depth: torch.Tensor) -> list[tuple[int, int, int]] | None: ...
+
+    def fill(
+        self,
+        layer: int,
+        segments: list[tuple[int, int, int]],
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> None: ...
 
 
 class RecursiveLM(nn.Module):
@@ -244,6 +258,33 @@ class RecursiveLM(nn.Module):
         cos, sin = self.rotary.select(tables, layer, depth)
         h = self._norm(hidden, "input", layer, depth)
         return self._kv(layer, h, depth, cos, sin)
+
+    def fill_kv(
+        self,
+        hidden: torch.Tensor,
+        depth: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+    ) -> None:
+        """``kv_projection`` of every block layer for rows [R, H] at their ``depth`` [R],
+        written to the caches at ``slots`` [R]: one C++ call a layer where the model has the
+        one-call layer and the rows are sorted by depth, else the Python projection."""
+        tables = self.rope_tables(positions, hidden.dtype)  # once for every layer
+        fast = self.decode_layer
+        segments = None
+        if fast is not None and fast.applies(hidden):
+            segments = fast.fill_segments(depth)
+        for layer in range(self.config.block_layers):
+            if fast is not None and segments is not None:
+                cos, sin = self.rotary.select(tables, layer, depth)
+                fast.fill(
+                    layer, segments, hidden, cos, sin, k_caches[layer], v_caches[layer], slots
+                )
+            else:
+                k, v = self.kv_projection(layer, hidden, depth, positions, tables)
+                write_kv(k, v, k_caches[layer], v_caches[layer], slots)
 
     def _biased(self, group: tuple[str, ...]) -> bool:
         return any(m in self.biases for m in group)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import cpu_kernel_available, row_max_lse, write_kv
+from kernels import cpu_kernel_available, row_max_lse
 from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
 from scheduler.exit_policy import GATE, confidence, exits, forced_exit_depth, may_exit
@@ -286,13 +286,16 @@ class ModelRunner:
                     flat = t.view(-1, *t.shape[2:])
                     flat[slot_t] = flat[src_t]
             return
-        hidden = batch.hidden.index_select(0, torch.tensor(rows, device=self.device))
-        depth_t = torch.tensor(depths, device=self.device)
-        positions = batch.positions.index_select(0, torch.tensor(rows, device=self.device))
-        tables = self.model.rope_tables(positions, hidden.dtype)  # once for every layer
-        for layer in range(self.model.config.block_layers):
-            k, v = self.model.kv_projection(layer, hidden, depth_t, positions, tables)
-            write_kv(k, v, self.cache.k[layer], self.cache.v[layer], slot_t)
+        order = sorted(range(len(rows)), key=depths.__getitem__)  # one slice per depth
+        at = torch.tensor([rows[j] for j in order], device=self.device)
+        self.model.fill_kv(
+            batch.hidden.index_select(0, at),
+            torch.tensor([depths[j] for j in order], device=self.device),
+            batch.positions.index_select(0, at),
+            slot_t[torch.tensor(order, device=self.device)],
+            self.cache.k,
+            self.cache.v,
+        )
 
     def _keep_hidden(self, batch: _Batch, results: dict[str, ItemResult]) -> None:
         """Depth mode: the one rule for whether an item goes on to the next loop (not after the
