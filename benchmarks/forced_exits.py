@@ -4,7 +4,9 @@ Each token's exit depth is drawn from given per-depth weights by (request, posit
 (``EngineConfig.forced_exit_weights``), so vanilla, sequence-wise and depth-wise batching run on
 the same real kernels, K/V fills and scheduling whatever the exits' quality. The ideal speed-up
 over exits-off is B / mean loops per token; the table reports achieved / ideal beside TPOT
-percentiles (holds in aligned mode cost latency). Weights: random SmolLM2-shaped models (speed
+percentiles (holds in aligned mode cost latency). Prompt tokens run every loop whatever the
+exits, so prompts are short by default (the run is decode-bound); "rows run" is the measured
+work ratio, prefill included. Weights: random SmolLM2-shaped models (speed
 only), a compact B = 3 rank-64 model in mixed mode and the exact-shaped dense model aligned.
 
     python -m benchmarks.forced_exits --threads 2 --dtype bfloat16
@@ -38,6 +40,7 @@ def run(
     conc: int,
     out_len: int,
     seed: int,
+    prompt_len: tuple[int, int],
 ) -> dict:
     cfg = EngineConfig(
         batching=batching,
@@ -49,15 +52,17 @@ def run(
     )
     engine = Engine(model, cfg)
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
-    prompts = make_prompts(conc * 2, (32, 96), seed, model.config.arch.vocab_size, None)
+    prompts = make_prompts(conc * 2, prompt_len, seed, model.config.arch.vocab_size, None)
     for i, ids in enumerate(prompts):
         engine.add_request(f"r{i}", ids, params)
     last_emit: dict[str, float] = {}
     gaps: list[float] = []
     depths: list[int] = []
+    rows = 0
     start = time.perf_counter()
     while engine.has_work:
-        outs, _ = engine.step()
+        outs, stats = engine.step()
+        rows += sum(stats.rows_per_depth)
         now = time.perf_counter()
         for o in outs:
             if o.request_id in last_emit:
@@ -69,9 +74,33 @@ def run(
     return {
         "tok_per_s": len(depths) / seconds,
         "mean_loops": statistics.fmean(d + 1 for d in depths),
+        "rows": rows,
         "tpot_p50_ms": 1000 * gaps[len(gaps) // 2],
         "tpot_p99_ms": 1000 * gaps[int(0.99 * (len(gaps) - 1))],
     }
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Speed-up over exits-off per (model, batching, schedule): achieved beside ideal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in rows if "speedup" in r]
+    labels = [f"{r['model']}\n{r['batching']}\n{r['schedule']}" for r in runs]
+    xs = range(len(runs))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(runs)), 4.5))
+    ax.bar([x - 0.2 for x in xs], [r["ideal"] for r in runs], 0.4, label="ideal (B / loops)")
+    ax.bar([x + 0.2 for x in xs], [r["speedup"] for r in runs], 0.4, label="achieved")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("tok/s vs exits off")
+    ax.set_title(title, fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--concurrency", type=int, nargs="+", default=[32])
-    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument(
+        "--prompt-len",
+        type=int,
+        nargs=2,
+        default=(8, 24),
+        metavar=("MIN", "MAX"),
+        help="prompt tokens run every loop whatever the exits: short prompts keep the run "
+        "decode-bound, where the ideal B / mean loops applies",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/forced_exits"))
     args = p.parse_args(argv)
     if args.threads:
@@ -90,18 +128,20 @@ def main(argv: list[str] | None = None) -> int:
         prepare_for_serving(m)
     rows = []
     for c in args.concurrency:
-        run(models["vanilla"], "sequence", (), 4, 4, 0)  # warm-up
-        base = run(models["vanilla"], "sequence", (), c, args.output_len, c)
+        plen = tuple(args.prompt_len)
+        run(models["vanilla"], "sequence", (), 4, 4, 0, plen)  # warm-up
+        base = run(models["vanilla"], "sequence", (), c, args.output_len, c, plen)
         rows.append({"model": "vanilla", "batching": "sequence", "schedule": "—", "c": c, **base})
         for name in ("rrt3-r64", "rrt3-exact"):
             off = {
-                b: run(models[name], b, (), c, args.output_len, c) for b in ("sequence", "depth")
+                b: run(models[name], b, (), c, args.output_len, c, plen)
+                for b in ("sequence", "depth")
             }
             for b, r in off.items():
                 rows.append({"model": name, "batching": b, "schedule": "exits off", "c": c, **r})
             for label, weights in SCHEDULES.items():
                 for b in ("sequence", "depth"):
-                    r = run(models[name], b, weights, c, args.output_len, c)
+                    r = run(models[name], b, weights, c, args.output_len, c, plen)
                     ideal = 3 / r["mean_loops"]
                     speedup = r["tok_per_s"] / off[b]["tok_per_s"]
                     rows.append(
@@ -114,25 +154,28 @@ def main(argv: list[str] | None = None) -> int:
                             "speedup": speedup,
                             "ideal": ideal,
                             "achieved_of_ideal": speedup / ideal,
+                            "work_ratio": off[b]["rows"] / r["rows"],
                         }
                     )
     header = (
         f"### Forced exit schedules — {machine_name()}, {time.strftime('%Y-%m-%d')}, "
         f"commit {git_commit()}, random SmolLM2-shaped weights, {args.dtype}, "
+        f"{args.prompt_len[0]}-{args.prompt_len[1]}-token prompts, "
         f"{args.output_len} output tokens/request, 2·c requests"
     )
     lines = [
         header,
         "",
         "| model | batching | schedule | c | tok/s | loops/tok | vs exits-off "
-        "| ideal | achieved/ideal | TPOT p50 ms | TPOT p99 ms |",
-        "|" + "---|" * 11,
+        "| ideal | achieved/ideal | rows run: off / on | TPOT p50 ms | TPOT p99 ms |",
+        "|" + "---|" * 12,
     ]
     for r in rows:
         extra = (
-            f"{r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['achieved_of_ideal']:.0%}"
+            f"{r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['achieved_of_ideal']:.0%} "
+            f"| {r['work_ratio']:.2f}x"
             if "speedup" in r
-            else "— | — | —"
+            else "— | — | — | —"
         )
         lines.append(
             f"| {r['model']} | {r['batching']} | {r['schedule']} | {r['c']} | {r['tok_per_s']:.1f} "
@@ -142,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "forced_exits.md").write_text(table)
     (args.out / "forced_exits.json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot(rows, args.out / "forced_exits.png", header.removeprefix("### "))
     print(table)
     return 0
 
