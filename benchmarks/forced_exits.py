@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import textwrap
 import time
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("tok/s vs exits off")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(textwrap.fill(title, 110), fontsize=8)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
