@@ -160,6 +160,11 @@ class DecodeLayer:
             return None
         return depth_segments(depth, len(self.weights[0]))
 
+    def _at(self, layer: int, segments: Segments) -> tuple[list[LayerWeights], list[int]]:
+        """Each segment's weights at ``layer``, and the flat (start, stop) pairs C++ reads."""
+        ws = [self.weights[layer][d] for d, _, _ in segments]
+        return ws, [b for _, lo, hi in segments for b in (lo, hi)]
+
     def __call__(
         self,
         layer: int,
@@ -169,10 +174,10 @@ class DecodeLayer:
         sin: torch.Tensor,
         inputs: DecodeInputs,
     ) -> torch.Tensor:
-        ws = [self.weights[layer][d] for d, _, _ in segments]
+        ws, bounds = self._at(layer, segments)
         return decode_layer_cpu(
             hidden.contiguous(),
-            [b for _, lo, hi in segments for b in (lo, hi)],
+            bounds,
             [n for w in ws for n in (w.input_norm, w.post_attn_norm)],
             [t for w in ws for t in w.delta_weights],
             [n for w in ws for n in w.delta_dims],
@@ -206,10 +211,10 @@ class DecodeLayer:
         slots: torch.Tensor,
     ) -> None:
         """``RecursiveLM.kv_projection`` + ``write_kv`` of layer ``layer`` for fill rows."""
-        ws = [self.weights[layer][d] for d, _, _ in segments]
+        ws, bounds = self._at(layer, segments)
         fill_kv_layer_cpu(
             hidden.contiguous(),
-            [b for _, lo, hi in segments for b in (lo, hi)],
+            bounds,
             [w.input_norm for w in ws],
             [t for w in ws for t in w.qkv_delta_weights],
             [n for w in ws for n in w.qkv_delta_dims],
