@@ -3,7 +3,12 @@
 Callers use the names below; ``kernels.dispatch`` picks the implementation per call.
 """
 
-from kernels.cpu_kernels import cpu_kernel_available, decode_layer_cpu, fill_kv_layer_cpu
+from kernels.cpu_kernels import (
+    cpu_kernel_available,
+    decode_layer_cpu,
+    fill_kv_layer_cpu,
+    low_rank_delta_cpu,
+)
 from kernels.dense_lora import dense_per_depth_linear, materialise_dense, prefer_dense
 from kernels.dispatch import cpu_kernel_mode, use_backend
 from kernels.logit_stats import row_max_lse
@@ -33,6 +38,7 @@ __all__ = [
     "fused_lora_linear",
     "lora_linear",
     "lora_linear_ref",
+    "low_rank_delta_cpu",
     "materialise_dense",
     "packing_supported",
     "paged_attention",

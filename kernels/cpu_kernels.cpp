@@ -1279,10 +1279,133 @@ std::vector<Segment> parse_segments(const std::vector<int64_t>& bounds,
   return segs;
 }
 
+// ---- the low-rank GEMMs of a step's deltas, all depths in one parallel region --------------
+// At a few rows a oneDNN call has a ~20 us floor (N=192, K=64: 19 us at 1 row, 21 at 13), and a
+// step at three depths makes 33 of them a layer. Here a float32 factor is stored transposed
+// ([K, N], row-major) and every (segment, slice) product of a stage is tiled together: 4 rows
+// x 16 columns in AVX2 registers, each element one FMA chain over k from 0, so a row's values
+// depend on nothing else in the batch, whatever the tiling.
+struct LowRankJob {
+  const float* x;
+  int64_t x_stride, rows, k;
+  const float* wt;  // [k, n]
+  int64_t n;
+  float* out;
+  int64_t out_stride;
+  bool add;  // out += x @ wt, else out = x @ wt
+};
+
+template <int MR>
+void low_rank_tile(const LowRankJob& j, int64_t r0, int64_t c0) {
+  const int64_t width = std::min<int64_t>(16, j.n - c0);
+#if defined(__AVX2__) && defined(__FMA__)
+  if (width == 16) {
+    __m256 acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t kk = 0; kk < j.k; ++kk) {
+      const float* w = j.wt + kk * j.n + c0;
+      const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+      for (int r = 0; r < MR; ++r) {
+        const __m256 xv = _mm256_broadcast_ss(j.x + (r0 + r) * j.x_stride + kk);
+        acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      float* o = j.out + (r0 + r) * j.out_stride + c0;
+      for (int h = 0; h < 2; ++h)
+        _mm256_storeu_ps(o + 8 * h, j.add ? _mm256_add_ps(_mm256_loadu_ps(o + 8 * h), acc[r][h])
+                                          : acc[r][h]);
+    }
+    return;
+  }
+#endif
+  for (int r = 0; r < MR; ++r)
+    for (int64_t c = c0; c < c0 + width; ++c) {
+      float acc = 0.0f;
+      for (int64_t kk = 0; kk < j.k; ++kk)
+        acc = std::fma(j.x[(r0 + r) * j.x_stride + kk], j.wt[kk * j.n + c], acc);
+      float* o = j.out + (r0 + r) * j.out_stride + c;
+      *o = j.add ? *o + acc : acc;
+    }
+}
+
+void run_low_rank(const std::vector<LowRankJob>& jobs) {
+  struct Tile {
+    int32_t job, rows;
+    int64_t r0, c0;
+  };
+  std::vector<Tile> tiles;
+  for (size_t i = 0; i < jobs.size(); ++i)
+    for (int64_t r0 = 0; r0 < jobs[i].rows; r0 += 4)
+      for (int64_t c0 = 0; c0 < jobs[i].n; c0 += 16)
+        tiles.push_back({static_cast<int32_t>(i),
+                         static_cast<int32_t>(std::min<int64_t>(4, jobs[i].rows - r0)), r0, c0});
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Tile& t = tiles[i];
+      const LowRankJob& j = jobs[t.job];
+      switch (t.rows) {
+        case 4: low_rank_tile<4>(j, t.r0, t.c0); break;
+        case 3: low_rank_tile<3>(j, t.r0, t.c0); break;
+        case 2: low_rank_tile<2>(j, t.r0, t.c0); break;
+        default: low_rank_tile<1>(j, t.r0, t.c0); break;
+      }
+    }
+  });
+}
+
+// A factor in the low-rank GEMM's form: float32 [K, N] (not a packed oneDNN or panel weight).
+bool transposed_factor(const torch::Tensor& w) {
+  return !w.is_mkldnn() && w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous();
+}
+
+// y [T, Σout] (float32) += each segment's delta over its rows of x [T, in], factors stored
+// transposed (A^T [in, Σr], B_s^T [r_s, out_s]): every segment's shrink in one parallel
+// region, then every (segment, slice) expand added to its columns in another.
+void add_low_rank(torch::Tensor& y, const torch::Tensor& x, const std::vector<Segment>& segs,
+                  int g) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat &&
+                  x.stride(1) == 1 && y.stride(1) == 1,
+              "the low-rank GEMM takes float32 rows");
+  const int64_t width = segs[0].deltas[g].shrink.size(1);
+  torch::Tensor t = torch::empty({x.size(0), width}, x.options());
+  std::vector<LowRankJob> shrink, expand;
+  for (const Segment& seg : segs) {
+    const GroupDelta& gd = seg.deltas[g];
+    TORCH_CHECK(transposed_factor(gd.shrink) && gd.shrink.size(0) == x.size(1) &&
+                    gd.shrink.size(1) == width,
+                "every segment's shrink must be float32 [in, Σr]");
+    const int64_t n = seg.hi - seg.lo;
+    shrink.push_back({x.data_ptr<float>() + seg.lo * x.stride(0), x.stride(0), n, x.size(1),
+                      gd.shrink.data_ptr<float>(), width, t.data_ptr<float>() + seg.lo * width,
+                      width, false});
+    int64_t col = 0, rank_col = 0;
+    for (size_t j = 0; j < gd.outs.size(); ++j) {
+      if (gd.expands[j].has_value()) {
+        const torch::Tensor& b = *gd.expands[j];
+        TORCH_CHECK(transposed_factor(b) && b.size(0) == gd.ranks[j] && b.size(1) == gd.outs[j],
+                    "an expand must be float32 [r, out]");
+        expand.push_back({t.data_ptr<float>() + seg.lo * width + rank_col, width, n, gd.ranks[j],
+                          b.data_ptr<float>(), gd.outs[j],
+                          y.data_ptr<float>() + seg.lo * y.stride(0) + col, y.stride(0), true});
+      }
+      col += gd.outs[j];
+      rank_col += gd.ranks[j];
+    }
+  }
+  run_low_rank(shrink);
+  run_low_rank(expand);
+}
+
 // y [T, out] += each segment's delta of group g over its rows of x: the Python layer's
 // `_add_packed_deltas` (shrink, one expand per slice, added to its columns), the same GEMMs.
 void add_deltas(torch::Tensor& y, const torch::Tensor& x, const std::vector<Segment>& segs,
                 int g) {
+  if (!segs.empty() && !segs[0].deltas.empty() && transposed_factor(segs[0].deltas[g].shrink)) {
+    add_low_rank(y, x, segs, g);
+    return;
+  }
   for (const Segment& seg : segs) {
     if (seg.deltas.empty()) return;
     const GroupDelta& gd = seg.deltas[g];
@@ -1318,6 +1441,24 @@ torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w,
                       const std::vector<Segment>& segs, int g) {
   torch::Tensor y = packed_matmul(x, w);
   add_deltas(y, x, segs, g);
+  return y;
+}
+
+
+// x [T, in] @ one delta (A^T [in, Σr], B_s^T [r_s, out_s] or none): [T, Σout], zero where a
+// slice has rank 0 — the Python layer's call of the same GEMMs the fused layer makes.
+torch::Tensor low_rank_delta(const torch::Tensor& x, const torch::Tensor& shrink_t,
+                             const std::vector<c10::optional<torch::Tensor>>& expands_t,
+                             const std::vector<int64_t>& outs, const std::vector<int64_t>& ranks) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [T, in] with in contiguous");
+  int64_t total = 0;
+  for (int64_t o : outs) total += o;
+  torch::Tensor y = torch::zeros({x.size(0), total}, x.options());
+  if (x.size(0) == 0) return y;
+  Segment seg{0, x.size(0), {}, {}, {}};
+  seg.deltas.resize(1);
+  seg.deltas[0] = GroupDelta{shrink_t, expands_t, outs, ranks};
+  add_low_rank(y, x, {seg}, 0);
   return y;
 }
 
@@ -1433,5 +1574,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear", &packed_linear, "x @ a weight in oneDNN's packed layout", nogil());
   m.def("gemm_rows", &gemm_rows, "the row count packed_linear calls oneDNN with for m rows");
   m.def("decode_layer", &decode_layer, "one Llama-family block layer over a step", nogil());
+  m.def("low_rank_delta", &low_rank_delta, "x @ one transposed float32 low-rank delta", nogil());
   m.def("fill_kv_layer", &fill_kv_layer, "K/V of exited rows at the depths they skipped", nogil());
 }

@@ -261,3 +261,15 @@ def fill_kv_layer_cpu(
         slots,
         heads_q,
     )
+
+
+def low_rank_delta_cpu(
+    x: torch.Tensor,
+    shrink_t: torch.Tensor,
+    expands_t: list[torch.Tensor | None],
+    out_sizes: tuple[int, ...],
+    ranks: tuple[int, ...],
+) -> torch.Tensor:
+    """``x [T, in]`` through one float32 low-rank delta stored transposed (``Aᵀ [in, Σr]``,
+    ``B_sᵀ [r_s, out_s]`` or None): ``[T, Σout]``, zero where a slice has rank 0."""
+    return _loaded().low_rank_delta(x, shrink_t, expands_t, list(out_sizes), list(ranks))

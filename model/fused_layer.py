@@ -27,7 +27,7 @@ from kernels import (
     fill_kv_layer_cpu,
 )
 from kernels.lora_linear import depth_segments
-from model.fused_projection import FusedProjection, PackedDelta
+from model.fused_projection import Delta, FusedProjection
 from model.packed_projection import PackedProjection
 from model.recursive import GATE_UP, QKV, RecursiveLM
 
@@ -69,11 +69,10 @@ def fits(model: RecursiveLM) -> bool:
     )
 
 
-def _delta_lists(delta: PackedDelta) -> tuple[list[torch.Tensor | None], list[int]]:
+def _delta_lists(delta: Delta) -> tuple[list[torch.Tensor | None], list[int]]:
     """One group's delta as ``decode_layer`` reads it: the shrink then each slice's expand
     (None where its rank is 0); the slice count then (out, rank) per slice."""
-    weights: list[torch.Tensor | None] = [delta.shrink.packed]
-    weights += [None if b is None else b.packed for b in delta.expands]
+    weights = delta.factors()
     dims = [len(delta.ranks)]
     for out, r in zip(delta.out_sizes, delta.ranks, strict=True):
         dims += [out, r]

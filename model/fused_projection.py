@@ -12,8 +12,11 @@ import torch
 from kernels import (
     FusedLoRA,
     PackedWeight,
+    cpu_kernel_available,
+    cpu_kernel_mode,
     dense_per_depth_linear,
     fused_lora_linear,
+    low_rank_delta_cpu,
 )
 from kernels.lora_linear import depth_segments
 
@@ -47,9 +50,54 @@ class PackedDelta:
             col += r
         return torch.cat(parts, dim=1)
 
+    def factors(self) -> list[torch.Tensor | None]:
+        """The shrink then each slice's expand, as ``decode_layer`` reads them."""
+        return [self.shrink.packed] + [None if b is None else b.packed for b in self.expands]
+
+
+@dataclass(frozen=True)
+class TransposedDelta:
+    """One (layer, depth)'s fused LoRA factors, float32, for the C++ low-rank GEMM: the stacked
+    shrink transposed ``Aᵀ [in, Σr]`` and each slice's ``B_sᵀ [r_s, out_s]`` (None where
+    r_s = 0). At a step's few rows a depth's shrink and expands are oneDNN's per-call floor
+    (~20 us each, 33 calls a layer at three depths); the C++ layer runs every depth's in one
+    parallel region, and this twin the same per-element sums, so both give the same bits."""
+
+    shrink: torch.Tensor
+    expands: list[torch.Tensor | None]
+    out_sizes: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+    @staticmethod
+    def build(f: FusedLoRA, d: int) -> TransposedDelta:
+        expands: list[torch.Tensor | None] = []
+        row = col = 0
+        for out, r in zip(f.out_sizes, f.ranks, strict=True):
+            b = f.lora_b[d, row : row + out, col : col + r]
+            expands.append(b.t().contiguous() if r else None)
+            row, col = row + out, col + r
+        return TransposedDelta(f.lora_a[d].t().contiguous(), expands, f.out_sizes, f.ranks)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mode = cpu_kernel_mode(x)
+        if mode == "require" or (mode == "prefer" and cpu_kernel_available()):
+            return low_rank_delta_cpu(x, self.shrink, self.expands, self.out_sizes, self.ranks)
+        t = x @ self.shrink
+        parts, col = [], 0
+        for b, out, r in zip(self.expands, self.out_sizes, self.ranks, strict=True):
+            parts.append(x.new_zeros((x.shape[0], out)) if b is None else t[:, col : col + r] @ b)
+            col += r
+        return torch.cat(parts, dim=1)
+
+    def factors(self) -> list[torch.Tensor | None]:
+        return [self.shrink, *self.expands]
+
+
+Delta = PackedDelta | TransposedDelta
+
 
 def _add_packed_deltas(
-    y: torch.Tensor, x: torch.Tensor, deltas: list[PackedDelta], depth: torch.Tensor | int
+    y: torch.Tensor, x: torch.Tensor, deltas: list[Delta], depth: torch.Tensor | int
 ) -> torch.Tensor:
     """``add_fused_lora`` over packed factors: each row's own depth's delta onto ``y``."""
     if isinstance(depth, int):
@@ -79,7 +127,7 @@ class FusedProjection:
     weight: torch.Tensor | None = None
     lora: list[FusedLoRA] | None = None
     packed: list[PackedWeight] | None = None
-    packed_lora: list[list[PackedDelta]] | None = None  # [layer][depth], beside ``packed``
+    packed_lora: list[list[Delta]] | None = None  # [layer][depth], beside ``packed``
     skip: int = 0
 
     @property

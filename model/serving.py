@@ -29,13 +29,14 @@ from torch import nn
 from kernels import (
     FusedLoRA,
     PackedWeight,
+    cpu_kernel_available,
     fuse_lora,
     materialise_dense,
     packing_supported,
     prefer_dense,
 )
 from model.fused_layer import DecodeLayer, fits
-from model.fused_projection import FusedProjection, PackedDelta
+from model.fused_projection import Delta, FusedProjection, PackedDelta, TransposedDelta
 from model.packed_projection import PackedProjection, pack_stack
 from model.recursive import GATE_UP, KV, QKV, RecursiveLM
 
@@ -119,9 +120,12 @@ def fuse_projections(model: RecursiveLM) -> list[tuple[str, ...]]:
     return fused
 
 
-def _pack_deltas(lora: list[FusedLoRA], loops: int) -> list[list[PackedDelta]]:
-    """Packed factors per (layer, depth)."""
-    return [[PackedDelta.pack(f, d) for d in range(loops)] for f in lora]
+def _pack_deltas(lora: list[FusedLoRA], loops: int) -> list[list[Delta]]:
+    """Factors per (layer, depth): float32 ones transposed for the C++ low-rank GEMM where the
+    kernels are built, the others packed for oneDNN."""
+    transposed = lora[0].lora_a.dtype == torch.float32 and cpu_kernel_available()
+    build = TransposedDelta.build if transposed else PackedDelta.pack
+    return [[build(f, d) for d in range(loops)] for f in lora]
 
 
 @torch.no_grad()
