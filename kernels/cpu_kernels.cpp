@@ -1533,18 +1533,12 @@ void fill_kv_layer(const torch::Tensor& hidden, const std::vector<int64_t>& segm
         return w.is_same(w_qkv[0]);
       })) {
     qkv = project(h, w_qkv[0], segs, 0);
-  } else {  // per-depth weights: each segment's GEMM, then its own delta (none: dense)
+  } else {  // per-depth weights: each segment's GEMM into its rows, then its delta (if any)
     qkv = torch::empty({t, qw + 2 * kvw}, hidden.options());
     for (size_t i = 0; i < segs.size(); ++i) {
       const int64_t n = segs[i].hi - segs[i].lo;
-      torch::Tensor part = packed_matmul(h.narrow(0, segs[i].lo, n), w_qkv[i]);
-      if (!segs[i].deltas.empty()) {
-        Segment local = segs[i];
-        local.lo = 0;
-        local.hi = n;
-        add_deltas(part, h.narrow(0, segs[i].lo, n), {local}, 0);
-      }
-      qkv.narrow(0, segs[i].lo, n).copy_(part);
+      qkv.narrow(0, segs[i].lo, n).copy_(packed_matmul(h.narrow(0, segs[i].lo, n), w_qkv[i]));
+      add_deltas(qkv, h, {segs[i]}, 0);
     }
   }
   TORCH_CHECK(qkv.size(1) == qw + 2 * kvw, "the q|k|v weight does not match the heads");
