@@ -1,7 +1,7 @@
 """The C++ kernels of the CPU path (``cpu_kernels.cpp``), built on first use: paged decode
 attention, the per-row max / log-sum-exp of logits, a block layer's pointwise chains
-(RMSNorm with an optional residual add, RoPE in place, silu·mul) and a bf16 GEMM over weight
-panels (``kernels.packed_linear``).
+(RMSNorm with an optional residual add, RoPE in place, silu·mul) and bf16 and float32 GEMMs
+over weight panels (``kernels.packed_linear``).
 
 torch's C++ extension loader compiles it once per machine into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; about a minute with the
@@ -127,6 +127,11 @@ def panel_gemm_cpu(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
     return _loaded().panel_gemm(x, panels)
 
 
+def panel_gemm_f32_cpu(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor:
+    """``x [T, K] @ W.T`` for a float32 weight stored as ``panels [N/16, K, 16]``."""
+    return _loaded().panel_gemm_f32(x, panels)
+
+
 def packed_linear_cpu(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` for a weight in oneDNN's packed layout, rows padded as ``gemm_rows`` says."""
     return _loaded().packed_linear(x, packed)
@@ -140,6 +145,12 @@ def panel_gemm_built() -> bool:
     """Whether the build has the panel GEMM (the CPU has AVX-512 BF16), building on first call."""
     ext = _extension()
     return ext is not None and ext.panel_gemm_built()
+
+
+def panel_f32_built() -> bool:
+    """Whether the build has the float32 panel GEMM (the CPU has AVX2 and FMA)."""
+    ext = _extension()
+    return ext is not None and ext.panel_f32_built()
 
 
 def panel_width(in_features: int) -> int:

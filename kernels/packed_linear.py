@@ -18,10 +18,14 @@ through plain ``F.linear``, 27-31 ms through packed weights). Two layouts:
   rounded once, like oneDNN's, in another order: within bf16 rounding of ``F.linear``, and
   the same for a row whatever else is in the batch.
 
-float32 weights take oneDNN's layout: its fp32 GEMM on a packed weight is faster than
-``F.linear``'s (MKL) at decode row counts (a 2-core AMD EPYC with AVX2 only, one thread,
-SmolLM2's 30 layers and head: 55 vs 73 ms at 8 rows, 164 vs 186 ms at 32) and, unlike it,
-gives a row the same bits at any batch size (MKL switches kernels below 4-6 rows).
+float32 weights take 16-column panels where the build has the AVX2 FMA GEMM: oneDNN's float32
+GEMM on a packed weight streams a decode step's weights from memory well below the bandwidth
+(measured on a 2-core AMD EPYC with AVX2 only, two threads, SmolLM2's four linear maps a layer
+cycling through 30 layers: 1.0 / 1.5 / 2.7 ms a layer at 1 / 8 / 32 rows through oneDNN, 0.5 /
+0.7-0.8 / 1.6-2.0 ms on panels). Each output is one float32 FMA chain in input order: within
+float32 rounding of ``F.linear`` and the same for a row whatever else is in the batch. Elsewhere
+float32 weights take oneDNN's layout: faster than ``F.linear``'s MKL at decode row counts and,
+unlike it, batch-invariant too (MKL switches kernels below 4-6 rows).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from kernels.cpu_kernels import (
     amx_takes,
     cpu_kernel_available,
     packed_linear_cpu,
+    panel_f32_built,
     panel_gemm_cpu,
+    panel_gemm_f32_cpu,
     panel_width,
 )
 from kernels.dispatch import cpu_kernel_mode
@@ -46,6 +52,8 @@ PANEL = 64
 """Output columns per panel of the dot-product GEMM (in-features even); the AMX GEMM's panels
 are ``TILE_PANEL`` wide (in-features a multiple of 32)."""
 TILE_PANEL = 32
+F32_PANEL = 16
+"""Output columns per panel of the float32 GEMM (two AVX2 registers)."""
 
 PACK_BATCH_HINT = 32
 """The row count oneDNN picks the packed layout for; outputs are the same for any count."""
@@ -101,34 +109,44 @@ def packing_supported(weight: torch.Tensor) -> bool:
 
 
 def panels_fit(weight: torch.Tensor, width: int = PANEL) -> bool:
-    """Whether ``weight [out, in]`` has the shape of ``width``-column panels."""
-    return weight.shape[0] % width == 0 and weight.shape[1] % 2 == 0
+    """Whether ``weight [out, in]`` has the shape of ``width``-column panels (bf16 ones hold
+    input pairs)."""
+    pairs = weight.dtype != torch.float32
+    return weight.shape[0] % width == 0 and (not pairs or weight.shape[1] % 2 == 0)
 
 
 def machine_panel_width(weight: torch.Tensor) -> int:
     """The panel width this machine's C++ GEMM runs fastest for ``weight [out, in]`` (0: none,
     oneDNN's layout is faster or the kernels are off)."""
-    on = weight.dtype == torch.bfloat16 and cpu_kernel_mode(weight) != "off"
-    return panel_width(weight.shape[1]) if on and cpu_kernel_available() else 0
+    if cpu_kernel_mode(weight) == "off" or not cpu_kernel_available():
+        return 0
+    if weight.dtype == torch.float32:
+        return F32_PANEL if panel_f32_built() else 0
+    return panel_width(weight.shape[1]) if weight.dtype == torch.bfloat16 else 0
 
 
 def preferred_layout(weight: torch.Tensor) -> Layout:
-    """Panels where they fit and are this machine's faster GEMM (the AMX path, or AVX-512 BF16
-    without AMX), else oneDNN's layout."""
+    """Panels where they fit and are this machine's faster GEMM (float32 with AVX2 FMA, the
+    AMX path, or AVX-512 BF16 without AMX), else oneDNN's layout."""
     width = machine_panel_width(weight)
     return "panels" if width and panels_fit(weight, width) else "onednn"
 
 
 def to_panels(weight: torch.Tensor, width: int = PANEL) -> torch.Tensor:
-    """``[out, in]`` -> ``[out/width, in/2, width, 2]``: per panel and input pair, the panel's
-    outputs' two weights side by side (what a dot-product instruction or an AMX B tile row
-    reads)."""
+    """bf16 ``[out, in]`` -> ``[out/width, in/2, width, 2]``: per panel and input pair, the
+    panel's outputs' two weights side by side (what a dot-product instruction or an AMX B tile
+    row reads); float32 -> ``[out/width, in, width]``: per input, the panel's outputs."""
     out_f, in_f = weight.shape
+    if weight.dtype == torch.float32:
+        return weight.reshape(out_f // width, width, in_f).transpose(1, 2).contiguous()
     return weight.reshape(out_f // width, width, in_f // 2, 2).transpose(1, 2).contiguous()
 
 
 def from_panels(panels: torch.Tensor) -> torch.Tensor:
     """The inverse of ``to_panels``."""
+    if panels.dim() == 3:
+        count, in_f, width = panels.shape
+        return panels.transpose(1, 2).reshape(count * width, in_f)
     count, pairs, width = panels.shape[:3]
     return panels.transpose(1, 2).reshape(count * width, 2 * pairs)
 
@@ -136,7 +154,7 @@ def from_panels(panels: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class PackedWeight:
     """An ``[out, in]`` weight in a GEMM's layout: oneDNN's blocked one (an opaque mkldnn
-    tensor) or column panels (``packed [out/width, in/2, width, 2]``)."""
+    tensor) or column panels (``to_panels``)."""
 
     packed: torch.Tensor
     out_features: int
@@ -159,8 +177,13 @@ class PackedWeight:
         out_f, in_f = weight.shape
         layout = layout or preferred_layout(weight)
         if layout == "panels":
-            if weight.dtype != torch.bfloat16:
-                raise ValueError(f"panels hold bfloat16 weights, got {weight.dtype}")
+            if weight.dtype == torch.float32:
+                if width not in (None, F32_PANEL) or not panel_f32_built():
+                    raise ValueError(
+                        f"float32 panels are {F32_PANEL} columns wide and need the C++ kernels "
+                        f"built with AVX2 and FMA (width {width}, built: {panel_f32_built()})"
+                    )
+                width = F32_PANEL
             width = width or machine_panel_width(weight) or PANEL
             if not panels_fit(weight, width):
                 raise ValueError(
@@ -172,7 +195,8 @@ class PackedWeight:
                     f"{TILE_PANEL}-column panels need AMX and in-features divisible by 32, "
                     f"got {in_f}"
                 )
-            return PackedWeight(to_panels(weight.contiguous(), width), out_f, in_f, "panels")
+            panels = to_panels(weight.contiguous(), width)
+            return PackedWeight(panels, out_f, in_f, "panels", weight.dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT)
         return PackedWeight(packed, out_f, in_f, "onednn", weight.dtype)
 
@@ -185,7 +209,8 @@ class PackedWeight:
         if x.shape[0] == 0:
             return x.new_empty((0, self.out_features))
         if self.layout == "panels":
-            return panel_gemm_cpu(x, self.packed)
+            gemm = panel_gemm_f32_cpu if self.dtype == torch.float32 else panel_gemm_cpu
+            return gemm(x, self.packed)
         if cpu_kernel_available():
             return packed_linear_cpu(x, self.packed)
         return onednn_linear(x, self.packed)

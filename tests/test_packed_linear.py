@@ -1,8 +1,9 @@
 """Packed CPU weights (``kernels.packed_linear``). The panel layout's bf16 GEMM (C++
 ``panel_gemm``): outputs within bf16 rounding of a float64 reference, a row's bits independent
 of its batch and of the thread count, and a served model on panels keeping the unpacked model's
-logits and greedy tokens. float32 weights in oneDNN's layout: within float32 rounding of float64
-and the same batch independence."""
+logits and greedy tokens. float32 weights in oneDNN's layout and in 16-column panels (C++
+``panel_gemm_f32``, AVX2 FMA): within float32 rounding of float64, the same batch independence,
+and a served float32 model on panels keeping the unpacked model's greedy tokens."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from kernels.cpu_kernels import (
     cpu_kernel_available,
     gemm_rows_cpu,
     packed_linear_cpu,
+    panel_f32_built,
     panel_gemm_built,
 )
 from kernels.packed_linear import (
+    F32_PANEL,
     GEMM_PIECE,
     PANEL,
     TILE_PANEL,
@@ -44,6 +47,13 @@ fp32_only = pytest.mark.skipif(
 )
 
 SHAPES = [(128, 64), (960, 576), (576, 1536), (64, 2)]
+FP32_LAYOUTS = [
+    "onednn",
+    pytest.param(
+        "panels",
+        marks=pytest.mark.skipif(not panel_f32_built(), reason="float32 panels: AVX2 and FMA"),
+    ),
+]
 WIDTHS = [
     PANEL,
     pytest.param(
@@ -161,15 +171,18 @@ def test_served_model_on_panels_keeps_logits_and_greedy_tokens(panel_llama: Path
 
 
 @fp32_only
+@pytest.mark.parametrize("layout", FP32_LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 17, 32, 33, 70])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 12, 13, 17, 32, 33, 70])
 def test_fp32_packed_weight_is_within_float32_rounding_of_float64(
-    shape: tuple[int, int], rows: int
+    shape: tuple[int, int], rows: int, layout: str
 ) -> None:
     torch.manual_seed(rows)
     w, x = torch.randn(shape), torch.randn(rows, shape[1])
-    packed = PackedWeight.pack(w)
-    assert packed.layout == "onednn" and packed.dtype == torch.float32
+    packed = PackedWeight.pack(w, layout)
+    assert packed.layout == layout and packed.dtype == torch.float32
+    if layout == "panels":
+        assert packed.packed.shape == (shape[0] // F32_PANEL, shape[1], F32_PANEL)
     y = packed(x)
     assert y.shape == (rows, shape[0]) and y.dtype == torch.float32
     ref = x.double() @ w.double().T
@@ -178,22 +191,59 @@ def test_fp32_packed_weight_is_within_float32_rounding_of_float64(
 
 
 @fp32_only
-def test_fp32_packed_row_is_the_same_in_any_batch_and_thread_count() -> None:
+@pytest.mark.parametrize("layout", FP32_LAYOUTS)
+def test_fp32_packed_row_is_the_same_in_any_batch_and_thread_count(layout: str) -> None:
     """What ``F.linear`` (MKL) does not give: it switches kernels below a few rows."""
     torch.manual_seed(0)
     for shape in ((960, 576), (576, 1536)):
-        assert_rows_invariant(PackedWeight.pack(torch.randn(shape)), torch.randn(70, shape[1]))
+        packed = PackedWeight.pack(torch.randn(shape), layout)
+        assert_rows_invariant(packed, torch.randn(70, shape[1]))
 
 
 @fp32_only
-def test_fp32_weights_refuse_panels_and_other_dtypes() -> None:
+def test_fp32_panels_are_the_default_where_built_and_read_strided_rows() -> None:
     w = torch.randn(128, 64)
-    with pytest.raises(ValueError, match="panels hold bfloat16"):
-        PackedWeight.pack(w, "panels")
+    packed = PackedWeight.pack(w)
+    assert packed.layout == ("panels" if panel_f32_built() else "onednn")
+    assert packed.dtype == torch.float32
+    assert PackedWeight.pack(torch.randn(100, 64)).layout == "onednn"  # 100 % 16: no panels
+    if panel_f32_built():
+        assert torch.equal(from_panels(packed.packed), w)
+        x = torch.randn(5, 128)[:, ::2]
+        assert torch.equal(packed(x), packed(x.contiguous()))
+
+
+@fp32_only
+def test_fp32_weights_refuse_wrong_panels_and_other_dtypes() -> None:
+    w = torch.randn(128, 64)
+    with pytest.raises(ValueError, match="float32 panels are 16 columns wide"):
+        PackedWeight.pack(w, "panels", PANEL)
+    if panel_f32_built():
+        with pytest.raises(ValueError, match="no panel layout"):
+            PackedWeight.pack(torch.randn(100, 64), "panels")
     with pytest.raises(ValueError, match=r"must be torch\.float32"):
         PackedWeight.pack(w)(torch.zeros(2, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="cannot pack"):
         PackedWeight.pack(w.double())
+
+
+@pytest.mark.skipif(not panel_f32_built(), reason="float32 panels: AVX2 and FMA")
+@torch.no_grad()
+def test_served_float32_model_on_panels_keeps_logits_and_greedy_tokens(panel_llama: Path) -> None:
+    ref = load_model(panel_llama)
+    model = load_model(panel_llama)
+    prepare_for_serving(model)
+    layouts = {w.layout for p in model.fused.values() for ws in p.weights for w in ws}
+    assert layouts == {"panels"} and model.packed_head.layout == "panels"
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    got, want = model(ids).double(), ref(ids).double()
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    cfg = EngineConfig(block_size=4, num_blocks=256, max_model_len=64)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = {f"r{i}": ids[i % 2, : 5 + 3 * i].tolist() for i in range(4)}
+    assert Engine(model, cfg).generate(prompts, params) == Engine(ref, cfg).generate(
+        prompts, params
+    )
 
 
 def test_gemm_rows_pads_to_few_counts_and_little() -> None:
@@ -222,7 +272,7 @@ def test_padded_and_pieced_gemm_equals_each_row_alone(rows: int) -> None:
     C++ call the decode layer makes and in the Python one used without the C++ kernels."""
     torch.manual_seed(rows)
     w, x = torch.randn(96, 64), torch.randn(rows, 64)
-    packed = PackedWeight.pack(w)
+    packed = PackedWeight.pack(w, "onednn")
     alone = torch.cat([onednn_linear(x[i : i + 1], packed.packed) for i in range(rows)])
     assert torch.equal(onednn_linear(x, packed.packed), alone)
     if cpu_kernel_available():
