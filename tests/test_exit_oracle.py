@@ -86,19 +86,28 @@ def oracle_decode(
     forced: tuple[str, tuple[float, ...]] | None = None,
     heads: tuple[torch.Tensor, torch.Tensor] | None = None,
     gates: tuple[torch.Tensor, torch.Tensor] | None = None,
+    preempt_at: tuple[int, ...] = (),
 ) -> OracleOutput:
     """``heads``: exit-head weights [B − 1, H, H] and biases [B − 1, H], applied here as
     h Wᵀ + bias before the LM head at every depth but the last (the model's own stay off).
     ``gates``: gate weights [B − 1, H] and biases [B − 1]: an early exit when
-    sigmoid(w · h / rms(h) + c) >= threshold, in place of the max-prob rule."""
+    sigmoid(w · h / rms(h) + c) >= threshold, in place of the max-prob rule.
+    ``preempt_at``: output counts at which the request loses all its K/V (preemption) and
+    recomputes prompt + outputs as one prefill, every position at every loop for real, the last
+    one sampling the next token by the exit rule (and riding on)."""
     loops, layers = model.config.loops, model.config.block_layers
-    kv: list[list[list[tuple]]] = [[[] for _ in range(layers)] for _ in range(loops)]
-    filled: list[list[set]] = [[set() for _ in range(layers)] for _ in range(loops)]
     out = OracleOutput([], [], [], 0)
     tokens = list(prompt)
-    for pos in range(len(prompt) + MAX_TOKENS - 1):
-        decode = pos >= len(prompt)
-        needs_logits = pos >= len(prompt) - 1
+    pending, prefill_len, pos = list(preempt_at), len(prompt), 0
+    while pos < len(prompt) + MAX_TOKENS - 1:
+        if pos == 0 or (pending and len(out.tokens) == pending[0] and pos == len(tokens) - 1):
+            if pos:
+                pending.pop(0)
+                prefill_len, pos = len(tokens), 0
+            kv: list[list[list[tuple]]] = [[[] for _ in range(layers)] for _ in range(loops)]
+            filled: list[list[set]] = [[set() for _ in range(layers)] for _ in range(loops)]
+        decode = pos >= prefill_len
+        needs_logits = pos >= prefill_len - 1
         h = model.embed_tokens(torch.tensor([tokens[pos]]))
         positions = torch.tensor([pos])
         sampled = None
@@ -139,6 +148,8 @@ def oracle_decode(
             break
         if needs_logits:
             tokens.append(sampled)
+        pos += 1
+    assert not pending, f"preemptions at {pending} outputs never came"
     return out
 
 
@@ -197,6 +208,43 @@ def _run_engine(
     return got
 
 
+def _run_engine_preempting(
+    model: RecursiveLM, prompts: dict[str, list[int]], fill: str, **config: object
+) -> tuple[dict[str, tuple[list[int], list[int], list[float]]], dict[str, tuple[int, ...]]]:
+    """``_run_engine`` with a K/V pool too small for every request at once, so that the
+    scheduler preempts running requests; also each request's output counts at its preemptions."""
+    engine = Engine(
+        model,
+        EngineConfig(
+            kv_fill="propagate" if fill == "ride" else fill,
+            block_size=4,
+            num_blocks=64,
+            max_num_batched_tokens=48,
+            max_model_len=128,
+            **config,
+        ),
+    )
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    got: dict[str, tuple[list[int], list[int], list[float]]] = {r: ([], [], []) for r in prompts}
+    preempted: dict[str, list[int]] = {r: [] for r in prompts}
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, params)
+    waiting = {r.request_id for r in engine.scheduler.waiting}
+    while engine.has_work:
+        for o in engine.step()[0]:
+            got[o.request_id][0].extend(o.token_ids)
+            got[o.request_id][1].extend(o.exit_depths)
+            got[o.request_id][2].extend(s.logprob for s in o.samples)
+        now = {r.request_id for r in engine.scheduler.waiting}
+        for rid in now - waiting:  # back in the queue: preempted during this step's schedule
+            user_id = rid.removesuffix("#0")  # the engine's id of sample 0
+            preempted[user_id].append(len(got[user_id][0]))
+        waiting = now
+    assert engine.scheduler.num_preemptions == sum(map(len, preempted.values()))
+    assert engine.scheduler.allocator.num_used == 0
+    return got, {r: tuple(n) for r, n in preempted.items()}
+
+
 def _assert_engine_is_oracle(
     got: dict[str, tuple[list[int], list[int], list[float]]], want: dict[str, OracleOutput]
 ) -> None:
@@ -243,6 +291,44 @@ def test_engine_equals_per_token_oracle_with_mixed_exits(
         exit_thresholds=thresholds,
     )
     _assert_engine_is_oracle(got, want)
+
+
+@pytest.mark.parametrize("served", ["plain", "fused-lora"])
+@pytest.mark.parametrize(("batching", "alignment", "fill"), MODES)
+def test_preempted_requests_that_exited_early_equal_the_recomputing_oracle(
+    served64: dict[str, RecursiveLM], batching: str, alignment: str, fill: str, served: str
+) -> None:
+    """Requests preempted after early exits — their first sample, taken during prefill, among
+    them — recompute from scratch: the oracle drops their K/V at the same output counts and
+    re-prefills prompt + outputs at every loop, so the tokens after a preemption attend to real
+    K/V where, unpreempted, they would read fills. Exits follow the forced schedule (every
+    depth equally likely), so that later tokens run deep enough to read them."""
+    rrt64, weights = served64["plain"], (1.0, 1.0, 1.0)
+    prompts = _prompts()
+    got, preempted = _run_engine_preempting(
+        served64[served],
+        prompts,
+        fill,
+        batching=batching,
+        depth_alignment=alignment,
+        forced_exit_weights=weights,
+    )
+    early_prefill_then_preempted = [
+        r for r, n in preempted.items() if n and n[0] > 0 and got[r][1][0] < 2
+    ]
+    assert early_prefill_then_preempted, f"no early-exited prefill was preempted: {preempted}"
+
+    def oracle(rid: str, preempt_at: tuple[int, ...]) -> OracleOutput:
+        forced = (f"{rid}#0", weights)
+        return oracle_decode(rrt64, prompts[rid], (), fill, forced, preempt_at=preempt_at)
+
+    want = {rid: oracle(rid, preempted[rid]) for rid in prompts}
+    _assert_engine_is_oracle(got, want)
+    if fill != "ride":  # the recompute changed what later tokens read: a real test of it
+        unpreempted = {rid: oracle(rid, ()) for rid in early_prefill_then_preempted}
+        assert any(o.logprobs != want[rid].logprobs for rid, o in unpreempted.items()), (
+            "the preemptions changed nothing: no later token read a dropped fill"
+        )
 
 
 def _with_heads(model: RecursiveLM, seed: int) -> tuple[RecursiveLM, dict[str, torch.Tensor]]:
