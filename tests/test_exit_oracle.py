@@ -184,41 +184,21 @@ def _run_engine(
     model: RecursiveLM, prompts: dict[str, list[int]], fill: str, **config: object
 ) -> dict[str, tuple[list[int], list[int], list[float]]]:
     """Greedy tokens, exit depths and logprobs per request, from the engine under ``config``."""
-    engine = Engine(
-        model,
-        EngineConfig(
-            kv_fill="propagate" if fill == "ride" else fill,
-            block_size=4,
-            num_blocks=512,
-            max_num_batched_tokens=48,
-            max_model_len=128,
-            **config,
-        ),
-    )
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    got: dict[str, tuple[list[int], list[int], list[float]]] = {r: ([], [], []) for r in prompts}
-    for rid, ids in prompts.items():
-        engine.add_request(rid, ids, params)
-    while engine.has_work:
-        for o in engine.step()[0]:
-            got[o.request_id][0].extend(o.token_ids)
-            got[o.request_id][1].extend(o.exit_depths)
-            got[o.request_id][2].extend(s.logprob for s in o.samples)
-    assert engine.scheduler.allocator.num_used == 0
-    return got
+    return _run_engine_recording(model, prompts, fill, 512, **config)[0]
 
 
-def _run_engine_preempting(
-    model: RecursiveLM, prompts: dict[str, list[int]], fill: str, **config: object
+def _run_engine_recording(
+    model: RecursiveLM, prompts: dict[str, list[int]], fill: str, num_blocks: int, **config: object
 ) -> tuple[dict[str, tuple[list[int], list[int], list[float]]], dict[str, tuple[int, ...]]]:
-    """``_run_engine`` with a K/V pool too small for every request at once, so that the
-    scheduler preempts running requests; also each request's output counts at its preemptions."""
+    """``_run_engine`` with a K/V pool of ``num_blocks`` (too small for every request at once:
+    the scheduler preempts running requests); also each request's output counts at its
+    preemptions."""
     engine = Engine(
         model,
         EngineConfig(
             kv_fill="propagate" if fill == "ride" else fill,
             block_size=4,
-            num_blocks=64,
+            num_blocks=num_blocks,
             max_num_batched_tokens=48,
             max_model_len=128,
             **config,
@@ -305,10 +285,11 @@ def test_preempted_requests_that_exited_early_equal_the_recomputing_oracle(
     depth equally likely), so that later tokens run deep enough to read them."""
     rrt64, weights = served64["plain"], (1.0, 1.0, 1.0)
     prompts = _prompts()
-    got, preempted = _run_engine_preempting(
+    got, preempted = _run_engine_recording(
         served64[served],
         prompts,
         fill,
+        64,
         batching=batching,
         depth_alignment=alignment,
         forced_exit_weights=weights,
