@@ -19,31 +19,17 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.forced_exits import make_engine
 from benchmarks.gemm_peak import DTYPES
-from benchmarks.throughput import git_commit, machine_name, make_prompts, random_models
+from benchmarks.throughput import git_commit, machine_name, random_models
 from model.recursive import RecursiveLM
 from model.serving import prepare_for_serving
-from scheduler.config import EngineConfig
-from scheduler.engine import Engine
-from scheduler.sampling import SamplingParams
 
 CONCURRENCY, OUTPUT_LEN, PROMPT_LEN = 32, 64, (8, 24)
 
 
 def run(model: RecursiveLM, weights: tuple[float, ...]) -> dict:
-    cfg = EngineConfig(
-        batching="depth",
-        forced_exit_weights=weights,
-        max_num_seqs=CONCURRENCY,
-        max_num_batched_tokens=max(256, 4 * CONCURRENCY),
-        num_blocks=4096,
-        max_model_len=4096,
-    )
-    engine = Engine(model, cfg)
-    params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)
-    vocab = model.config.arch.vocab_size
-    for i, ids in enumerate(make_prompts(2 * CONCURRENCY, PROMPT_LEN, CONCURRENCY, vocab, None)):
-        engine.add_request(f"r{i}", ids, params)
+    engine = make_engine(model, "depth", weights, CONCURRENCY, OUTPUT_LEN, CONCURRENCY, PROMPT_LEN)
     by_shape: dict[tuple[int, int], list[float]] = defaultdict(list)
     rows = steps = 0
     block = 0.0

@@ -38,7 +38,7 @@ from scheduler.sampling import SamplingParams
 SCHEDULES = {"uniform (mean 2.0)": (1.0, 1.0, 1.0), "last-heavy (mean 2.5)": (0.1, 0.3, 0.6)}
 
 
-def run(
+def make_engine(
     model: RecursiveLM,
     batching: str,
     weights: tuple[float, ...],
@@ -46,7 +46,8 @@ def run(
     out_len: int,
     seed: int,
     prompt_len: tuple[int, int],
-) -> dict:
+) -> Engine:
+    """An engine under the forced schedule ``weights`` with 2·conc greedy requests queued."""
     cfg = EngineConfig(
         batching=batching,
         forced_exit_weights=weights,
@@ -60,6 +61,19 @@ def run(
     prompts = make_prompts(conc * 2, prompt_len, seed, model.config.arch.vocab_size, None)
     for i, ids in enumerate(prompts):
         engine.add_request(f"r{i}", ids, params)
+    return engine
+
+
+def run(
+    model: RecursiveLM,
+    batching: str,
+    weights: tuple[float, ...],
+    conc: int,
+    out_len: int,
+    seed: int,
+    prompt_len: tuple[int, int],
+) -> dict:
+    engine = make_engine(model, batching, weights, conc, out_len, seed, prompt_len)
     last_emit: dict[str, float] = {}
     gaps: list[float] = []
     depths: list[int] = []
