@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import PagedAttentionMetadata, paged_attention
-from kernels.dense_lora import dense_per_depth_linear, materialise_dense, prefer_dense
-from kernels.lora_linear import lora_linear
+from loopserve_kernels import PagedAttentionMetadata, paged_attention
+from loopserve_kernels.dense_lora import dense_per_depth_linear, materialise_dense, prefer_dense
+from loopserve_kernels.lora_linear import lora_linear
 
 MODELS = {  # name: (hidden, mlp, q_heads, kv_heads, head_dim)
     "smollm2-135m": (576, 1536, 9, 3, 64),
@@ -98,7 +98,7 @@ def commit_hash() -> str:
 
     try:
         head = git("rev-parse", "--short", "HEAD").strip()
-        dirty = git("status", "--porcelain", "--", "kernels", "benchmarks").strip()
+        dirty = git("status", "--porcelain", "--", "loopserve_kernels", "benchmarks").strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
@@ -187,7 +187,7 @@ def bench_linear(
     dense_ms = run(lambda: dense_per_depth_linear(x, dense, depth))
     base_triton = math.nan
     if device.type == "cuda":
-        from kernels.lora_linear_triton import lora_matmul
+        from loopserve_kernels.lora_linear_triton import lora_matmul
 
         base_triton = run(lambda: lora_matmul(x, w, None, None, depth))
     present = len(segments)

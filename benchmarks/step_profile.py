@@ -51,11 +51,11 @@ def _timed(fn: Callable[..., Any], key: Callable[..., str]) -> Callable[..., Any
 
 def instrument() -> None:
     """Count time in each kernel family's entry point (module attributes the callers read)."""
-    import kernels.packed_linear as packed
+    import loopserve_kernels.packed_linear as packed
     import model.fused_layer as fused_layer
 
-    attention = sys.modules["kernels.paged_attention"]
-    pointwise = sys.modules["kernels.pointwise"]
+    attention = sys.modules["loopserve_kernels.paged_attention"]
+    pointwise = sys.modules["loopserve_kernels.pointwise"]
     for name in ("rms_norm_cpu", "rope_cpu_", "silu_mul_cpu"):
         setattr(pointwise, name, _timed(getattr(pointwise, name), lambda *_, n=name: n))
     for name in ("paged_decode_cpu", "prefill_chunks_cpu", "write_kv_ref", "write_kv_cpu"):

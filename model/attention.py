@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from kernels import DecodeInputs
+from loopserve_kernels import DecodeInputs
 
 Window = torch.Tensor | int  # sliding window: one for all rows, or [T] per row; 0 = global
 

@@ -17,7 +17,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from kernels.pointwise import rms_norm
+from loopserve_kernels.pointwise import rms_norm
 from model.config import ArchConfig
 from model.rope import local_rope_inv_freq, rope_inv_freq
 
@@ -31,7 +31,7 @@ def norm(
     after (Gemma); ``layer``: LayerNorm with bias (GPT-NeoX). weight/bias broadcast from the
     right: [H], or [T, H] per row; for per-head norms of [T, heads, D] pass [D] or [T, 1, D].
     """
-    if arch.norm == "rms":  # Llama's: the C++ kernel on the CPU (kernels.pointwise)
+    if arch.norm == "rms":  # Llama's: the C++ kernel on the CPU (loopserve_kernels.pointwise)
         return rms_norm(x, weight, arch.rms_norm_eps)
     xf = x.float()
     if arch.norm == "layer":

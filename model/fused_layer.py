@@ -6,11 +6,11 @@ step for SmolLM2's 30 layers at 16 decode rows on two threads; a compact model's
 depths adds a shrink and one expand per slice per depth to every projection. When the step's
 rows share their base weights — one depth (sequence-wise batching, aligned depth-wise batching
 over dense per-depth weights), or any depths of a shared block with low-rank deltas —
-``kernels.cpu_kernels.decode_layer`` runs the same kernels in the same order from C++, decode
-rows and prefill chunks alike, each depth's rows a slice with its norms and deltas, so the
-step's hidden states are the Python layer's, bit for bit. Everything else (dense per-depth
-weights at mixed depths, sliding windows, the families with other norms or activations) keeps
-the Python layer.
+``loopserve_kernels.cpu_kernels.decode_layer`` runs the same kernels in the same order from C++,
+decode rows and prefill chunks alike, each depth's rows a slice with its norms and deltas, so the
+step's hidden states are the Python layer's, bit for bit. Everything else (dense per-depth weights
+at mixed depths, sliding windows, the families with other norms or activations) keeps the Python
+layer.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import (
+from loopserve_kernels import (
     DecodeInputs,
     cpu_kernel_available,
     cpu_kernel_mode,
     decode_layer_cpu,
     fill_kv_layer_cpu,
 )
-from kernels.lora_linear import depth_segments
+from loopserve_kernels.lora_linear import depth_segments
 from model.fused_projection import Delta, FusedProjection
 from model.packed_projection import PackedProjection
 from model.recursive import GATE_UP, QKV, RecursiveLM

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import (
+from loopserve_kernels import (
     FusedLoRA,
     PackedWeight,
     cpu_kernel_available,
@@ -18,7 +18,7 @@ from kernels import (
     fused_lora_linear,
     low_rank_delta_cpu,
 )
-from kernels.lora_linear import depth_segments
+from loopserve_kernels.lora_linear import depth_segments
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Projections whose weights are packed once for oneDNN (``kernels.packed_linear``): the
+"""Projections whose weights are packed once for oneDNN (``loopserve_kernels.packed_linear``): the
 form ``model.serving.pack_weights`` leaves the bf16 CPU path's linear maps in, and what the
 one-call decode layer (``model.fused_layer``) reads its weights from."""
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import PackedWeight
+from loopserve_kernels import PackedWeight
 
 
 @dataclass

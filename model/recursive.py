@@ -16,8 +16,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from kernels import DecodeInputs, dense_per_depth_linear, lora_linear, write_kv
-from kernels.pointwise import add_rms_norm, apply_rope, silu_mul
+from loopserve_kernels import DecodeInputs, dense_per_depth_linear, lora_linear, write_kv
+from loopserve_kernels.pointwise import add_rms_norm, apply_rope, silu_mul
 from model.attention import AttentionBackend, CausalAttention
 from model.config import ModelConfig
 from model.exit_heads import ExitHeads

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from kernels.pointwise import apply_rope_ref as apply_rope
+from loopserve_kernels.pointwise import apply_rope_ref as apply_rope
 from model.config import ArchConfig
 
 __all__ = ["apply_rope", "rope_cos_sin", "rope_inv_freq"]

@@ -10,13 +10,13 @@ Applied once at load, in this order:
 2. ``fuse_projections``: q|k|v and gate|up read the same input; concatenated along their outputs
    they run as one matmul each (7 → 4 per layer), which a small decode batch turns into fewer,
    better-shaped GEMMs. The separate weights are freed.
-3. ``pack_weights`` (float32, or bf16 on a CPU with native bf16): every weight — dense
-   per-depth, or shared with its low-rank deltas packed beside it — is laid out once for the
-   CPU GEMM (oneDNN's layout, or panels for the C++ GEMMs; ``kernels.packed_linear``), where
-   ``F.linear`` would reorder a bf16 weight on every call. The unpacked copies are freed —
-   except the LM head's when it is tied to the embedding, which token lookup still reads: a
-   second copy of ``vocab × hidden`` (57 MB for SmolLM2 in bf16) buys a head GEMM 2.5× faster
-   for one row, 1.5× for 32 (8.8 → 3.4 ms, 10.5 → 7.1 ms on the 2-core Xeon).
+3. ``pack_weights`` (float32, or bf16 on a CPU with native bf16): every weight — dense per-depth, or
+   shared with its low-rank deltas packed beside it — is laid out once for the CPU GEMM (oneDNN's
+   layout, or panels for the C++ GEMMs; ``loopserve_kernels.packed_linear``), where ``F.linear``
+   would reorder a bf16 weight on every call. The unpacked copies are freed — except the LM head's
+   when it is tied to the embedding, which token lookup still reads: a second copy of ``vocab ×
+   hidden`` (57 MB for SmolLM2 in bf16) buys a head GEMM 2.5× faster for one row, 1.5× for 32 (8.8 →
+   3.4 ms, 10.5 → 7.1 ms on the 2-core Xeon).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels import (
+from loopserve_kernels import (
     FusedLoRA,
     PackedWeight,
     cpu_kernel_available,

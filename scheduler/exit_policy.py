@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels import row_max_lse
+from loopserve_kernels import row_max_lse
 
 LOGIT_MEASURES: tuple[str, ...] = ("prob", "margin")
 """Confidences read off an exit's logits (the LM head must run first)."""

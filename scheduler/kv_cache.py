@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import (
+from loopserve_kernels import (
     DecodeInputs,
     PagedAttentionMetadata,
     decode_inputs,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import cpu_kernel_available, row_max_lse
+from loopserve_kernels import cpu_kernel_available, row_max_lse
 from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
 from scheduler.exit_policy import GATE, confidence, exits, forced_exit_depth, may_exit

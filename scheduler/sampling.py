@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import row_max_lse
+from loopserve_kernels import row_max_lse
 from scheduler.structured import GrammarSpec
 
 MAX_LOGPROBS = 20

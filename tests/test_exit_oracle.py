@@ -443,7 +443,7 @@ def test_forced_exit_schedule_equals_the_oracle(
 _TRITON_RUN = """
 import json, sys
 import torch
-from kernels import use_backend
+from loopserve_kernels import use_backend
 from model.checkpoint import load_model
 from model.config import LINEAR_MODULES
 from model.convert import convert

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from kernels import DecodeInputs, cpu_kernel_available, packing_supported
+from loopserve_kernels import DecodeInputs, cpu_kernel_available, packing_supported
 from model.checkpoint import load_model
 from model.config import FULL_RANK, LINEAR_MODULES
 from model.convert import convert

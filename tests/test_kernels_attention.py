@@ -9,17 +9,17 @@ from types import ModuleType
 import pytest
 import torch
 
-from kernels import use_backend
-from kernels.cpu_kernels import write_kv_cpu
-from kernels.paged_attention import (
+from loopserve_kernels import use_backend
+from loopserve_kernels.cpu_kernels import write_kv_cpu
+from loopserve_kernels.paged_attention import (
     paged_attention,
     paged_attention_cpu,
     paged_attention_ref,
     write_kv,
     write_kv_ref,
 )
-from kernels.paged_metadata import PagedAttentionMetadata
-from kernels.testing import (
+from loopserve_kernels.paged_metadata import PagedAttentionMetadata
+from loopserve_kernels.testing import (
     assert_close_verbose,
     check_device,
     fp32_bound,
@@ -33,7 +33,7 @@ LOW = [torch.float16, torch.bfloat16]
 
 @pytest.fixture(scope="module")
 def tri() -> Iterator[ModuleType]:
-    with triton_kernels("kernels.paged_attention_triton") as (module,):
+    with triton_kernels("loopserve_kernels.paged_attention_triton") as (module,):
         yield module
 
 

@@ -8,14 +8,14 @@ from types import ModuleType
 import pytest
 import torch
 
-from kernels.dense_lora import (
+from loopserve_kernels.dense_lora import (
     dense_per_depth_linear,
     dense_per_depth_linear_ref,
     materialise_dense,
     prefer_dense,
 )
-from kernels.dispatch import use_backend
-from kernels.lora_linear import (
+from loopserve_kernels.dispatch import use_backend
+from loopserve_kernels.lora_linear import (
     FusedLoRA,
     fuse_lora,
     fused_lora_linear,
@@ -23,7 +23,7 @@ from kernels.lora_linear import (
     lora_linear,
     lora_linear_ref,
 )
-from kernels.testing import (
+from loopserve_kernels.testing import (
     assert_close_verbose,
     check_device,
     fp32_bound,
@@ -39,7 +39,7 @@ ROWS = [1, 7, 33, 130] + ([1000, 2048] if ON_GPU else [])
 
 @pytest.fixture(scope="module")
 def tri() -> Iterator[ModuleType]:
-    with triton_kernels("kernels.lora_linear_triton") as (module,):
+    with triton_kernels("loopserve_kernels.lora_linear_triton") as (module,):
         yield module
 
 
@@ -251,7 +251,7 @@ def test_mismatch_report_is_verbose() -> None:
 def test_depth_segments_are_the_rows_of_each_depth_of_a_sorted_batch() -> None:
     """Slices where the rows are sorted by depth (depths past the factors get none), None
     where a gather is needed: unsorted, negative or empty."""
-    from kernels.lora_linear import depth_segments
+    from loopserve_kernels.lora_linear import depth_segments
 
     depth = torch.tensor([0, 0, 1, 3, 3, 5])
     segments = depth_segments(depth, 4)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import use_backend
-from kernels.pointwise import (
+from loopserve_kernels import use_backend
+from loopserve_kernels.pointwise import (
     add_rms_norm,
     apply_rope,
     apply_rope_ref,

@@ -1,13 +1,13 @@
 """The C++ low-rank GEMM of float32 deltas (``TransposedDelta``, ``add_low_rank`` in
-``kernels/cpu_kernels.cpp``): within float32 rounding of a float64 reference, each row's bits
-independent of the rows beside it and of the thread count, and rank-0 slices zero."""
+``loopserve_kernels/cpu_kernels.cpp``): within float32 rounding of a float64 reference, each
+row's bits independent of the rows beside it and of the thread count, and rank-0 slices zero."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels import FusedLoRA, cpu_kernel_available, use_backend
+from loopserve_kernels import FusedLoRA, cpu_kernel_available, use_backend
 from model.fused_projection import TransposedDelta
 
 pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="needs the C++ kernels")

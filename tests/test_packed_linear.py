@@ -1,4 +1,4 @@
-"""Packed CPU weights (``kernels.packed_linear``). The panel layout's bf16 GEMM (C++
+"""Packed CPU weights (``loopserve_kernels.packed_linear``). The panel layout's bf16 GEMM (C++
 ``panel_gemm``): outputs within bf16 rounding of a float64 reference, a row's bits independent
 of its batch and of the thread count, and a served model on panels keeping the unpacked model's
 logits and greedy tokens. float32 weights in oneDNN's layout and in 16-column panels (C++
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.cpu_kernels import (
+from loopserve_kernels.cpu_kernels import (
     amx_takes,
     cpu_kernel_available,
     gemm_rows_cpu,
@@ -20,7 +20,7 @@ from kernels.cpu_kernels import (
     panel_f32_built,
     panel_gemm_built,
 )
-from kernels.packed_linear import (
+from loopserve_kernels.packed_linear import (
     F32_PANEL,
     GEMM_PIECE,
     PANEL,

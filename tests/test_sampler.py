@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kernels import row_max_lse, use_backend
+from loopserve_kernels import row_max_lse, use_backend
 from scheduler.sampling import SamplingParams, TokenContext, sample_batch
 
 

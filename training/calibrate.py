@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.dispatch import use_backend
+from loopserve_kernels.dispatch import use_backend
 from model.recursive import RecursiveLM
 from scheduler.exit_policy import (
     EXIT_MEASURES,

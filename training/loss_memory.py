@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.pointwise import rms_norm
+from loopserve_kernels.pointwise import rms_norm
 from training.loss import LossWeights, chunked_distill_loss, distill_loss
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kernels.dispatch import use_backend
+from loopserve_kernels.dispatch import use_backend
 from model.recursive import RecursiveLM
 from training import distributed
 from training.loss import LossWeights, chunked_distill_loss, distill_loss, part_names

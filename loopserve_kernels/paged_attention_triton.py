@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import interpreter_enabled
-from kernels.paged_metadata import PagedAttentionMetadata, check_cache
+from loopserve_kernels.dispatch import interpreter_enabled
+from loopserve_kernels.paged_metadata import PagedAttentionMetadata, check_cache
 
 _LOG2E = 1.4426950408889634
 _MIN_TOKENS_PER_SPLIT = 256

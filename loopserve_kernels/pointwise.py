@@ -1,11 +1,11 @@
 """A block layer's pointwise chains — RMSNorm (optionally fused with the residual add before
 it), rotate-half RoPE, silu(gate)·up — as one call each.
 
-Eager torch runs each chain as 4-8 ops, every one a pass over its rows and a dispatch: about
-a thousand small ops a step for SmolLM2's 30 layers, which at one decode row costs more than
-the arithmetic. On the CPU, without autograd, the C++ kernels (``kernels.cpu_kernels``) run
-each chain in one pass, rounding where the twins' ops round; elsewhere the torch twins run
-(they are the training path: autograd flows through them).
+Eager torch runs each chain as 4-8 ops, every one a pass over its rows and a dispatch: about a
+thousand small ops a step for SmolLM2's 30 layers, which at one decode row costs more than the
+arithmetic. On the CPU, without autograd, the C++ kernels (``loopserve_kernels.cpu_kernels``) run
+each chain in one pass, rounding where the twins' ops round; elsewhere the torch twins run (they are
+the training path: autograd flows through them).
 """
 
 from __future__ import annotations
@@ -13,8 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_kernels import cpu_kernel_available, rms_norm_cpu, rope_cpu_, silu_mul_cpu
-from kernels.dispatch import cpu_kernel_mode
+from loopserve_kernels.cpu_kernels import (
+    cpu_kernel_available,
+    rms_norm_cpu,
+    rope_cpu_,
+    silu_mul_cpu,
+)
+from loopserve_kernels.dispatch import cpu_kernel_mode
 
 
 def _native(*tensors: torch.Tensor) -> bool:

@@ -1,12 +1,12 @@
 """The one place that decides which implementation a kernel call runs.
 
-Callers never branch on the device: they call the entry points in ``kernels`` and this module
-picks Triton for CUDA tensors and, on the CPU, the C++ kernel where one exists (paged decode
-attention) and the pure-torch twin otherwise. ``use_backend`` forces a backend for the code it
-wraps — in this thread or task only (a context variable, not a
-process-wide switch), so a trainer forcing the torch twins (they have autograd) never changes
-what an engine thread beside it runs. Forcing ``triton`` on CPU tensors only works under
-``TRITON_INTERPRET=1`` (how the tests run the kernels on a CPU).
+Callers never branch on the device: they call the entry points in ``loopserve_kernels`` and this
+module picks Triton for CUDA tensors and, on the CPU, the C++ kernel where one exists (paged decode
+attention) and the pure-torch twin otherwise. ``use_backend`` forces a backend for the code it wraps
+— in this thread or task only (a context variable, not a process-wide switch), so a trainer forcing
+the torch twins (they have autograd) never changes what an engine thread beside it runs. Forcing
+``triton`` on CPU tensors only works under ``TRITON_INTERPRET=1`` (how the tests run the kernels on
+a CPU).
 """
 
 from __future__ import annotations

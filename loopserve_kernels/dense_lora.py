@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import kernel_backend
+from loopserve_kernels.dispatch import kernel_backend
 
 DENSE_RATIO = 0.5
 """Go dense once the factors hold at least this fraction of W's parameters: there the
@@ -59,6 +59,6 @@ def dense_per_depth_linear(
         raise ValueError(f"depth {depth} out of range for {dense_w.shape[0]} depths")
     if kernel_backend(x) == "torch":
         return dense_per_depth_linear_ref(x, dense_w, depth)
-    from kernels.lora_linear_triton import lora_matmul
+    from loopserve_kernels.lora_linear_triton import lora_matmul
 
     return lora_matmul(x, dense_w, None, None, depth)

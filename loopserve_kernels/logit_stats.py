@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu_kernels import cpu_kernel_available, row_max_lse_cpu
-from kernels.dispatch import cpu_kernel_mode
+from loopserve_kernels.cpu_kernels import cpu_kernel_available, row_max_lse_cpu
+from loopserve_kernels.dispatch import cpu_kernel_mode
 
 
 def row_max_lse_ref(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,15 +17,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_kernels import (
+from loopserve_kernels.cpu_kernels import (
     DECODE_LANES,
     cpu_kernel_available,
     paged_decode_cpu,
     prefill_chunks_cpu,
     write_kv_cpu,
 )
-from kernels.dispatch import cpu_kernel_mode, kernel_backend
-from kernels.paged_metadata import PagedAttentionMetadata, check_cache
+from loopserve_kernels.dispatch import cpu_kernel_mode, kernel_backend
+from loopserve_kernels.paged_metadata import PagedAttentionMetadata, check_cache
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def write_kv(
         else:
             write_kv_ref(k, v, k_cache, v_cache, slot_mapping)
         return
-    from kernels.paged_attention_triton import write_kv_triton
+    from loopserve_kernels.paged_attention_triton import write_kv_triton
 
     write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
 
@@ -392,6 +392,6 @@ def paged_attention(
         if mode == "require" or (mode == "prefer" and fits and cpu_kernel_available()):
             return paged_attention_cpu(q, k_cache, v_cache, meta, scale)
         return paged_attention_ref(q, k_cache, v_cache, meta, scale)
-    from kernels.paged_attention_triton import paged_attention_triton
+    from loopserve_kernels.paged_attention_triton import paged_attention_triton
 
     return paged_attention_triton(q, k_cache, v_cache, meta, scale)

@@ -1,7 +1,7 @@
 """The paged-attention contract: where each sequence's queries and K/V live for one call.
 
-Shared by the torch twins (``kernels.paged_attention``) and the Triton kernels
-(``kernels.paged_attention_triton``); neither imports the other's module for it.
+Shared by the torch twins (``loopserve_kernels.paged_attention``) and the Triton kernels
+(``loopserve_kernels.paged_attention_triton``); neither imports the other's module for it.
 
 KV cache of one block layer: ``k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
 head_dim]``; token position p of sequence s lives in block ``block_tables[s, p // block_size]``

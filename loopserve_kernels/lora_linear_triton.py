@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import interpreter_enabled
+from loopserve_kernels.dispatch import interpreter_enabled
 
 _TARGET_PROGRAMS = 264  # about two waves on an H100 (132 SMs); only sets the shrink's split-K
 _MAX_SPLIT_K = 16

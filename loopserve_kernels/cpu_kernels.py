@@ -1,7 +1,7 @@
 """The C++ kernels of the CPU path (``cpu_kernels.cpp``), built on first use: paged decode
 attention, the per-row max / log-sum-exp of logits, a block layer's pointwise chains
 (RMSNorm with an optional residual add, RoPE in place, silu·mul) and bf16 and float32 GEMMs
-over weight panels (``kernels.packed_linear``).
+over weight panels (``loopserve_kernels.packed_linear``).
 
 torch's C++ extension loader compiles it once per machine into torch's extension cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; about a minute with the

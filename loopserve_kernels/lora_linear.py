@@ -3,7 +3,7 @@
 Row i at loop depth d(i) computes ``y[i] = x[i] Wᵀ + (x[i] A[d(i)]ᵀ) B[d(i)]ᵀ``: the
 multi-LoRA batching problem (punica's shrink/expand) with "adapter id" = loop depth.
 Depth ids outside ``[0, D)`` in a depth tensor get no delta. The entry points dispatch through
-``kernels.dispatch``; the ``*_ref`` twins are the CPU path and the tests' reference.
+``loopserve_kernels.dispatch``; the ``*_ref`` twins are the CPU path and the tests' reference.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.dispatch import kernel_backend
+from loopserve_kernels.dispatch import kernel_backend
 
 
 def lora_linear_ref(
@@ -77,7 +77,7 @@ def lora_linear(
     _check_int_depth(depth, lora_a)
     if kernel_backend(x) == "torch":
         return lora_linear_ref(x, weight, lora_a, lora_b, depth)
-    from kernels.lora_linear_triton import lora_matmul
+    from loopserve_kernels.lora_linear_triton import lora_matmul
 
     return lora_matmul(x, weight, lora_a, lora_b, depth)
 
@@ -157,7 +157,7 @@ def fused_lora_linear(
     _check_int_depth(depth, None if fused is None else fused.lora_a)
     if kernel_backend(x) == "torch":
         return fused_lora_linear_ref(x, weight, fused, depth)
-    from kernels.lora_linear_triton import lora_matmul
+    from loopserve_kernels.lora_linear_triton import lora_matmul
 
     if fused is None:
         return lora_matmul(x, weight, None, None, depth)

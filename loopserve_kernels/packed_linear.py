@@ -36,7 +36,7 @@ from typing import Literal
 
 import torch
 
-from kernels.cpu_kernels import (
+from loopserve_kernels.cpu_kernels import (
     amx_takes,
     cpu_kernel_available,
     packed_linear_cpu,
@@ -45,7 +45,7 @@ from kernels.cpu_kernels import (
     panel_gemm_f32_cpu,
     panel_width,
 )
-from kernels.dispatch import cpu_kernel_mode
+from loopserve_kernels.dispatch import cpu_kernel_mode
 
 Layout = Literal["onednn", "panels"]
 PANEL = 64

@@ -1,4 +1,4 @@
-// C++ kernels of the CPU path, built by kernels/cpu_kernels.py on first use.
+// C++ kernels of the CPU path, built by loopserve_kernels/cpu_kernels.py on first use.
 //
 // paged_decode: paged decode attention, one query row per sequence, K/V read in place through
 // the block table. The torch twin gathers every sequence's blocks into a padded copy, copies
@@ -974,7 +974,7 @@ torch::Tensor onednn_linear(const torch::Tensor& x, const torch::Tensor& w) {
 }
 
 // x [T, in] (bf16 or float32) @ a weight packed by torch.ops.mkldnn._reorder_linear_weight: the op
-// kernels/packed_linear.py calls, through the dispatcher, with the same row padding, so the
+// loopserve_kernels/packed_linear.py calls, through the dispatcher, with the same row padding, so the
 // outputs are the same bits.
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w) {
   const int64_t m = x.size(0);
