@@ -1459,11 +1459,20 @@ bool transposed_factor(const torch::Tensor& w) {
   return !w.is_mkldnn() && w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous();
 }
 
+// Where slice j's output columns [col, col + out) land in a y that holds the group's columns
+// from `first` on: col - first, or -1 for a slice wholly before them (y never holds part of one).
+int64_t slice_column(int64_t col, int64_t out, int64_t first) {
+  if (col + out <= first) return -1;
+  TORCH_CHECK(col >= first, "the output columns must start at a slice boundary");
+  return col - first;
+}
+
 // y [T, Σout] (float32) += each segment's delta over its rows of x [T, in], factors stored
 // transposed (A^T [in, Σr], B_s^T [r_s, out_s]): every segment's shrink in one parallel
-// region, then every (segment, slice) expand added to its columns in another.
+// region, then every (segment, slice) expand added to its columns in another. y may hold only
+// the group's columns from `first` on (a K/V fill skips q): the slices before are not expanded.
 void add_low_rank(torch::Tensor& y, const torch::Tensor& x, const std::vector<Segment>& segs,
-                  int g) {
+                  int g, int64_t first = 0) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat &&
                   x.stride(1) == 1 && y.stride(1) == 1,
               "the low-rank GEMM takes float32 rows");
@@ -1481,13 +1490,14 @@ void add_low_rank(torch::Tensor& y, const torch::Tensor& x, const std::vector<Se
                       width, false});
     int64_t col = 0, rank_col = 0;
     for (size_t j = 0; j < gd.outs.size(); ++j) {
-      if (gd.expands[j].has_value()) {
+      const int64_t at = slice_column(col, gd.outs[j], first);
+      if (gd.expands[j].has_value() && at >= 0) {
         const torch::Tensor& b = *gd.expands[j];
         TORCH_CHECK(transposed_factor(b) && b.size(0) == gd.ranks[j] && b.size(1) == gd.outs[j],
                     "an expand must be float32 [r, out]");
         expand.push_back({t.data_ptr<float>() + seg.lo * width + rank_col, width, n, gd.ranks[j],
                           b.data_ptr<float>(), gd.outs[j],
-                          y.data_ptr<float>() + seg.lo * y.stride(0) + col, y.stride(0), true});
+                          y.data_ptr<float>() + seg.lo * y.stride(0) + at, y.stride(0), true});
       }
       col += gd.outs[j];
       rank_col += gd.ranks[j];
@@ -1498,11 +1508,12 @@ void add_low_rank(torch::Tensor& y, const torch::Tensor& x, const std::vector<Se
 }
 
 // y [T, out] += each segment's delta of group g over its rows of x: the Python layer's
-// `_add_packed_deltas` (shrink, one expand per slice, added to its columns), the same GEMMs.
+// `_add_packed_deltas` (shrink, one expand per slice, added to its columns), the same GEMMs;
+// y holds the group's columns from `first` on (see add_low_rank).
 void add_deltas(torch::Tensor& y, const torch::Tensor& x, const std::vector<Segment>& segs,
-                int g) {
+                int g, int64_t first = 0) {
   if (!segs.empty() && !segs[0].deltas.empty() && transposed_factor(segs[0].deltas[g].shrink)) {
-    add_low_rank(y, x, segs, g);
+    add_low_rank(y, x, segs, g, first);
     return;
   }
   for (const Segment& seg : segs) {
@@ -1512,9 +1523,10 @@ void add_deltas(torch::Tensor& y, const torch::Tensor& x, const std::vector<Segm
     const torch::Tensor t = packed_matmul(x.narrow(0, seg.lo, n), gd.shrink);
     int64_t col = 0, rank_col = 0;
     for (size_t j = 0; j < gd.outs.size(); ++j) {
-      if (gd.expands[j].has_value())
+      const int64_t at = slice_column(col, gd.outs[j], first);
+      if (gd.expands[j].has_value() && at >= 0)
         y.narrow(0, seg.lo, n)
-            .narrow(1, col, gd.outs[j])
+            .narrow(1, at, gd.outs[j])
             .add_(packed_matmul(t.narrow(1, rank_col, gd.ranks[j]), *gd.expands[j]));
       col += gd.outs[j];
       rank_col += gd.ranks[j];
@@ -1610,10 +1622,22 @@ torch::Tensor decode_layer(const torch::Tensor& hidden, const std::vector<int64_
   return normed[1] + project(inner, w_down, segs, 3);
 }
 
+// Columns [first, first + count) of a panel weight as a weight of their own: a view of whole
+// panels (each output column is its own FMA chain, so the values are the full GEMM's), or an
+// undefined tensor where the layout cannot be cut there (oneDNN's, or mid-panel).
+torch::Tensor panel_columns(const torch::Tensor& w, int64_t first, int64_t count) {
+  if (w.is_mkldnn() || (w.dim() != 3 && w.dim() != 4)) return {};
+  const int64_t width = w.size(2);  // [N/16, K, 16] float32 or [N/W, K/2, W, 2] bf16
+  if (first % width || count % width) return {};
+  return w.narrow(0, first / width, count / width);
+}
+
 // K/V that block layer `layer` would write at each fill row's depth if its input were that
 // row's hidden state (an exited token's, standing in for the loops it skipped): the input
-// norm, q|k|v with the depth's weight (w_qkv: one per segment) and deltas, RoPE on k, then
-// written at `slots` — RecursiveLM.kv_projection and write_kv in one call.
+// norm, k|v with the depth's weight (w_qkv: one q|k|v weight per segment) and deltas, RoPE on
+// k, then written at `slots` — RecursiveLM.kv_projection and write_kv in one call. Panel
+// weights are cut to their k|v columns (q is 60 % of SmolLM2's q|k|v and a fill never reads
+// it); oneDNN's packed weights project all of q|k|v.
 void fill_kv_layer(const torch::Tensor& hidden, const std::vector<int64_t>& segments,
                    const std::vector<torch::Tensor>& norms,
                    const std::vector<c10::optional<torch::Tensor>>& delta_w,
@@ -1627,22 +1651,32 @@ void fill_kv_layer(const torch::Tensor& hidden, const std::vector<int64_t>& segm
   TORCH_CHECK(w_qkv.size() == segs.size(), "one q|k|v weight per segment");
   const int64_t qw = heads_q * dim, kvw = heads_kv * dim;
   const torch::Tensor h = segment_rms_norm(hidden, segs, false, eps, c10::nullopt)[0];
-  torch::Tensor qkv;
+  std::vector<torch::Tensor> w_kv;
+  for (const torch::Tensor& w : w_qkv) {
+    torch::Tensor cut = panel_columns(w, qw, 2 * kvw);
+    if (!cut.defined()) break;
+    w_kv.push_back(cut);
+  }
+  const bool kv_only = w_kv.size() == w_qkv.size();
+  const std::vector<torch::Tensor>& ws = kv_only ? w_kv : w_qkv;
+  const int64_t first = kv_only ? qw : 0;
+  torch::Tensor out;
   if (segs.size() == 1 || std::all_of(w_qkv.begin(), w_qkv.end(), [&](const torch::Tensor& w) {
         return w.is_same(w_qkv[0]);
       })) {
-    qkv = project(h, w_qkv[0], segs, 0);
+    out = packed_matmul(h, ws[0]);
+    add_deltas(out, h, segs, 0, first);
   } else {  // per-depth weights: each segment's GEMM into its rows, then its delta (if any)
-    qkv = torch::empty({t, qw + 2 * kvw}, hidden.options());
+    out = torch::empty({t, qw + 2 * kvw - first}, hidden.options());
     for (size_t i = 0; i < segs.size(); ++i) {
       const int64_t n = segs[i].hi - segs[i].lo;
-      qkv.narrow(0, segs[i].lo, n).copy_(packed_matmul(h.narrow(0, segs[i].lo, n), w_qkv[i]));
-      add_deltas(qkv, h, {segs[i]}, 0);
+      out.narrow(0, segs[i].lo, n).copy_(packed_matmul(h.narrow(0, segs[i].lo, n), ws[i]));
+      add_deltas(out, h, {segs[i]}, 0, first);
     }
   }
-  TORCH_CHECK(qkv.size(1) == qw + 2 * kvw, "the q|k|v weight does not match the heads");
-  torch::Tensor k = qkv.narrow(1, qw, kvw).view({t, heads_kv, dim});
-  const torch::Tensor v = qkv.narrow(1, qw + kvw, kvw).view({t, heads_kv, dim});
+  TORCH_CHECK(out.size(1) == qw + 2 * kvw - first, "the q|k|v weight does not match the heads");
+  torch::Tensor k = out.narrow(1, qw - first, kvw).view({t, heads_kv, dim});
+  const torch::Tensor v = out.narrow(1, qw + kvw - first, kvw).view({t, heads_kv, dim});
   rope_(k, cos, sin);
   write_kv(k, v, k_cache, v_cache, slots);
 }

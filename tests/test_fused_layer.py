@@ -3,6 +3,7 @@ bit for bit, and the engine's tokens and logprobs with it equal those without it
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,48 @@ def test_layers_the_fused_layer_cannot_compute_keep_the_python_layer(
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
     assert _served(load_model(tmp_path), dtype).decode_layer is None
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank", [FULL_RANK, 4], ids=["exact-b3", "rank4-b3"])
+def test_fills_in_cpp_write_the_python_layers_kv_at_every_depth(
+    llama_dir: Path, rank: int, dtype: torch.dtype
+) -> None:
+    """K/V fills at two deeper depths at once (B = 3: per-depth dense weights, two GEMMs, or a
+    shared weight with each depth's deltas), the C++ call cutting its weights to their k|v
+    columns: every cache row the Python layer's bit for bit, and within the dtype's rounding of
+    a float64 copy of the unserved model; rows outside the fill's slots untouched."""
+    source = convert(
+        load_model(llama_dir), 3, "average", dict.fromkeys(LINEAR_MODULES, rank), progress=False
+    )[0]
+    reference = copy.deepcopy(source).to(torch.float64)
+    fused, python = (_served(copy.deepcopy(source), dtype) for _ in range(2))
+    python.decode_layer = None
+    assert isinstance(fused.decode_layer, DecodeLayer)
+    a = fused.config.arch
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(7, a.hidden_size, generator=g)
+    depth = torch.tensor([1, 1, 1, 2, 2, 2, 2])
+    positions = torch.tensor([5, 9, 2, 5, 9, 2, 30])
+    slots = torch.tensor([3, 17, 40, 4, 18, 41, 63])
+    caches = []
+    for model in (fused, python, reference):
+        shape = (16, 4, a.num_kv_heads, a.head_dim)
+        dt = model.embed.dtype
+        k = [torch.full(shape, 7.0, dtype=dt) for _ in range(model.config.block_layers)]
+        v = [t.clone() for t in k]
+        model.fill_kv(hidden.to(dt), depth, positions, slots, k, v)
+        caches.append((k, v))
+    (fk, fv), (pk, pv), (rk, rv) = caches
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[slots] = False
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    for layer in range(fused.config.block_layers):
+        for f, p, r in ((fk[layer], pk[layer], rk[layer]), (fv[layer], pv[layer], rv[layer])):
+            assert torch.equal(f, p)
+            flat = f.view(64, -1)
+            assert bool((flat[untouched] == 7.0).all())
+            ref = r.view(64, -1)[slots].to(torch.float32)
+            err = (flat[slots].float() - ref).abs().max()
+            assert err <= tol * max(1.0, float(ref.abs().max()))
