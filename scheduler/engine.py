@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -56,6 +56,7 @@ class EngineStats:
     phase_seconds: dict[str, float]  # host wall time of the step's phases (see StepCounts)
     prefix_queries: int = 0  # prompt tokens looked up in the prefix cache so far
     prefix_hits: int = 0  # of which were cached
+    depths_per_pass: list[int] = field(default_factory=list)  # depths each block pass ran
 
 
 def _sample_id(request_id: str, index: int) -> str:
@@ -177,6 +178,7 @@ class Engine:
             phase_seconds=counts.phases,
             prefix_queries=s.prefix_cache.queries if s.prefix_cache else 0,
             prefix_hits=s.prefix_cache.hits if s.prefix_cache else 0,
+            depths_per_pass=counts.depths_per_pass,
         )
         return outputs, stats
 

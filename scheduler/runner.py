@@ -1,5 +1,6 @@
-"""Model runner: turns a SchedulerOutput into one pass of the block (or all loops, in
-sequence mode), decides exits, samples, and fills the KV that exited tokens skipped.
+"""Model runner: turns a SchedulerOutput into one pass of the block (or all loops: in sequence
+mode, or an aligned step none of whose items can exit early), decides exits, samples, and
+fills the KV that exited tokens skipped.
 
 It never sees Request objects; between steps it keeps only the hidden state of each
 in-flight item, keyed by request id.
@@ -31,6 +32,7 @@ class StepCounts:
     exits: list[int]
     fills: list[int]
     phases: dict[str, float] = field(default_factory=dict)
+    depths_per_pass: list[int] = field(default_factory=list)  # one entry per block pass
 
     def timed(self, phase: str, since: float) -> float:
         """Add the time from ``since`` to ``phase``; returns now, the next phase's start."""
@@ -122,17 +124,29 @@ class ModelRunner:
         # rows sorted by depth: one depth segment per tile in the fused LoRA kernels
         batch = self._build(sorted(out.items, key=lambda i: i.depth))
         t = counts.timed("build", t)
-        passes = self.loops if sequence_mode else 1
-        for _ in range(passes):
+        every_loop = sequence_mode or (out.whole_tokens and not self._may_leave_early(out))
+        for _ in range(self.loops if every_loop else 1):
             self._pass(batch, counts)
             t = counts.timed("block", t)
-            self._decide(batch, results, counts, sequence_mode)
+            self._decide(batch, results, counts, every_loop)
             t = counts.timed("head+exit+sample+fill", t)
             batch.depths = [d + 1 for d in batch.depths]
             batch.depth_rows = batch.depth_rows + 1
-        if not sequence_mode:
+        if not every_loop:
             self._keep_hidden(batch, results)
         return results, counts
+
+    def _may_leave_early(self, out: SchedulerOutput) -> bool:
+        """Whether any item could exit before the last loop (by a forced schedule, or its
+        thresholds): then each loop is its own step, so exits free their rows at once."""
+        if self.config.forced_exit_weights:
+            return True
+        last = self.loops - 1
+        return any(
+            may_exit(d, it.exit_thresholds[d], it.min_loops, last)
+            for it in out.items
+            for d in range(it.depth, last)
+        )
 
     def _build(self, items: list[ScheduledItem]) -> _Batch:
         hidden, positions, depths, bounds = [], [], [], []
@@ -173,7 +187,8 @@ class ModelRunner:
         attention = PagedAttention(self.cache, meta, slot_mapping, self.scale)
         # one depth for the whole batch (always in sequence mode): the int fast path skips the
         # per-depth row segmentation in every linear layer
-        uniform = len(set(batch.depths)) == 1
+        counts.depths_per_pass.append(len(set(batch.depths)))
+        uniform = counts.depths_per_pass[-1] == 1
         depth = batch.depths[0] if uniform else batch.depth_rows
         batch.hidden = self.model.block_forward(batch.hidden, depth, batch.positions, attention)
 
@@ -182,7 +197,7 @@ class ModelRunner:
         batch: _Batch,
         results: dict[str, ItemResult],
         counts: StepCounts,
-        sequence_mode: bool,
+        every_loop: bool,
     ) -> None:
         """For items that ended a loop where they may produce a token: the LM head over those
         rows only, the exit rule and the sampler as batched ops, one host copy for all."""
@@ -233,7 +248,7 @@ class ModelRunner:
                 continue
             results[it.request_id] = ItemResult(sample=host.sample(j, it.params), exit_depth=d)
             counts.exits[d] += 1
-            if d < last and it.decode and not sequence_mode:
+            if d < last and it.decode and not every_loop:
                 fills.append((it, d, row))
         if fills:
             self._fill(batch, fills, counts)

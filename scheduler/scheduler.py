@@ -54,6 +54,11 @@ class ScheduledItem:
 class SchedulerOutput:
     items: list[ScheduledItem]
     dropped: list[str] = field(default_factory=list)  # requests whose runner state is stale
+    whole_tokens: bool = False
+    """Aligned, and every item at loop 0: the runner may run all loops in this one step where
+    no item can exit before the last — nothing could leave between loops, and a newcomer would
+    be held until the group is back at loop 0 anyway, so per-loop steps would only add each
+    step's fixed costs (scheduling, step inputs, the engine loop's wake-ups)."""
 
     @property
     def num_rows(self) -> int:
@@ -191,7 +196,8 @@ class Scheduler:
             ready = self._align(ready)
         items = [self._describe(r) for r in ready]
         dropped, self._dropped = self._dropped, []
-        return SchedulerOutput(items=items, dropped=dropped)
+        whole = self.aligned and all(i.depth == 0 for i in items)
+        return SchedulerOutput(items=items, dropped=dropped, whole_tokens=whole)
 
     def _align(self, ready: list[Request]) -> list[Request]:
         """The items at the depth most items are at (ties: the deepest, whose tokens are

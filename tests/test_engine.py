@@ -304,7 +304,7 @@ def test_random_schedules_end_cleanly(
                 engine.abort(rid)
                 aborted.add(rid)
         outputs, stats = engine.step()
-        assert sum(stats.rows_per_depth) <= budget * (3 if batching == "sequence" else 1)
+        assert sum(stats.rows_per_depth) <= budget * max(1, len(stats.depths_per_pass))  # a pass
         assert stats.num_running <= 4
         for o in outputs:
             got[o.request_id].extend(o.token_ids)
@@ -321,7 +321,8 @@ def test_random_schedules_end_cleanly(
 
 
 def _staggered_run(model: RecursiveLM, alignment: str) -> tuple[dict, list[int], list[int]]:
-    """Requests arriving one step apart; per step, how many depths ran and the longest hold."""
+    """Requests arriving one step apart; per step, the most depths one of its block passes ran
+    and the longest hold."""
     prompts = _prompts(6, seed=5)
     engine = _engine(model, depth_alignment=alignment, max_num_batched_tokens=256)
     params = replace(GREEDY, max_tokens=10)
@@ -332,7 +333,7 @@ def _staggered_run(model: RecursiveLM, alignment: str) -> tuple[dict, list[int],
         if pending:
             engine.add_request(*pending.pop(0), params)
         outputs, stats = engine.step()
-        depths_per_step.append(sum(1 for n in stats.rows_per_depth if n))
+        depths_per_step.append(max(stats.depths_per_pass, default=0))
         held = [r.item.held for r in engine.scheduler.running if r.item is not None]
         longest_hold.append(max(held, default=0))
         for o in outputs:
@@ -352,6 +353,45 @@ def test_aligned_schedule_runs_one_depth_per_step_and_holds_briefly(
     assert max(holds) <= 2  # loops - 1: nothing waits longer
     assert sum(d > 1 for d in aligned) <= 2  # only where a held row is forced in
     assert sum(aligned) < sum(mixed)
+
+
+def _passes_per_step(model: RecursiveLM, params: dict[str, SamplingParams], **kw: object):
+    """Every request added at once; the block passes of each step, and the tokens."""
+    engine = _engine(model, max_num_batched_tokens=256, **kw)
+    prompts = _prompts(len(params), seed=9)
+    for rid, p in zip(prompts, params.values(), strict=True):
+        engine.add_request(rid, prompts[rid], p)
+    passes, got = [], {rid: [] for rid in prompts}
+    while engine.has_work:
+        outputs, stats = engine.step()
+        passes.append(len(stats.depths_per_pass))
+        for o in outputs:
+            got[o.request_id].extend(o.token_ids)
+    return passes, got, prompts
+
+
+def test_aligned_steps_no_item_can_leave_run_every_loop_in_one_step(
+    dense_rrt: RecursiveLM,
+) -> None:
+    """Aligned, every item at loop 0 and no exit possible: a step runs all three loops, as many
+    steps as sequence-wise batching takes, the same tokens as the cache-free reference. One
+    request that may exit (its own threshold, or a forced schedule) makes every loop its own
+    step again, so that exits free their rows at once."""
+    off = {f"r{i}": GREEDY for i in range(4)}
+    passes, got, prompts = _passes_per_step(dense_rrt, off, depth_alignment="aligned")
+    assert set(passes) == {3}
+    assert got == _reference(dense_rrt, prompts, GREEDY.max_tokens)
+    sequence, _, _ = _passes_per_step(dense_rrt, off, batching="sequence")
+    assert len(passes) == len(sequence)
+    one_may_exit = {**off, "r3": replace(GREEDY, exit_threshold=0.5)}
+    passes, _, _ = _passes_per_step(dense_rrt, one_may_exit, depth_alignment="aligned")
+    assert set(passes) == {1}
+    forced, _, _ = _passes_per_step(
+        dense_rrt, off, depth_alignment="aligned", forced_exit_weights=(0.0, 0.0, 1.0)
+    )
+    assert set(forced) == {1}
+    mixed, _, _ = _passes_per_step(dense_rrt, off, depth_alignment="mixed")
+    assert set(mixed) == {1}  # mixed depths: a newcomer joins at any loop
 
 
 def test_auto_alignment_follows_the_weight_layout(rrt: RecursiveLM, dense_rrt: RecursiveLM) -> None:
