@@ -23,7 +23,8 @@ class EngineConfig:
 
     ``depth_alignment`` (depth mode): ``"mixed"`` runs every in-flight item each step, whatever
     its depth; ``"aligned"`` runs the depth most items are at and holds the others (at most
-    ``loops - 1`` steps), so rows fall into step; ``"auto"`` aligns when the model serves some
+    ``loops - 1`` steps), so rows fall into step, and a step that starts at loop 0 with no item
+    able to exit early runs every loop at once; ``"auto"`` aligns when the model serves some
     module as dense per-depth weights, where each extra depth in a step is another full weight
     read, and mixes when the depths share one weight plus small deltas.
     """

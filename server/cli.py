@@ -76,8 +76,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
     opt(
         "--depth-alignment",
         choices=DEPTH_ALIGNMENTS,
-        help="depth mode: run rows at mixed depths, or hold rows so a step runs one depth "
-        "(default: auto = aligned for dense per-depth weights)",
+        help="depth mode: run rows at mixed depths, or hold rows so a step runs one depth (all "
+        "loops, where no row can exit early; default: auto = aligned for dense per-depth weights)",
     )
     opt("--exit-threshold", type=float, help="early-exit confidence threshold (> 1: off)")
     opt(
