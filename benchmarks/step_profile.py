@@ -80,11 +80,15 @@ def profile(model: torch.nn.Module, conc: int, steps: int, seed: int) -> dict[st
         ),
     )
     rng = random.Random(seed)
-    params = SamplingParams(max_tokens=steps + 16, temperature=0.0, ignore_eos=True)
+    # long enough that no request finishes while the last ones are still being admitted (at
+    # c = 64 admission takes ~36 steps): the batch stays full for every timed step
+    params = SamplingParams(max_tokens=4096 - 128, temperature=0.0, ignore_eos=True)
     for i in range(conc):
         engine.add_request(f"r{i}", [rng.randrange(3, 49000) for _ in range(128)], params)
     sched = engine.scheduler
     while len(sched.running) < conc or not all(r.prefilled for r in sched.running):
+        if not engine.has_work:
+            raise RuntimeError(f"the batch never filled to {conc} running requests")
         engine.step()
     for _ in range(3):
         engine.step()
