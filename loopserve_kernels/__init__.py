@@ -6,7 +6,7 @@ Callers use the names below; ``loopserve_kernels.dispatch`` picks the implementa
 from loopserve_kernels.cpu_kernels import (
     cpu_kernel_available,
     decode_layer_cpu,
-    fill_kv_layer_cpu,
+    fill_kv_layers_cpu,
     low_rank_delta_cpu,
 )
 from loopserve_kernels.dense_lora import dense_per_depth_linear, materialise_dense, prefer_dense
@@ -33,7 +33,7 @@ __all__ = [
     "decode_inputs",
     "decode_layer_cpu",
     "dense_per_depth_linear",
-    "fill_kv_layer_cpu",
+    "fill_kv_layers_cpu",
     "fuse_lora",
     "fused_lora_linear",
     "lora_linear",

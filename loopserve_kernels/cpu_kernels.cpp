@@ -1681,6 +1681,27 @@ void fill_kv_layer(const torch::Tensor& hidden, const std::vector<int64_t>& segm
   write_kv(k, v, k_cache, v_cache, slots);
 }
 
+// fill_kv_layer for every layer of the block in one call: the per-layer Python (argument
+// lists, RoPE selection, the binding's conversions) ran once a layer before.
+void fill_kv_layers(const torch::Tensor& hidden, const std::vector<int64_t>& segments,
+                    const std::vector<std::vector<torch::Tensor>>& norms,
+                    const std::vector<std::vector<c10::optional<torch::Tensor>>>& delta_w,
+                    const std::vector<std::vector<int64_t>>& delta_dims, double eps,
+                    const std::vector<std::vector<torch::Tensor>>& w_qkv,
+                    const std::vector<torch::Tensor>& cos, const std::vector<torch::Tensor>& sin,
+                    std::vector<torch::Tensor>& k_caches, std::vector<torch::Tensor>& v_caches,
+                    const torch::Tensor& slots, int64_t heads_q) {
+  const size_t layers = k_caches.size();
+  TORCH_CHECK(norms.size() == layers && delta_w.size() == layers && delta_dims.size() == layers &&
+                  w_qkv.size() == layers && cos.size() == layers && sin.size() == layers &&
+                  v_caches.size() == layers,
+              "one entry per layer in every list");
+  for (size_t l = 0; l < layers; ++l) {
+    fill_kv_layer(hidden, segments, norms[l], delta_w[l], delta_dims[l], eps, w_qkv[l], cos[l],
+                  sin[l], k_caches[l], v_caches[l], slots, heads_q);
+  }
+}
+
 }  // namespace
 
 // every kernel lets go of the GIL: the event loop's thread runs while a step computes
@@ -1704,5 +1725,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_rows", &gemm_rows, "the row count packed_linear calls oneDNN with for m rows");
   m.def("decode_layer", &decode_layer, "one Llama-family block layer over a step", nogil());
   m.def("low_rank_delta", &low_rank_delta, "x @ one transposed float32 low-rank delta", nogil());
-  m.def("fill_kv_layer", &fill_kv_layer, "K/V of exited rows at the depths they skipped", nogil());
+  m.def("fill_kv_layers", &fill_kv_layers, "K/V of exited rows at the depths they skipped, every layer", nogil());
 }

@@ -239,25 +239,26 @@ def decode_layer_cpu(
     )
 
 
-def fill_kv_layer_cpu(
+def fill_kv_layers_cpu(
     hidden: torch.Tensor,
     segments: list[int],
-    norms: list[torch.Tensor],
-    delta_weights: list[torch.Tensor | None],
-    delta_dims: list[int],
+    norms: list[list[torch.Tensor]],
+    delta_weights: list[list[torch.Tensor | None]],
+    delta_dims: list[list[int]],
     eps: float,
-    qkv_weights: list[torch.Tensor],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    qkv_weights: list[list[torch.Tensor]],
+    cos: list[torch.Tensor],
+    sin: list[torch.Tensor],
+    k_caches: list[torch.Tensor],
+    v_caches: list[torch.Tensor],
     slots: torch.Tensor,
     heads_q: int,
 ) -> None:
-    """K/V of fill rows (exited tokens' hidden states at the depths they skipped) for one
-    layer, written at ``slots``: per segment (as ``decode_layer_cpu``'s, q|k|v deltas only)
-    its input norm and packed q|k|v weight."""
-    _loaded().fill_kv_layer(
+    """K/V of fill rows (exited tokens' hidden states at the depths they skipped) for every
+    layer of the block in one call, written at ``slots``: per layer and segment (as
+    ``decode_layer_cpu``'s, q|k|v deltas only) its input norm and packed q|k|v weight; ``cos``,
+    ``sin`` and the caches one per layer."""
+    _loaded().fill_kv_layers(
         hidden,
         segments,
         norms,
@@ -267,8 +268,8 @@ def fill_kv_layer_cpu(
         qkv_weights,
         cos,
         sin,
-        k_cache,
-        v_cache,
+        k_caches,
+        v_caches,
         slots,
         heads_q,
     )

@@ -24,7 +24,7 @@ from loopserve_kernels import (
     cpu_kernel_available,
     cpu_kernel_mode,
     decode_layer_cpu,
-    fill_kv_layer_cpu,
+    fill_kv_layers_cpu,
 )
 from loopserve_kernels.lora_linear import depth_segments
 from model.fused_projection import Delta, FusedProjection
@@ -200,29 +200,29 @@ class DecodeLayer:
 
     def fill(
         self,
-        layer: int,
         segments: Segments,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cos: list[torch.Tensor],
+        sin: list[torch.Tensor],
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
         slots: torch.Tensor,
     ) -> None:
-        """``RecursiveLM.kv_projection`` + ``write_kv`` of layer ``layer`` for fill rows."""
-        ws, bounds = self._at(layer, segments)
-        fill_kv_layer_cpu(
+        """``RecursiveLM.kv_projection`` + ``write_kv`` of every layer for fill rows, in one
+        C++ call (``cos``, ``sin``, the caches: one per layer)."""
+        layers = [self._at(layer, segments)[0] for layer in range(len(k_caches))]
+        fill_kv_layers_cpu(
             hidden.contiguous(),
-            bounds,
-            [w.input_norm for w in ws],
-            [t for w in ws for t in w.qkv_delta_weights],
-            [n for w in ws for n in w.qkv_delta_dims],
+            self._at(0, segments)[1],
+            [[w.input_norm for w in ws] for ws in layers],
+            [[t for w in ws for t in w.qkv_delta_weights] for ws in layers],
+            [[n for w in ws for n in w.qkv_delta_dims] for ws in layers],
             self.eps,
-            [w.packed[0] for w in ws],
+            [[w.packed[0] for w in ws] for ws in layers],
             cos,
             sin,
-            k_cache,
-            v_cache,
+            k_caches,
+            v_caches,
             slots,
             self.heads_q,
         )

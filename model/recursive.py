@@ -65,13 +65,12 @@ class DecodeLayerFn(Protocol):
 
     def fill(
         self,
-        layer: int,
         segments: list[tuple[int, int, int]],
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cos: list[torch.Tensor],
+        sin: list[torch.Tensor],
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
         slots: torch.Tensor,
     ) -> None: ...
 
@@ -269,22 +268,22 @@ class RecursiveLM(nn.Module):
         v_caches: list[torch.Tensor],
     ) -> None:
         """``kv_projection`` of every block layer for rows [R, H] at their ``depth`` [R],
-        written to the caches at ``slots`` [R]: one C++ call a layer where the model has the
-        one-call layer and the rows are sorted by depth, else the Python projection."""
+        written to the caches at ``slots`` [R]: one C++ call for all layers where the model has
+        the one-call layer and the rows are sorted by depth, else the Python projection."""
         tables = self.rope_tables(positions, hidden.dtype)  # once for every layer
         fast = self.decode_layer
         segments = None
         if fast is not None and fast.applies(hidden):
             segments = fast.fill_segments(depth)
-        for layer in range(self.config.block_layers):
-            if fast is not None and segments is not None:
-                cos, sin = self.rotary.select(tables, layer, depth)
-                fast.fill(
-                    layer, segments, hidden, cos, sin, k_caches[layer], v_caches[layer], slots
-                )
-            else:
-                k, v = self.kv_projection(layer, hidden, depth, positions, tables)
-                write_kv(k, v, k_caches[layer], v_caches[layer], slots)
+        layers = range(self.config.block_layers)
+        if fast is not None and segments is not None:
+            rope = [self.rotary.select(tables, layer, depth) for layer in layers]
+            cos, sin = [c for c, _ in rope], [s for _, s in rope]
+            fast.fill(segments, hidden, cos, sin, k_caches, v_caches, slots)
+            return
+        for layer in layers:
+            k, v = self.kv_projection(layer, hidden, depth, positions, tables)
+            write_kv(k, v, k_caches[layer], v_caches[layer], slots)
 
     def _biased(self, group: tuple[str, ...]) -> bool:
         return any(m in self.biases for m in group)
