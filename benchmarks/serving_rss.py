@@ -21,8 +21,10 @@ from model.serving import prepare_for_serving
 
 def main(argv: list[str] | None = None) -> int:
     which = (argv or sys.argv[1:] or ["vanilla"])[0]
-    model = load_model(
-        pull_default() if which == "vanilla" else ensure_default_model(), dtype=torch.bfloat16
+    model = load_model(  # as the server loads it
+        pull_default() if which == "vanilla" else ensure_default_model(),
+        dtype=torch.bfloat16,
+        keep_full_precision=True,
     )
     prepare_for_serving(model)
     gc.collect()

@@ -201,12 +201,22 @@ def load_hf(
     return _materialize(model, state, dtype, device)
 
 
+# what ``materialise_high_rank`` sums into dense weights: kept at the checkpoint's precision
+SUMMED_PREFIXES = ("weights.", "lora_a.", "lora_b.")
+
+
 def _materialize(
-    model: RecursiveLM, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str | None
+    model: RecursiveLM,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: str | None,
+    keep_full_precision: bool = False,
 ) -> RecursiveLM:
     """Replace a meta-device model's parameters with ``state`` (exact keys required).
 
     Building on "meta" first avoids allocating (and initialising) the weights twice.
+    ``keep_full_precision``: where ``dtype`` is narrower than a summed tensor's, the wide
+    tensor stays in ``model.full_precision`` (see there) on the CPU.
     """
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
@@ -222,6 +232,12 @@ def _materialize(
     model.load_state_dict(
         {k: v.to(dtype=dtype, device=device or "cpu") for k, v in state.items()}, assign=True
     )
+    if keep_full_precision:
+        model.full_precision = {
+            k: v
+            for k, v in state.items()
+            if k.startswith(SUMMED_PREFIXES) and torch.finfo(v.dtype).bits > torch.finfo(dtype).bits
+        }
     return model
 
 
@@ -276,7 +292,10 @@ def read_loopserve_meta(directory: str | Path) -> dict[str, Any]:
 
 
 def load_loopserve(
-    directory: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None
+    directory: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    keep_full_precision: bool = False,
 ) -> RecursiveLM:
     d = Path(directory)
     meta = read_loopserve_meta(d)
@@ -290,16 +309,20 @@ def load_loopserve(
     tensors = read_tensors(d)
     if config.exit_heads:
         tensors.update(_read_file(d / EXIT_HEADS_FILE))
-    return _materialize(model, tensors, dtype, device)
+    return _materialize(model, tensors, dtype, device, keep_full_precision)
 
 
 def load_model(
-    directory: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None
+    directory: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+    keep_full_precision: bool = False,
 ) -> RecursiveLM:
-    """Load either format, deciding by the config file present."""
+    """Load either format, deciding by the config file present (``keep_full_precision``:
+    see ``RecursiveLM.full_precision``; an original model has nothing to sum)."""
     d = Path(directory)
     if not d.is_dir():
         raise CheckpointError(f"model directory {d} does not exist")
     if (d / LOOPSERVE_CONFIG).exists():
-        return load_loopserve(d, dtype, device)
+        return load_loopserve(d, dtype, device, keep_full_precision)
     return load_hf(d, dtype, device)

@@ -135,6 +135,11 @@ class RecursiveLM(nn.Module):
         # dense weights [K, B, out, in] for high-rank deltas; module group (or one module) ->
         # a projection that replaced their weights (fused and/or packed).
         self.dense: dict[str, torch.Tensor] = {}
+        # the checkpoint's own (wider) copies of the shared weights and LoRA factors, kept by
+        # ``load_model(..., keep_full_precision=True)`` until ``materialise_high_rank`` sums
+        # them into dense weights: summing the narrowed copies instead rounds twice, and a
+        # bf16 exact conversion then no longer computes its source model's bf16 weights
+        self.full_precision: dict[str, torch.Tensor] = {}
         self.fused: dict[tuple[str, ...], Projection] = {}
         self.packed_head: Callable[[torch.Tensor], torch.Tensor] | None = None
         # set by model.serving when every layer fits the one-call C++ decode layer

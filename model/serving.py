@@ -54,20 +54,29 @@ def materialise_high_rank(model: RecursiveLM, force: bool | None = None) -> list
 
     ``force`` True/False overrides the shape-based rule (for benchmarks). Returns the modules
     switched; their shared weights and LoRA factors are freed (not changed in the checkpoint).
+    The sums read ``model.full_precision`` where the loader kept it, and it is dropped after.
     """
     switched = []
+    wide = model.full_precision
     for m, a in model.lora_a.items():
         out_f, in_f = model.config.arch.linear_shape(m)
         rank = a.shape[2]
         if not (prefer_dense(out_f, in_f, rank) if force is None else force):
             continue
         w, b = model.weights[m], model.lora_b[m]
+        src = [
+            wide.get(f"{kind}.{m}", t) for kind, t in (("weights", w), ("lora_a", a), ("lora_b", b))
+        ]
         model.dense[m] = torch.stack(
-            [materialise_dense(w[k], a[k], b[k]) for k in range(model.config.block_layers)]
+            [
+                materialise_dense(src[0][k], src[1][k], src[2][k]).to(w.device, w.dtype)
+                for k in range(model.config.block_layers)
+            ]
         )
         for p in (w, a, b):
             _free(p)
         switched.append(m)
+    model.full_precision = {}
     return switched
 
 

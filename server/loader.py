@@ -277,7 +277,7 @@ def load_engine(settings: ServeSettings, model_dir: Path) -> Engine:
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     dtype = DTYPES[settings.dtype]
-    model = load_model(model_dir, dtype=dtype, device=settings.device)
+    model = load_model(model_dir, dtype=dtype, device=settings.device, keep_full_precision=True)
     plan = prepare_for_serving(model)
     if plan.dense:
         log.info("high-rank deltas served as per-position dense weights: %s", ", ".join(plan.dense))

@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from loopserve_kernels import PackedWeight, packing_supported
-from model.checkpoint import load_model
+from model.checkpoint import load_model, save_checkpoint
 from model.config import FULL_RANK, LINEAR_MODULES
 from model.convert import convert
 from model.generate import greedy_generate
@@ -162,3 +162,47 @@ def test_packed_weights_keep_logits_and_tokens(
     prompts = {f"r{i}": _ids(101, seed=i)[0, : 5 + i].tolist() for i in range(4)}
     got = Engine(model, cfg).generate(prompts, params)
     assert got == Engine(ref, cfg).generate(prompts, params)
+
+
+@torch.no_grad()
+def test_bf16_exact_conversion_serves_its_sources_bf16_weights(
+    tiny_hf: tuple[Path, LlamaForCausalLM], tmp_path: Path
+) -> None:
+    """Loaded in bf16 as the server loads it, an exact conversion's dense per-depth weights
+    are summed from the checkpoint's float32 factors and rounded once: the source's own bf16
+    weights (a bf16-stored source, as SmolLM2's is) but where the float32 SVD lands within an
+    ulp of a rounding edge, and the same greedy tokens as the source served in bf16. Summed
+    from bf16-rounded factors instead, two in five weights differ."""
+    source = load_model(tiny_hf[0])
+    for p in source.parameters():
+        p.copy_(p.to(torch.bfloat16).float())
+    full = dict.fromkeys(LINEAR_MODULES, FULL_RANK)
+    exact = convert(copy.deepcopy(source), 3, "average", full, progress=False)[0]
+    directory = save_checkpoint(exact, tmp_path / "exact")
+    k_ = exact.config.block_layers
+
+    def mismatched(keep: bool) -> float:
+        model = load_model(directory, dtype=torch.bfloat16, keep_full_precision=keep)
+        switched = materialise_high_rank(model)
+        assert sorted(switched) == sorted(LINEAR_MODULES) and not model.full_precision
+        bad = total = 0
+        for m in switched:
+            for k in range(k_):
+                for b in range(3):
+                    want = source.weights[m][b * k_ + k].to(torch.bfloat16)
+                    bad += int((model.dense[m][k, b] != want).sum())
+                    total += want.numel()
+        return bad / total
+
+    assert mismatched(keep=True) <= 1e-3
+    assert mismatched(keep=False) > 0.1
+    vanilla = copy.deepcopy(source).to(torch.bfloat16)
+    served = load_model(directory, dtype=torch.bfloat16, keep_full_precision=True)
+    for model in (vanilla, served):
+        prepare_for_serving(model)
+    cfg = EngineConfig(block_size=4, num_blocks=128, max_model_len=64)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = {f"p{i}": _ids(101, seed=i)[0, :9].tolist() for i in range(4)}
+    assert Engine(served, cfg).generate(prompts, params) == Engine(vanilla, cfg).generate(
+        prompts, params
+    )
