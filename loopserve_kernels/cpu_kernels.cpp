@@ -959,7 +959,7 @@ constexpr int64_t kGemmPiece = 512;
 
 int64_t gemm_rows(int64_t m) {
   TORCH_CHECK(m >= 0 && m <= kGemmPiece, "gemm_rows takes 0..", kGemmPiece, " rows, got ", m);
-  if (m <= 16) return m;
+  if (m <= 16) return m == 1 ? 2 : m;  // one row: another oneDNN kernel (packed_linear.py)
   const int64_t step = int64_t{1} << (63 - __builtin_clzll(static_cast<uint64_t>(m)) - 2);
   return (m + step - 1) / step * step;
 }

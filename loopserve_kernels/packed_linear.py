@@ -25,7 +25,8 @@ cycling through 30 layers: 1.0 / 1.5 / 2.7 ms a layer at 1 / 8 / 32 rows through
 0.7-0.8 / 1.6-2.0 ms on panels). Each output is one float32 FMA chain in input order: within
 float32 rounding of ``F.linear`` and the same for a row whatever else is in the batch. Elsewhere
 float32 weights take oneDNN's layout: faster than ``F.linear``'s MKL at decode row counts and,
-unlike it, batch-invariant too (MKL switches kernels below 4-6 rows).
+unlike it, batch-invariant too (MKL switches kernels below 4-6 rows; oneDNN at one row, which
+``gemm_rows`` pads to two).
 """
 
 from __future__ import annotations
@@ -69,13 +70,16 @@ def gemm_rows(rows: int) -> int:
     a MiB each in two 1,024-entry caches: serving every count from 1 to a few thousand grew a
     server by hundreds of MiB and cost ~1 ms a new count. Padding to exact counts up to 16, then
     4 an octave (at most 1/4 more rows), keeps it to 36 counts a weight shape (8 an octave
-    still grew the soak server by ~70 MiB after its warm-up). The C++ layer's
-    ``gemm_rows`` is the same rule (tested); a row's result does not depend on the others.
+    still grew the soak server by ~70 MiB after its warm-up). One row is padded to two: on an
+    AVX-512 AMD EPYC, oneDNN's float32 GEMM takes another kernel for a single row whose sums
+    differ in the last bits from every other count's (a 576 x 1536 weight), so a row alone
+    would not get the bits it gets in a batch. The C++ layer's ``gemm_rows`` is the same rule
+    (tested); a row's result does not depend on the others.
     """
     if not 0 <= rows <= GEMM_PIECE:
         raise ValueError(f"gemm_rows takes 0..{GEMM_PIECE} rows, got {rows}")
     if rows <= 16:
-        return rows
+        return 2 if rows == 1 else rows
     step = 1 << (rows.bit_length() - 3)
     return -(-rows // step) * step
 
