@@ -170,9 +170,9 @@ def test_bf16_exact_conversion_serves_its_sources_bf16_weights(
 ) -> None:
     """Loaded in bf16 as the server loads it, an exact conversion's dense per-depth weights
     are summed from the checkpoint's float32 factors and rounded once: the source's own bf16
-    weights (a bf16-stored source, as SmolLM2's is) but where the float32 SVD lands within an
-    ulp of a rounding edge, and the same greedy tokens as the source served in bf16. Summed
-    from bf16-rounded factors instead, two in five weights differ."""
+    weights (of a source whose weights are bf16 values) but where the float32 factors rebuild
+    a weight on the other side of a rounding edge, and the source's greedy tokens served in
+    bf16. Summed from bf16-rounded factors instead, two in five weights differ."""
     source = load_model(tiny_hf[0])
     for p in source.parameters():
         p.copy_(p.to(torch.bfloat16).float())
