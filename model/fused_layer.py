@@ -210,10 +210,11 @@ class DecodeLayer:
     ) -> None:
         """``RecursiveLM.kv_projection`` + ``write_kv`` of every layer for fill rows, in one
         C++ call (``cos``, ``sin``, the caches: one per layer)."""
+        bounds = self._at(0, segments)[1]
         layers = [self._at(layer, segments)[0] for layer in range(len(k_caches))]
         fill_kv_layers_cpu(
             hidden.contiguous(),
-            self._at(0, segments)[1],
+            bounds,
             [[w.input_norm for w in ws] for ws in layers],
             [[t for w in ws for t in w.qkv_delta_weights] for ws in layers],
             [[n for w in ws for n in w.qkv_delta_dims] for ws in layers],
