@@ -52,28 +52,6 @@ class KVCache:
         return [table[p // bs] * bs + p % bs for p in range(start, start + n)]
 
 
-def attention_metadata(
-    tables: list[list[int]],
-    query_lens: list[int],
-    context_lens: list[int],
-    device: torch.device | str,
-) -> PagedAttentionMetadata:
-    """One query segment per table: its rows, blocks and KV length (this step included)."""
-    width = max(len(t) for t in tables)
-    padded = [t + [0] * (width - len(t)) for t in tables]
-    starts = [0]
-    for n in query_lens:
-        starts.append(starts[-1] + n)
-    as_int = {"dtype": torch.int32, "device": device}
-    return PagedAttentionMetadata(
-        block_tables=torch.tensor(padded, **as_int),
-        context_lens=torch.tensor(context_lens, **as_int),
-        query_start_loc=torch.tensor(starts, **as_int),
-        max_query_len=max(query_lens),
-        max_context_len=max(context_lens),
-    )
-
-
 @dataclass
 class PagedAttention:
     """The model's attention backend for one step: writes this step's K/V, then attends.

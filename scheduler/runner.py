@@ -17,7 +17,8 @@ from loopserve_kernels import cpu_kernel_available, row_max_lse
 from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
 from scheduler.exit_policy import GATE, confidence, exits, forced_exit_depth, may_exit
-from scheduler.kv_cache import KVCache, PagedAttention, attention_metadata
+from scheduler.kv_cache import KVCache, PagedAttention
+from scheduler.row_batch import RowBatch
 from scheduler.sampling import SampledBatch, SampleResult, SamplingParams, sample_batch
 from scheduler.scheduler import ItemResult, ScheduledItem, SchedulerOutput
 from scheduler.structured import apply_masks
@@ -43,11 +44,19 @@ class StepCounts:
 
 @dataclass
 class _Batch:
+    """One step's rows, sorted by depth: per item (host lists, and the device tensors the
+    attention metadata needs) and per row (device)."""
+
     items: list[ScheduledItem]
     depths: list[int]
     hidden: torch.Tensor
-    positions: torch.Tensor
-    depth_rows: torch.Tensor
+    positions: torch.Tensor  # [T]
+    depth_rows: torch.Tensor  # [T]
+    seq_rows: torch.Tensor  # [T] the row batch slot of each row's request
+    seq_items: torch.Tensor  # [I]
+    depth_items: torch.Tensor  # [I]
+    query_start_loc: torch.Tensor  # [I + 1] int32
+    context_lens: torch.Tensor  # [I] int32
     bounds: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -101,21 +110,26 @@ class ModelRunner:
         self.scale = model.config.arch.head_dim**-0.5
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.hidden: dict[str, torch.Tensor] = {}
+        self.rows = RowBatch(
+            config.max_num_seqs, self.loops, config.max_model_len, cache.block_size, self.device
+        )
         if config.exit_measure == GATE and model.exit_heads is None:
             raise ValueError("exit measure 'gate' needs a checkpoint with learned exit heads")
         if self.device.type == "cpu":
             cpu_kernel_available()  # build (or load) the C++ kernels now, not in the first step
 
     def forget(self, request_id: str) -> None:
-        """Drop a request's in-flight hidden rows (it was aborted)."""
+        """Drop a request's in-flight hidden rows and its row slot (it was aborted)."""
         self.hidden.pop(request_id, None)
+        self.rows.remove(request_id)
 
     @torch.inference_mode()
     def execute(
         self, out: SchedulerOutput, sequence_mode: bool
     ) -> tuple[dict[str, ItemResult], StepCounts]:
         for rid in out.dropped:
-            self.forget(rid)
+            self.hidden.pop(rid, None)
+        self.rows.update(out.dropped, out.new_requests, out.new_blocks)
         counts = StepCounts([0] * self.loops, [0] * self.loops, [0] * self.loops)
         results = {i.request_id: ItemResult() for i in out.items}
         if not out.items:
@@ -132,6 +146,7 @@ class ModelRunner:
             t = counts.timed("head+exit+sample+fill", t)
             batch.depths = [d + 1 for d in batch.depths]
             batch.depth_rows = batch.depth_rows + 1
+            batch.depth_items = batch.depth_items + 1
         if not every_loop:
             self._keep_hidden(batch, results)
         return results, counts
@@ -142,48 +157,69 @@ class ModelRunner:
         if self.config.forced_exit_weights:
             return True
         last = self.loops - 1
+        known = self.rows.requests
         return any(
-            may_exit(d, it.exit_thresholds[d], it.min_loops, last)
+            may_exit(
+                d, known[it.request_id].exit_thresholds[d], known[it.request_id].min_loops, last
+            )
             for it in out.items
             for d in range(it.depth, last)
         )
 
     def _build(self, items: list[ScheduledItem]) -> _Batch:
-        hidden, positions, depths, bounds = [], [], [], []
+        """The step's rows: embeddings of loop-0 items, kept hidden rows of the others; per
+        row its position, depth and request slot, expanded on the device from per-item
+        values in one host-to-device copy."""
+        hidden, bounds, starts, lens, seqs = [], [], [], [], []
         row = 0
         for it in items:
-            n = it.num_tokens
             if it.depth == 0:
-                ids = torch.tensor(it.token_ids, device=self.device)
-                hidden.append(self.model.embed_tokens(ids))
+                hidden.append(
+                    self.model.embed_tokens(torch.tensor(it.token_ids, device=self.device))
+                )
             else:
                 hidden.append(self.hidden.pop(it.request_id))
-            positions.extend(range(it.start, it.start + n))
-            depths.extend([it.depth] * n)
-            bounds.append((row, row + n))
-            row += n
+            bounds.append((row, row + it.num_tokens))
+            row += it.num_tokens
+            starts.append(it.start)
+            lens.append(it.num_tokens)
+            seqs.append(self.rows.slot[it.request_id])
+        depths = [it.depth for it in items]
+        n = len(items)
+        packed = torch.tensor([*seqs, *depths, *starts, *lens, 0, *(hi for _, hi in bounds)])
+        packed = packed.to(self.device)
+        seq_items, depth_items, start_items, len_items = packed[: 4 * n].view(4, n)
+        qsl = packed[4 * n :]
+        first = qsl[:-1]
+        positions = torch.arange(row, device=self.device) + (start_items - first).repeat_interleave(
+            len_items, output_size=row
+        )
         return _Batch(
             items=items,
-            depths=[it.depth for it in items],
+            depths=depths,
             hidden=torch.cat(hidden),
-            positions=torch.tensor(positions, device=self.device),
-            depth_rows=torch.tensor(depths, device=self.device),
+            positions=positions,
+            depth_rows=depth_items.repeat_interleave(len_items, output_size=row),
+            seq_rows=seq_items.repeat_interleave(len_items, output_size=row),
+            seq_items=seq_items,
+            depth_items=depth_items,
+            query_start_loc=qsl.to(torch.int32),
+            context_lens=(start_items + len_items).to(torch.int32),
             bounds=bounds,
         )
 
     def _pass(self, batch: _Batch, counts: StepCounts) -> None:
-        tables, slots = [], []
         for it, d in zip(batch.items, batch.depths, strict=True):
-            tables.append(it.block_tables[d])
-            slots.extend(self.cache.slots(it.block_tables[d], it.start, it.num_tokens))
             counts.rows[d] += it.num_tokens
-        meta = attention_metadata(
-            tables,
-            [it.num_tokens for it in batch.items],
-            [it.start + it.num_tokens for it in batch.items],
-            self.device,
+        meta = self.rows.metadata(
+            batch.seq_items,
+            batch.depth_items,
+            batch.query_start_loc,
+            batch.context_lens,
+            max(it.num_tokens for it in batch.items),
+            max(it.start + it.num_tokens for it in batch.items),
         )
-        slot_mapping = torch.tensor(slots, device=self.device, dtype=torch.int64)
+        slot_mapping = self.rows.slot_mapping(batch.seq_rows, batch.depth_rows, batch.positions)
         attention = PagedAttention(self.cache, meta, slot_mapping, self.scale)
         # one depth for the whole batch (always in sequence mode): the int fast path skips the
         # per-depth row segmentation in every linear layer
@@ -211,7 +247,8 @@ class ModelRunner:
                 pos = it.start + it.num_tokens - 1
                 exit_now = d == min(last, forced_exit_depth(it.request_id, pos, forced))
             else:
-                exit_now = d == last or may_exit(d, it.exit_thresholds[d], it.min_loops, last)
+                req = self.rows.requests[it.request_id]
+                exit_now = d == last or may_exit(d, req.exit_thresholds[d], req.min_loops, last)
             if exit_now:
                 cand.append((it, d, hi - 1))
         gated = self.config.exit_measure == GATE and not forced
@@ -235,7 +272,7 @@ class ModelRunner:
             leaving[at] = self._exit_rule(conf, [cand[j] for j in early])
         drawn = sample_batch(
             logits,
-            [it.params for it, _, _ in cand],
+            [self.rows.requests[it.request_id].params for it, _, _ in cand],
             [it.output_index for it, _, _ in cand],
             self.generator,
             contexts=[it.context for it, _, _ in cand],
@@ -246,7 +283,8 @@ class ModelRunner:
         for j, (it, d, row) in enumerate(cand):
             if not host.leaving[j]:
                 continue
-            results[it.request_id] = ItemResult(sample=host.sample(j, it.params), exit_depth=d)
+            params = self.rows.requests[it.request_id].params
+            results[it.request_id] = ItemResult(sample=host.sample(j, params), exit_depth=d)
             counts.exits[d] += 1
             if d < last and it.decode and not every_loop:
                 fills.append((it, d, row))
@@ -257,11 +295,11 @@ class ModelRunner:
         self, conf: torch.Tensor, cand: list[tuple[ScheduledItem, int, int]]
     ) -> torch.Tensor:
         """``exits`` over early candidates with their confidences [R] -> [R] bool."""
-        dev = self.device
-        depth = torch.tensor([d for _, d, _ in cand], device=dev)
-        thr = torch.tensor([it.exit_thresholds[d] for it, d, _ in cand], device=dev)
-        min_loops = torch.tensor([it.min_loops for it, _, _ in cand], device=dev)
-        return exits(conf, depth, thr.to(conf.dtype), min_loops, self.loops - 1)
+        slot = self.rows.slot
+        at = torch.tensor([[slot[it.request_id], d] for it, d, _ in cand]).to(self.device)
+        seq, depth = at.T
+        thr = self.rows.thresholds[seq, depth].to(conf.dtype)
+        return exits(conf, depth, thr, self.rows.min_loops[seq], self.loops - 1)
 
     def _gate(
         self, batch: _Batch, cand: list[tuple[ScheduledItem, int, int]]
@@ -283,31 +321,28 @@ class ModelRunner:
         self, batch: _Batch, fills: list[tuple[ScheduledItem, int, int]], counts: StepCounts
     ) -> None:
         """K/V of exited tokens at the depths they skipped: propagated or copied."""
-        rows, depths, slots, src_slots = [], [], [], []
-        for it, d, row in fills:
-            pos = it.start + it.num_tokens - 1
-            src = self.cache.slots(it.block_tables[d], pos, 1)[0]
+        fill: list[tuple[int, int, int]] = []  # (row, depth to fill, exit depth)
+        for _, d, row in fills:
             for deeper in range(d + 1, self.loops):
-                rows.append(row)
-                depths.append(deeper)
-                slots.append(self.cache.slots(it.block_tables[deeper], pos, 1)[0])
-                src_slots.append(src)
+                fill.append((row, deeper, d))
                 counts.fills[deeper] += 1
-        slot_t = torch.tensor(slots, device=self.device)
+        fill.sort(key=lambda f: f[1])  # one slice per depth
+        at, depth, exit_depth = torch.tensor(fill).to(self.device).T
+        seq = batch.seq_rows.index_select(0, at)
+        positions = batch.positions.index_select(0, at)
+        slot_t = self.rows.slot_mapping(seq, depth, positions)
         if self.config.kv_fill == "copy":
-            src_t = torch.tensor(src_slots, device=self.device)
+            src_t = self.rows.slot_mapping(seq, exit_depth, positions)
             for k_layer, v_layer in zip(self.cache.k, self.cache.v, strict=True):
                 for t in (k_layer, v_layer):
                     flat = t.view(-1, *t.shape[2:])
                     flat[slot_t] = flat[src_t]
             return
-        order = sorted(range(len(rows)), key=depths.__getitem__)  # one slice per depth
-        at = torch.tensor([rows[j] for j in order], device=self.device)
         self.model.fill_kv(
             batch.hidden.index_select(0, at),
-            torch.tensor([depths[j] for j in order], device=self.device),
-            batch.positions.index_select(0, at),
-            slot_t[torch.tensor(order, device=self.device)],
+            depth,
+            positions,
+            slot_t,
             self.cache.k,
             self.cache.v,
         )

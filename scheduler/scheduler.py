@@ -27,33 +27,53 @@ class RequestRejected(ValueError):
     """A request the engine can never serve (too long for the context or the KV pool)."""
 
 
-@dataclass
-class ScheduledItem:
-    """One request's rows in this step: plain data the runner turns into tensors."""
+@dataclass(frozen=True)
+class NewRequest:
+    """A request the runner has not seen since it was (re)started: its settings, sent once."""
 
     request_id: str
-    token_ids: list[int]
+    params: SamplingParams
+    exit_thresholds: tuple[float, ...]  # per depth
+    min_loops: int
+
+
+@dataclass(frozen=True)
+class NewBlocks:
+    """KV blocks a request gained since the last step: ``blocks[d]`` continues its depth-d
+    table at index ``start``."""
+
+    request_id: str
     start: int
+    blocks: tuple[tuple[int, ...], ...]
+
+
+@dataclass
+class ScheduledItem:
+    """One request's rows in this step: plain data the runner turns into tensors. Only an
+    item at loop 0 carries its tokens (deeper ones continue from the runner's hidden rows)."""
+
+    request_id: str
+    start: int
+    num_tokens: int
     depth: int
     decode: bool
     needs_logits: bool
-    block_tables: list[list[int]]
-    params: SamplingParams
     output_index: int
-    exit_thresholds: tuple[float, ...]  # per depth
-    min_loops: int
+    token_ids: list[int] = field(default_factory=list)
     context: TokenContext | None = None  # only for rows with penalties or min-token bans
     grammar: GrammarState | None = None  # only for rows with a structured output
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
 
 
 @dataclass
 class SchedulerOutput:
+    """One step: the items to run, and what changed for the runner's persistent row state
+    since the last step (in this order: ``dropped``, then ``new_requests``, then
+    ``new_blocks``) — never every request's tables or settings."""
+
     items: list[ScheduledItem]
     dropped: list[str] = field(default_factory=list)  # requests whose runner state is stale
+    new_requests: list[NewRequest] = field(default_factory=list)
+    new_blocks: list[NewBlocks] = field(default_factory=list)
     whole_tokens: bool = False
     """Aligned, and every item at loop 0: the runner may run all loops in this one step where
     no item can exit before the last — nothing could leave between loops, and a newcomer would
@@ -112,6 +132,8 @@ class Scheduler:
         self._followers: dict[str, list[Request]] = {}
         self.num_preemptions = 0
         self._dropped: list[str] = []
+        # request id -> blocks per depth the runner has been sent (absent: it knows none)
+        self._sent_blocks: dict[str, int] = {}
 
     # -- admission -------------------------------------------------------------------------
 
@@ -196,8 +218,36 @@ class Scheduler:
             ready = self._align(ready)
         items = [self._describe(r) for r in ready]
         dropped, self._dropped = self._dropped, []
+        new_requests, new_blocks = self._changes(dropped)
         whole = self.aligned and all(i.depth == 0 for i in items)
-        return SchedulerOutput(items=items, dropped=dropped, whole_tokens=whole)
+        return SchedulerOutput(items, dropped, new_requests, new_blocks, whole)
+
+    def _changes(self, dropped: list[str]) -> tuple[list[NewRequest], list[NewBlocks]]:
+        """What the runner's row state lacks: requests it does not know (new, or restarted
+        after a preemption dropped them) and the blocks each running request gained."""
+        for rid in dropped:
+            self._sent_blocks.pop(rid, None)
+        new_requests, new_blocks = [], []
+        for req in self.running:
+            rid = req.request_id
+            sent = self._sent_blocks.get(rid)
+            if sent is None:
+                new_requests.append(self._settings(req))
+                sent = 0
+            have = len(req.block_tables[0])
+            if have > sent:
+                tables = tuple(tuple(t[sent:]) for t in req.block_tables)
+                new_blocks.append(NewBlocks(rid, sent, tables))
+            self._sent_blocks[rid] = have
+        return new_requests, new_blocks
+
+    def _settings(self, req: Request) -> NewRequest:
+        p = req.params
+        thresholds = (
+            self.exit_thresholds if p.exit_threshold is None else (p.exit_threshold,) * self.loops
+        )
+        min_loops = self.config.min_loops if p.min_loops is None else p.min_loops
+        return NewRequest(req.request_id, p, thresholds, min_loops)
 
     def _align(self, ready: list[Request]) -> list[Request]:
         """The items at the depth most items are at (ties: the deepest, whose tokens are
@@ -297,22 +347,15 @@ class Scheduler:
     def _describe(self, req: Request) -> ScheduledItem:
         item = req.item
         assert item is not None
-        p = req.params
-        thresholds = (
-            self.exit_thresholds if p.exit_threshold is None else (p.exit_threshold,) * self.loops
-        )
         return ScheduledItem(
             request_id=req.request_id,
-            token_ids=req.token_ids(item.start, item.num_tokens),
             start=item.start,
+            num_tokens=item.num_tokens,
             depth=item.depth,
             decode=item.decode,
             needs_logits=item.needs_logits and not item.sampled,
-            block_tables=req.block_tables,
-            params=p,
             output_index=len(req.output_ids),
-            exit_thresholds=thresholds,
-            min_loops=self.config.min_loops if p.min_loops is None else p.min_loops,
+            token_ids=req.token_ids(item.start, item.num_tokens) if item.depth == 0 else [],
             context=self._context(req),
             grammar=req.grammar,
         )

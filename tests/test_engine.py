@@ -304,6 +304,7 @@ def test_random_schedules_end_cleanly(
                 engine.abort(rid)
                 aborted.add(rid)
         outputs, stats = engine.step()
+        _assert_rows_mirror_scheduler(engine)
         assert sum(stats.rows_per_depth) <= budget * max(1, len(stats.depths_per_pass))  # a pass
         assert stats.num_running <= 4
         for o in outputs:
@@ -315,9 +316,24 @@ def test_random_schedules_end_cleanly(
     assert finished | aborted == set(prompts)
     assert engine.scheduler.allocator.num_used == 0 and not engine.scheduler.requests
     assert not engine.runner.hidden
+    engine.runner.rows.update(engine.scheduler.schedule().dropped, [], [])  # the last drops
+    assert not engine.runner.rows.slot
     for i, rid in enumerate(prompts):
         if rid not in aborted:
             assert got[rid] == greedy_generate(rrt, prompts[rid], max_tokens[i]), rid
+
+
+def _assert_rows_mirror_scheduler(engine: Engine) -> None:
+    """The runner's persistent row state, built only from each step's changes, holds every
+    running request's block tables and settings exactly as the scheduler has them."""
+    rows = engine.runner.rows
+    for req in engine.scheduler.running:
+        s = rows.slot[req.request_id]
+        for d, table in enumerate(req.block_tables):
+            assert rows.tables[s, d, : len(table)].tolist() == table, (req.request_id, d)
+        assert rows.requests[req.request_id].params is req.params
+    live = {r.request_id for r in engine.scheduler.running}
+    assert set(rows.slot) <= live | set(engine.scheduler._dropped)
 
 
 def _staggered_run(model: RecursiveLM, alignment: str) -> tuple[dict, list[int], list[int]]:
@@ -444,5 +460,5 @@ def test_abort_frees_in_flight_hidden_rows_at_once(rrt: RecursiveLM) -> None:
     engine.step()  # the prefill ran loop 0 and waits at depth 1 with its hidden rows
     assert set(engine.runner.hidden) == {"a#0"}
     engine.abort("a")
-    assert engine.runner.hidden == {} and not engine.has_work
+    assert engine.runner.hidden == {} and not engine.runner.rows.slot and not engine.has_work
     assert engine.scheduler.allocator.num_used == 0
