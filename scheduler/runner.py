@@ -167,18 +167,16 @@ class ModelRunner:
         )
 
     def _build(self, items: list[ScheduledItem]) -> _Batch:
-        """The step's rows: embeddings of loop-0 items, kept hidden rows of the others; per
-        row its position, depth and request slot, expanded on the device from per-item
-        values in one host-to-device copy."""
-        hidden, bounds, starts, lens, seqs = [], [], [], [], []
+        """The step's rows (``items`` sorted by depth): loop-0 items' embeddings, in one
+        lookup, then the kept hidden rows of the others; per row its position, depth and
+        request slot, expanded on the device from per-item values sent in one copy."""
+        bounds, starts, lens, seqs, tokens, kept = [], [], [], [], [], []
         row = 0
         for it in items:
             if it.depth == 0:
-                hidden.append(
-                    self.model.embed_tokens(torch.tensor(it.token_ids, device=self.device))
-                )
+                tokens.extend(it.token_ids)
             else:
-                hidden.append(self.hidden.pop(it.request_id))
+                kept.append(self.hidden.pop(it.request_id))
             bounds.append((row, row + it.num_tokens))
             row += it.num_tokens
             starts.append(it.start)
@@ -186,18 +184,18 @@ class ModelRunner:
             seqs.append(self.rows.slot[it.request_id])
         depths = [it.depth for it in items]
         n = len(items)
-        packed = torch.tensor([*seqs, *depths, *starts, *lens, 0, *(hi for _, hi in bounds)])
-        packed = packed.to(self.device)
-        seq_items, depth_items, start_items, len_items = packed[: 4 * n].view(4, n)
-        qsl = packed[4 * n :]
-        first = qsl[:-1]
-        positions = torch.arange(row, device=self.device) + (start_items - first).repeat_interleave(
-            len_items, output_size=row
-        )
+        packed = [*seqs, *depths, *starts, *lens, 0, *(hi for _, hi in bounds), *tokens]
+        on_device = torch.tensor(packed).to(self.device)
+        seq_items, depth_items, start_items, len_items = on_device[: 4 * n].view(4, n)
+        qsl = on_device[4 * n : 5 * n + 1]
+        hidden = [self.model.embed_tokens(on_device[5 * n + 1 :])] if tokens else []
+        positions = torch.arange(row, device=self.device) + (
+            start_items - qsl[:-1]
+        ).repeat_interleave(len_items, output_size=row)
         return _Batch(
             items=items,
             depths=depths,
-            hidden=torch.cat(hidden),
+            hidden=torch.cat(hidden + kept),
             positions=positions,
             depth_rows=depth_items.repeat_interleave(len_items, output_size=row),
             seq_rows=seq_items.repeat_interleave(len_items, output_size=row),
