@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loopserve_kernels import cpu_kernel_available, row_max_lse
+from model.compiled_block import CompiledBlockPass, row_buckets
 from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
 from scheduler.exit_policy import GATE, confidence, exits, forced_exit_depth, may_exit
@@ -101,6 +102,10 @@ class ModelRunner:
         self.scale = model.config.arch.head_dim**-0.5
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.hidden: dict[str, torch.Tensor] = {}
+        self.block_pass = model.block_forward
+        if config.compile_block:
+            buckets = config.compile_buckets or row_buckets(config.max_num_batched_tokens)
+            self.block_pass = CompiledBlockPass(model, buckets)
         if config.exit_measure == GATE and model.exit_heads is None:
             raise ValueError("exit measure 'gate' needs a checkpoint with learned exit heads")
         if self.device.type == "cpu":
@@ -190,7 +195,7 @@ class ModelRunner:
         counts.depths_per_pass.append(len(set(batch.depths)))
         uniform = counts.depths_per_pass[-1] == 1
         depth = batch.depths[0] if uniform else batch.depth_rows
-        batch.hidden = self.model.block_forward(batch.hidden, depth, batch.positions, attention)
+        batch.hidden = self.block_pass(batch.hidden, depth, batch.positions, attention)
 
     def _decide(
         self,
