@@ -8,6 +8,7 @@ graphs were compiled, not run eager.
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from transformers import LlamaForCausalLM
 
+from loopserve.cli import build_parser
 from loopserve_kernels import dense_per_depth_linear, fuse_lora, fused_lora_linear, lora_linear
 from model import compiled_block
 from model.attention import CausalAttention
@@ -24,10 +26,13 @@ from model.compiled_block import CompiledBlockPass, row_buckets
 from model.config import LINEAR_MODULES
 from model.convert import convert
 from model.recursive import RecursiveLM
+from model.serving import materialise_high_rank, prepare_for_serving
 from scheduler.config import EngineConfig
 from scheduler.engine import Engine
 from scheduler.exit_policy import EXITS_OFF
 from scheduler.sampling import SamplingParams
+from server.loader import engine_config
+from server.settings import ServeSettings
 
 BUCKETS = (4, 16)
 BUDGET = 16  # a step's rows: never above the largest bucket, so every pass runs compiled
@@ -110,6 +115,28 @@ def test_twins_trace_as_masked_depths() -> None:
         torch.testing.assert_close(traced(x, depth), call(x, depth), rtol=1e-6, atol=1e-6)
 
 
+def test_serve_compile_reaches_the_engine_with_traceable_weights(
+    tiny_hf: tuple[Path, LlamaForCausalLM],
+) -> None:
+    """``serve --compile`` sets ``compile_block`` (off by default), and the serving transforms
+    then leave out the packed CPU weights the compiled pass refuses."""
+    parser, _ = build_parser(["serve"])
+    assert parser.parse_args(["serve", "--compile"]).compile is True
+    assert not hasattr(parser.parse_args(["serve"]), "compile")  # unset: the settings' default
+    model = load_model(tiny_hf[0])
+    on = ServeSettings(kv_cache_memory="1MiB", block_size=4, compile=True)
+    assert engine_config(model, on, model.dtype).compile_block
+    off = ServeSettings(kv_cache_memory="1MiB", block_size=4)
+    assert not engine_config(model, off, model.dtype).compile_block
+    plan = prepare_for_serving(model, compiled=True)
+    assert plan.packed == [] and model.decode_layer is None
+    CompiledBlockPass(model, BUCKETS)  # accepted (compiles on first call)
+    packed = load_model(tiny_hf[0])
+    if prepare_for_serving(packed).packed:  # where this CPU packs weights at all
+        with pytest.raises(ValueError, match="packed"):
+            CompiledBlockPass(packed, BUCKETS)
+
+
 def _engine(model: RecursiveLM, compiled: bool, **kw: object) -> Engine:
     cfg: dict[str, object] = {
         "block_size": 4,
@@ -140,22 +167,18 @@ def _written(now: list[torch.Tensor], old: list[torch.Tensor]) -> list[frozenset
     ]
 
 
-@pytest.mark.parametrize(
-    ("batching", "alignment", "threshold"),
-    [("depth", "mixed", EXITS_OFF), ("depth", "mixed", 0.0), ("sequence", "auto", EXITS_OFF)],
-)
-def test_engine_matches_eager_step_by_step(
-    rrt: RecursiveLM, batching: str, alignment: str, threshold: float
-) -> None:
-    """Prefill chunks and decode rows at mixed depths (threshold 0: every token exits after
-    its first loop, so K/V fills run too): per step the same tokens, logprobs within float32
-    rounding, and the same K/V slots written with the same values — padded rows write none."""
+def _lockstep(model: RecursiveLM, buckets: tuple[int, ...], **mode: object) -> int:
+    """An eager and a compiled engine stepped side by side, prompts arriving two a step (new
+    prompts at loop 0 beside older rows): per step the same tokens, logprobs within float32
+    rounding, and the same K/V slots written with the same values — padded rows write none.
+    Returns how many passes ran rows at two or more depths."""
     rng = random.Random(1)
     lens = (9, 5, 13, 3, 7, 11)
     prompts = {f"r{i}": [rng.randrange(3, 101) for _ in range(n)] for i, n in enumerate(lens)}
-    arrivals = list(prompts.items())  # two a step: new prompts at loop 0 beside older rows
-    mode = {"batching": batching, "depth_alignment": alignment, "exit_threshold": threshold}
-    eager, compiled = _engine(rrt, False, **mode), _engine(rrt, True, **mode)
+    arrivals = list(prompts.items())
+    eager = _engine(model, False, compile_buckets=buckets, **mode)
+    compiled = _engine(model, True, compile_buckets=buckets, **mode)
+    assert isinstance(compiled.runner.block_pass, CompiledBlockPass)
     mixed_passes, tokens = 0, 0
     while arrivals or eager.has_work:
         for rid, ids in arrivals[:2]:
@@ -182,6 +205,33 @@ def test_engine_matches_eager_step_by_step(
             torch.testing.assert_close(now[1][layer][at], now[0][layer][at], rtol=1e-5, atol=1e-5)
     assert not compiled.has_work
     assert tokens == len(prompts) * GREEDY.max_tokens
+    return mixed_passes
+
+
+@pytest.mark.parametrize(
+    ("batching", "alignment", "threshold"),
+    [("depth", "mixed", EXITS_OFF), ("depth", "mixed", 0.0), ("sequence", "auto", EXITS_OFF)],
+)
+def test_engine_matches_eager_step_by_step(
+    rrt: RecursiveLM, batching: str, alignment: str, threshold: float
+) -> None:
+    """Prefill and decode, depth-wise at mixed depths (threshold 0: every token exits after its
+    first loop, so K/V fills run too) and sequence-wise: ``_lockstep``."""
+    mode = {"batching": batching, "depth_alignment": alignment, "exit_threshold": threshold}
+    mixed_passes = _lockstep(rrt, BUCKETS, **mode)
     if batching == "depth":
         assert mixed_passes > 0, "no pass ran rows at two depths"
     _one_graph_per_piece_and_bucket(rrt, every_bucket=False)
+
+
+def test_dense_per_depth_weights_keep_an_int_depth(rrt: RecursiveLM) -> None:
+    """Per-depth dense weights (as the exact default serves): a pass at one depth keeps its
+    int depth, one graph per depth (aligned steps, the default for such models), and matches
+    the eager engine as ``_lockstep`` checks. One bucket, to bound the compiles."""
+    dense = copy.deepcopy(rrt)
+    assert len(materialise_high_rank(dense, force=True)) == len(LINEAR_MODULES)
+    before = _graphs()
+    assert _lockstep(dense, (BUDGET,), depth_alignment="aligned") == 0
+    pieces = dense.config.block_layers + 1
+    # each piece once per depth (a depth tensor would be one graph for all three)
+    assert _graphs() - before == pieces * dense.config.loops
