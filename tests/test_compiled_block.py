@@ -67,6 +67,8 @@ def test_row_buckets_ladder_then_strides() -> None:
     assert row_buckets(600) == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768)
     with pytest.raises(ValueError, match="ascending"):
         CompiledBlockPass(RecursiveLM.__new__(RecursiveLM), (8, 4))
+    with pytest.raises(ValueError, match="compile_buckets"):
+        EngineConfig(compile_block=True, compile_buckets=(4, 4))
 
 
 @torch.inference_mode()
