@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from loopserve_kernels.dispatch import kernel_backend
+from loopserve_kernels.lora_linear import masked_per_depth
 
 DENSE_RATIO = 0.5
 """Go dense once the factors hold at least this fraction of W's parameters: there the
@@ -35,9 +36,12 @@ def materialise_dense(
 def dense_per_depth_linear_ref(
     x: torch.Tensor, dense_w: torch.Tensor, depth: torch.Tensor | int
 ) -> torch.Tensor:
-    """Torch twin: one matmul per depth segment; rows with an out-of-range depth get zeros."""
+    """Torch twin: one matmul per depth segment; rows with an out-of-range depth get zeros.
+    Under torch.compile every depth's matmul over every row, masked (static shapes)."""
     if isinstance(depth, int):
         return x @ dense_w[depth].T
+    if torch.compiler.is_compiling():
+        return masked_per_depth(depth, dense_w.shape[0], lambda d: x @ dense_w[d].T)
     y = x.new_zeros((x.shape[0], dense_w.shape[1]))
     for d in range(dense_w.shape[0]):
         rows = (depth == d).nonzero().squeeze(1)

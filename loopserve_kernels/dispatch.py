@@ -51,7 +51,11 @@ def use_backend(mode: str) -> Iterator[None]:
 
 
 def kernel_backend(x: torch.Tensor) -> Backend:
-    """Backend for a call whose main input is ``x``: the forced one, else by device."""
+    """Backend for a call whose main input is ``x``: the forced one, else by device. The torch
+    twins while torch.compile traces (``model.compiled_block``): inductor writes its own
+    kernels from their ops, where a Triton launcher's host-side logic would break the graph."""
+    if torch.compiler.is_compiling():
+        return "torch"
     mode = _forced.get()
     if mode in ("torch", "cpp"):
         return "torch"
@@ -70,7 +74,8 @@ def cpu_kernel_mode(x: torch.Tensor) -> Literal["off", "prefer", "require"]:
     """Whether a call on ``x`` runs a C++ CPU kernel: ``prefer`` for CPU tensors by default
     (the twin if the kernel did not build, which its loader logs), ``require`` when ``cpp`` is
     forced (a kernel that did not build is an error), ``off`` otherwise — and for float64,
-    which the kernels would compute in float32."""
-    if x.device.type != "cpu" or x.dtype == torch.float64:
+    which the kernels would compute in float32, and while torch.compile traces (a C++ call is
+    opaque to it)."""
+    if x.device.type != "cpu" or x.dtype == torch.float64 or torch.compiler.is_compiling():
         return "off"
     return {"auto": "prefer", "cpp": "require"}.get(_forced.get(), "off")

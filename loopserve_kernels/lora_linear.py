@@ -8,12 +8,27 @@ Depth ids outside ``[0, D)`` in a depth tensor get no delta. The entry points di
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from loopserve_kernels.dispatch import kernel_backend
+
+
+def masked_per_depth(
+    depth: torch.Tensor, num_depths: int, per_depth: Callable[[int], torch.Tensor]
+) -> torch.Tensor:
+    """``Σ_d [depth == d] · per_depth(d)``: each depth's result over every row, kept where the
+    row is at that depth (zeros where none is). The twins' tensor-depth form under
+    torch.compile: ``nonzero`` has a data-dependent shape, which would split the graph; this
+    has static shapes, at ``num_depths`` times the FLOPs — small for low-rank deltas."""
+    total = None
+    for d in range(num_depths):
+        part = torch.where((depth == d)[:, None], per_depth(d), 0)
+        total = part if total is None else total + part
+    assert total is not None, "no depths"
+    return total
 
 
 def lora_linear_ref(
@@ -36,6 +51,10 @@ def lora_linear_ref(
         return y
     if isinstance(depth, int):
         return y + (x @ lora_a[depth].T) @ lora_b[depth].T
+    if torch.compiler.is_compiling():
+        return y + masked_per_depth(
+            depth, lora_a.shape[0], lambda d: (x @ lora_a[d].T) @ lora_b[d].T
+        )
     for d in range(lora_a.shape[0]):
         rows = (depth == d).nonzero().squeeze(1)
         if rows.numel():
@@ -118,6 +137,17 @@ def fuse_lora(lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor]) 
     return FusedLoRA(lora_a, lora_b, out_sizes, ranks)
 
 
+def _fused_delta(x: torch.Tensor, fused: FusedLoRA, d: int) -> torch.Tensor:
+    """Depth ``d``'s delta of every slice for rows ``x``: one shrink, one expand per slice."""
+    t = x @ fused.lora_a[d].T
+    parts, row, col = [], 0, 0
+    for out, r in zip(fused.out_sizes, fused.ranks, strict=True):
+        b = fused.lora_b[d, row : row + out, col : col + r]
+        parts.append(t[:, col : col + r] @ b.T)
+        row, col = row + out, col + r
+    return torch.cat(parts, dim=1)
+
+
 def fused_lora_linear_ref(
     x: torch.Tensor, weight: torch.Tensor, fused: FusedLoRA | None, depth: torch.Tensor | int
 ) -> torch.Tensor:
@@ -125,23 +155,16 @@ def fused_lora_linear_ref(
     y = x @ weight.T
     if fused is None or sum(fused.ranks) == 0:
         return y
-    rows_per_depth = (
-        [(depth, None)]
-        if isinstance(depth, int)
-        else [(d, (depth == d).nonzero().squeeze(1)) for d in range(fused.lora_a.shape[0])]
-    )
-    for d, rows in rows_per_depth:
-        xd = x if rows is None else x.index_select(0, rows)
-        if xd.shape[0] == 0:
-            continue
-        t = xd @ fused.lora_a[d].T
-        parts, row, col = [], 0, 0
-        for out, r in zip(fused.out_sizes, fused.ranks, strict=True):
-            b = fused.lora_b[d, row : row + out, col : col + r]
-            parts.append(t[:, col : col + r] @ b.T)
-            row, col = row + out, col + r
-        delta = torch.cat(parts, dim=1)
-        y = y + delta if rows is None else y.index_put_((rows,), delta, accumulate=True)
+    if isinstance(depth, int):
+        return y + _fused_delta(x, fused, depth)
+    num_depths = fused.lora_a.shape[0]
+    if torch.compiler.is_compiling():
+        return y + masked_per_depth(depth, num_depths, lambda d: _fused_delta(x, fused, d))
+    for d in range(num_depths):
+        rows = (depth == d).nonzero().squeeze(1)
+        if rows.numel():
+            delta = _fused_delta(x.index_select(0, rows), fused, d)
+            y = y.index_put_((rows,), delta, accumulate=True)
     return y
 
 

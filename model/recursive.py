@@ -307,16 +307,16 @@ class RecursiveLM(nn.Module):
             inner = activate(self._linear("up", layer, h, depth), act)
         return self._linear("down", layer, inner, depth)
 
-    def layer_forward(
+    def attention_inputs(
         self,
         layer: int,
         hidden: torch.Tensor,
         depth: torch.Tensor | int,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        attention: AttentionBackend,
-    ) -> torch.Tensor:
-        """One block layer for rows [T, H], each at its own loop depth."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A block layer up to attention: q, k, v [T, heads, D] of rows [T, H] (the piece a
+        compiled pass runs before its split at attention, ``model.compiled_block``)."""
         a = self.config.arch
         h = self._norm(hidden, "input", layer, depth)
         q, k, v = self._project(QKV, layer, h, depth)
@@ -324,12 +324,30 @@ class RecursiveLM(nn.Module):
         if a.attn_scale != a.head_dim**-0.5:  # backends scale by D^-0.5: fold the rest into q
             q = q * (a.attn_scale * a.head_dim**0.5)
         k = self._heads(layer, k, "k", depth, cos, sin)
-        v = v.view(-1, a.num_kv_heads, a.head_dim)
+        return q, k, v.view(-1, a.num_kv_heads, a.head_dim)
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        depth: torch.Tensor | int,
+        attention: AttentionBackend,
+    ) -> torch.Tensor:
+        """The backend's attention of block layer ``layer``, with the window of each row's
+        position where the model has sliding windows: [T, heads · D]."""
         window = None if self.windows is None else self.windows.at(layer, depth)
         if window is None:
-            out = attention(layer, q, k, v)
-        else:  # a backend that cannot window must fail here, not attend too far
-            out = attention(layer, q, k, v, window=window)
+            return attention(layer, q, k, v)
+        # a backend that cannot window must fail here, not attend too far
+        return attention(layer, q, k, v, window=window)
+
+    def attention_output(
+        self, layer: int, hidden: torch.Tensor, out: torch.Tensor, depth: torch.Tensor | int
+    ) -> torch.Tensor:
+        """A block layer from its attention output ``out`` on: o, the residual, the MLP."""
+        a = self.config.arch
         o = self._linear("o", layer, out, depth)
         if a.sandwich_norm:
             o = self._norm(o, "attn_out", layer, depth)
@@ -347,6 +365,20 @@ class RecursiveLM(nn.Module):
         if a.sandwich_norm:
             m = self._norm(m, "mlp_out", layer, depth)
         return hidden + m
+
+    def layer_forward(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        depth: torch.Tensor | int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: AttentionBackend,
+    ) -> torch.Tensor:
+        """One block layer for rows [T, H], each at its own loop depth."""
+        q, k, v = self.attention_inputs(layer, hidden, depth, cos, sin)
+        out = self.attend(layer, q, k, v, depth, attention)
+        return self.attention_output(layer, hidden, out, depth)
 
     def block_forward(
         self,

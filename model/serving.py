@@ -207,11 +207,13 @@ class ServingPlan:
     packed: list[tuple[str, ...]]
 
 
-def prepare_for_serving(model: RecursiveLM) -> ServingPlan:
+def prepare_for_serving(model: RecursiveLM, compiled: bool = False) -> ServingPlan:
     """All three transforms, as the engine serves a model, then the one-call C++ decode layer
-    where every layer fits it (``model.fused_layer``)."""
+    where every layer fits it (``model.fused_layer``). ``compiled`` (a compiled block pass,
+    ``model.compiled_block``): neither packing nor the C++ layer, whose calls the tracer cannot
+    see into."""
     dense, fused = materialise_high_rank(model), fuse_projections(model)
-    plan = ServingPlan(dense, fused, pack_weights(model))
-    if fits(model):
+    plan = ServingPlan(dense, fused, [] if compiled else pack_weights(model))
+    if not compiled and fits(model):
         model.decode_layer = DecodeLayer.build(model)
     return plan

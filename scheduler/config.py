@@ -48,6 +48,13 @@ class EngineConfig:
     """Benchmark mode, never a serving default: each token's exit depth is drawn from these
     per-depth weights, deterministically from (request, position), instead of by confidence —
     so batching can be timed under a known exit schedule, whatever the exits' quality."""
+    compile_block: bool = False
+    """Run the block pass compiled (torch.compile / inductor, ``model.compiled_block``), rows
+    padded to ``compile_buckets``: fewer, fused ops where the step is launch-bound (a GPU).
+    Off by default: on the CPU the one-call C++ decode layer is already one call per layer."""
+    compile_buckets: tuple[int, ...] = ()
+    """Row counts the compiled pass pads to, ascending; a pass above the largest runs eager.
+    Empty: 1, 2, 4, ..., 256, then multiples of 256, up to ``max_num_batched_tokens``."""
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING_MODES:
@@ -75,6 +82,9 @@ class EngineConfig:
             raise ValueError(
                 f"forced_exit_weights must be >= 0, not all 0: {self.forced_exit_weights}"
             )
+        buckets = self.compile_buckets
+        if buckets and (min(buckets) < 1 or list(buckets) != sorted(set(buckets))):
+            raise ValueError(f"compile_buckets must be ascending and >= 1, got {buckets}")
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

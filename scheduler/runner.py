@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loopserve_kernels import cpu_kernel_available, row_max_lse
+from model.compiled_block import CompiledBlockPass, row_buckets
 from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
 from scheduler.exit_policy import GATE, confidence, exits, forced_exit_depth, may_exit
@@ -113,6 +114,10 @@ class ModelRunner:
         self.rows = RowBatch(
             config.max_num_seqs, self.loops, config.max_model_len, cache.block_size, self.device
         )
+        self.block_pass = model.block_forward
+        if config.compile_block:
+            buckets = config.compile_buckets or row_buckets(config.max_num_batched_tokens)
+            self.block_pass = CompiledBlockPass(model, buckets)
         if config.exit_measure == GATE and model.exit_heads is None:
             raise ValueError("exit measure 'gate' needs a checkpoint with learned exit heads")
         if self.device.type == "cpu":
@@ -224,7 +229,7 @@ class ModelRunner:
         counts.depths_per_pass.append(len(set(batch.depths)))
         uniform = counts.depths_per_pass[-1] == 1
         depth = batch.depths[0] if uniform else batch.depth_rows
-        batch.hidden = self.model.block_forward(batch.hidden, depth, batch.positions, attention)
+        batch.hidden = self.block_pass(batch.hidden, depth, batch.positions, attention)
 
     def _decide(
         self,

@@ -111,6 +111,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> None:
         help="share full prompt blocks across requests (default: off)",
     )
     opt(
+        "--compile",
+        action="store_true",
+        help="compile the block pass (torch.compile, rows padded to fixed buckets; CUDA graphs "
+        "on a GPU, untested there); off by default: on the CPU the C++ decode layer already "
+        "runs one call per layer, and compiling drops its packed weights (default: off)",
+    )
+    opt(
         "--enable-auto-tool-choice",
         action="store_true",
         help="let tool_choice 'auto' (the default with tools) through, the model's own calls "

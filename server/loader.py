@@ -194,6 +194,7 @@ def engine_config(
         max_model_len=max_len,
         eos_token_ids=eos_token_ids,
         enable_prefix_caching=settings.enable_prefix_caching,
+        compile_block=settings.compile,
     )
 
 
@@ -278,7 +279,7 @@ def load_engine(settings: ServeSettings, model_dir: Path) -> Engine:
         torch.set_num_threads(settings.threads)
     dtype = DTYPES[settings.dtype]
     model = load_model(model_dir, dtype=dtype, device=settings.device, keep_full_precision=True)
-    plan = prepare_for_serving(model)
+    plan = prepare_for_serving(model, compiled=settings.compile)
     if plan.dense:
         log.info("high-rank deltas served as per-position dense weights: %s", ", ".join(plan.dense))
     log.info("fused projections: %s", ", ".join("|".join(g) for g in plan.fused) or "none")

@@ -73,6 +73,7 @@ class ServeSettings(BaseSettings):
     seed: int = 0
     chat_template: str | None = None
     enable_prefix_caching: bool = False
+    compile: bool = False
     generation_config: Literal["auto", "vllm"] = "auto"
     enable_auto_tool_choice: bool = False
     tool_call_parser: Literal["hermes"] | None = None
