@@ -136,7 +136,12 @@ def uptrain_init(
         argv.append("--no-progress")
     launch(argv, {**os.environ, "OMP_NUM_THREADS": str(budget.threads), "PYTHONPATH": str(ROOT)})
     log = (out / "uptrain" / "eval.jsonl").read_text().splitlines()
-    return {"summary": json.loads(summary.read_text()), "curve": [json.loads(r) for r in log]}
+    provenance = json.loads((out / "loopserve.json").read_text())["provenance"]["uptrain"]
+    return {
+        "summary": json.loads(summary.read_text()),
+        "train_windows": provenance["train_windows"],
+        "curve": [json.loads(r) for r in log],
+    }
 
 
 def machine() -> dict[str, str]:

@@ -57,6 +57,7 @@ def test_two_curves_on_one_budget_start_at_the_conversion_reports(
             for field in ("kl", "converted_ppl", "source_ppl"):
                 assert start[key][field] == pytest.approx(want[field], rel=1e-5)
         assert run["summary"]["step"] == 2 and not run["summary"]["stopped_early"]
+        assert run["train_windows"] == runs["plain"]["train_windows"]  # one shared data set
     plain, sequential = (runs[m]["curve"][0]["fidelity"]["kl"] for m in runs)
     assert sequential < plain  # two different inits, not one measured twice
     assert set(record["below_everywhere"]) == {"builtin", "heldout"}
