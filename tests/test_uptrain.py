@@ -19,7 +19,14 @@ from model.convert import convert
 from model.recursive import RecursiveLM
 from tests.conftest import tiny_llama_config, write_hf_model
 from training.cli import add_calibrate_parser, add_uptrain_parser
-from training.uptrain import EvalResult, UptrainConfig, Uptrainer, UptrainError, mark_trainable
+from training.uptrain import (
+    EvalResult,
+    UptrainConfig,
+    Uptrainer,
+    UptrainError,
+    mark_trainable,
+    training_kernels,
+)
 
 VOCAB = 101
 
@@ -134,6 +141,41 @@ def test_resume_is_bit_for_bit(setup: tuple, tmp_path: Path) -> None:
         straight.student.state_dict().items(), second.student.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_stop_step_ends_a_longer_schedule_and_probes_are_logged(
+    setup: tuple, tmp_path: Path
+) -> None:
+    """A run stopped at step 3 of 6 is the first 3 steps of the 6-step run (not a 3-step
+    schedule), and every evaluation logs each probe's measurement of the student."""
+    teacher, train, held_out = setup
+    cfg = _config(steps=6, warmup_steps=2, eval_every=2)
+    straight = Uptrainer(_student(teacher), teacher, train, held_out, cfg)
+    with training_kernels():  # as run() trains
+        for _ in range(3):
+            straight.train_step()
+    seen: list[int] = []
+
+    def probe(student: RecursiveLM) -> dict[str, float]:
+        assert not student.training
+        seen.append(len(seen))
+        return {"weight": float(student.weights["q"].sum()), "call": seen[-1]}
+
+    log = tmp_path / "eval.jsonl"
+    stopped = Uptrainer(_student(teacher), teacher, train, held_out, cfg, log, {"q_sum": probe})
+    summary = stopped.run(stop_step=3)
+    assert summary.step == 3 and summary.stopped_early
+    for (name, a), b in zip(
+        straight.student.state_dict().items(), stopped.student.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 3]
+    assert [r["q_sum"]["call"] for r in records] == [0, 1, 2]
+    want = float(stopped.student.weights["q"].detach().sum())
+    assert records[-1]["q_sum"]["weight"] == pytest.approx(want, rel=1e-6)
+    with pytest.raises(UptrainError, match="clash"):
+        Uptrainer(_student(teacher), teacher, train, held_out, cfg, probes={"kl": probe})
 
 
 def test_resume_refuses_changed_settings(setup: tuple, tmp_path: Path) -> None:

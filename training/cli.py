@@ -22,6 +22,7 @@ from training.distill_data import DataConfig, DataError
 from training.exit_heads import HeadTraining, HeadTrainingError
 from training.uptrain import (
     DEFAULT_GROUPS,
+    Probe,
     RunSummary,
     UptrainConfig,
     Uptrainer,
@@ -127,11 +128,15 @@ def uptrain_checkpoint(
     resume: bool = False,
     plot: bool = True,
     data_cache: str | Path | None = None,
+    eval_fidelity: bool = False,
+    stop_step: int | None = None,
 ) -> RunSummary:
     """What ``loopserve uptrain`` runs: load both models, build the data, train, save.
 
     The output directory becomes a normal loopserve checkpoint (provenance records the run);
     stale exit thresholds are dropped because training changes every loop's confidence.
+    ``eval_fidelity`` adds the conversion's fidelity report to every evaluation
+    (``training.fidelity_probes``); ``stop_step``: ``Uptrainer.run``'s.
     """
     from model.checkpoint import load_model, read_loopserve_meta, save_checkpoint
     from training.distill_data import build_windows, load_tokenizer
@@ -152,16 +157,22 @@ def uptrain_checkpoint(
         distributed.barrier()
     progress = config.progress and ranks.is_main
     train, held_out = build_windows(data, tokenizer, teacher_dir, cache, device, progress)
+    probes: dict[str, Probe] = {}
+    if eval_fidelity:
+        from training.fidelity_probes import fidelity_probes
+
+        teacher.to(device)
+        probes = fidelity_probes(teacher, teacher_dir, tokenizer, data.seq_len, progress)
     if ranks.is_main:
         distributed.barrier()
-    trainer = Uptrainer(student, teacher, train, held_out, config, log_path=paths.log)
+    trainer = Uptrainer(student, teacher, train, held_out, config, paths.log, probes)
     if resume and state_exists:
         trainer.load_state(paths.state)
         if ranks.is_main:
             _trim_log(paths.log, trainer.step)
     elif paths.log.exists() and ranks.is_main:
         paths.log.unlink()
-    summary = trainer.run(paths.state)
+    summary = trainer.run(paths.state, stop_step)
     final_state = trainer.full_student_state()
     if not ranks.is_main:
         return summary
@@ -247,6 +258,12 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "--eval-data", metavar="FILE", help="held-out file (default: built-in evaluation text)"
     )
     data.add_argument("--eval-windows", type=_positive_int, default=16)
+    data.add_argument(
+        "--eval-fidelity",
+        action="store_true",
+        help="also log, at every evaluation, the fidelity report `loopserve convert` prints "
+        "(KL, agreement, perplexity on the built-in text and the held-out samples)",
+    )
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--steps", type=_positive_int, default=d.steps)
     opt.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
@@ -302,6 +319,13 @@ def add_uptrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "--checkpoint-every", type=int, default=d.checkpoint_every, help="0: only at the end"
     )
     run.add_argument("--max-minutes", type=float, default=None, help="wall-clock bound")
+    run.add_argument(
+        "--stop-at-step",
+        type=_positive_int,
+        metavar="N",
+        help="end at step N, the LR schedule still spanning --steps (to match a run that "
+        "--max-minutes cut short)",
+    )
     run.add_argument("--device", default=d.device, help="auto | cpu | cuda[:N]")
     run.add_argument("--seed", type=int, default=d.seed)
     run.add_argument("--resume", action="store_true", help="continue --out/uptrain/state.pt")
@@ -371,6 +395,8 @@ def run_uptrain_command(args: argparse.Namespace) -> int:
             resume=args.resume,
             plot=not args.no_plot,
             data_cache=args.self_distill_cache,
+            eval_fidelity=args.eval_fidelity,
+            stop_step=args.stop_at_step,
         )
     except USER_ERRORS as e:
         print(f"loopserve uptrain: error: {e}", file=sys.stderr)
@@ -399,7 +425,7 @@ def summary_lines(summary: RunSummary, out: Path) -> list[str]:
     lines = [
         f"trained {summary.step} steps, {summary.tokens_seen:,} tokens in "
         f"{summary.train_seconds:.0f} s ({summary.tokens_per_second:.0f} tokens/s)"
-        + (" — stopped at the time limit" if summary.stopped_early else "")
+        + (" — stopped before --steps" if summary.stopped_early else "")
     ]
     if summary.peak_memory_bytes:
         lines.append(

@@ -24,7 +24,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,9 @@ _RESUME_FIELDS: tuple[str, ...] = (
     "train_groups",
     "seed",
 )
+# A held-out measurement of the student beyond ``evaluate``'s, run at every evaluation and
+# logged under its name (e.g. a conversion's fidelity report on its own evaluation sets).
+Probe = Callable[[RecursiveLM], dict[str, Any]]
 
 
 class UptrainError(ValueError):
@@ -318,6 +321,12 @@ def evaluate(
     )
 
 
+# The fields of an evaluation log record that probes may not reuse.
+_LOG_FIELDS = {"step", "tokens_seen", "train_seconds", "lr", "train_loss"} | set(
+    EvalResult.__dataclass_fields__
+)
+
+
 def _autocast(device: torch.device | str, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when enabled; fp32 (a no-op context) otherwise."""
     if enabled and torch.device(device).type == "cuda":
@@ -352,8 +361,9 @@ class StepStats:
 
 @dataclass
 class RunSummary:
-    """How a ``run`` ended: steps done, tokens seen (all ranks), throughput, the last
-    evaluation, and the job's shape with each rank's peak memory in bytes."""
+    """How a ``run`` ended: steps done, tokens seen (all ranks), throughput, whether it
+    stopped before ``config.steps`` (time bound or ``stop_step``), the last evaluation, and
+    the job's shape with each rank's peak memory in bytes."""
 
     step: int
     tokens_seen: int
@@ -374,7 +384,8 @@ class Uptrainer:
 
     ``train_windows`` [N, S] are visited in a fresh seeded permutation each epoch; the data
     position (epoch, cursor) is part of the saved state. In a process group every rank holds
-    the same windows and takes its contiguous slice of each global micro-batch.
+    the same windows and takes its contiguous slice of each global micro-batch. ``probes``
+    run beside ``evaluate`` at every evaluation; their results go into the log record.
     """
 
     def __init__(
@@ -385,6 +396,7 @@ class Uptrainer:
         eval_windows: torch.Tensor,
         config: UptrainConfig,
         log_path: str | Path | None = None,
+        probes: Mapping[str, Probe] | None = None,
     ) -> None:
         if student.config.arch.vocab_size != teacher.config.arch.vocab_size:
             raise UptrainError(
@@ -398,6 +410,10 @@ class Uptrainer:
             )
         if eval_windows.ndim != 2 or eval_windows.shape[0] == 0:
             raise UptrainError(f"need held-out windows [N, S], got {tuple(eval_windows.shape)}")
+        self.probes = dict(probes or {})
+        taken = set(self.probes) & _LOG_FIELDS
+        if taken:
+            raise UptrainError(f"probe names {sorted(taken)} clash with the log's own fields")
         self.ranks = distributed.current_ranks()
         if config.batch_size % self.ranks.world_size:
             raise UptrainError(
@@ -502,23 +518,34 @@ class Uptrainer:
         self.tokens_seen += tokens
         return StepStats(self.step, lr, tokens, float(norm), parts_dict)
 
-    def evaluate(self) -> EvalResult:
-        """Held-out evaluation (every rank computes the same numbers; FSDP2 gathers the
-        parameters for it)."""
+    @contextlib.contextmanager
+    def _whole_student(self) -> Iterator[RecursiveLM]:
+        """The student in eval mode with its full parameters (FSDP2 gathers them meanwhile)."""
         self.student.eval()
         if self.sharded:
             self.model.unshard()
         try:
+            yield self.student
+        finally:
+            if self.sharded:
+                self.model.reshard()
+
+    def evaluate(self) -> EvalResult:
+        """Held-out evaluation (every rank computes the same numbers)."""
+        with self._whole_student() as student:
             return evaluate(
-                self.student,
+                student,
                 self.teacher,
                 self.eval_windows,
                 self.config.eval_batch_size,
                 self.autocast,
             )
-        finally:
-            if self.sharded:
-                self.model.reshard()
+
+    @torch.no_grad()
+    def probe(self) -> dict[str, Any]:
+        """Every probe's measurement of the student, by name (no gradients)."""
+        with self._whole_student() as student:
+            return {name: fn(student) for name, fn in self.probes.items()}
 
     def _model_and_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Full (unsharded) CPU state dicts of the student and of AdamW, optimizer state keyed
@@ -660,17 +687,21 @@ class Uptrainer:
                 "lr": lr,
                 "train_loss": train_loss,
                 **asdict(result),
+                **self.probe(),
             }
         )
         return result
 
-    def run(self, state_path: str | Path | None = None) -> RunSummary:
+    def run(self, state_path: str | Path | None = None, stop_step: int | None = None) -> RunSummary:
         """Train to ``config.steps`` (or until ``max_minutes``), evaluating and checkpointing.
 
         With ``state_path`` the state is saved every ``checkpoint_every`` steps and at the end;
-        load it first with ``load_state`` to resume.
+        load it first with ``load_state`` to resume. ``stop_step`` ends the run at that step
+        with the schedule still spanning ``config.steps``: a run that matches another one
+        cut short by its time bound.
         """
         cfg = self.config
+        last = cfg.steps if stop_step is None else min(cfg.steps, stop_step)
         deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
         with training_kernels():
             result = self._eval_and_log(None, 0.0) if self.step == 0 else None
@@ -682,8 +713,7 @@ class Uptrainer:
             )
             losses: list[float] = []
             stats = None
-            stopped_early = False
-            while self.step < cfg.steps:
+            while self.step < last:
                 start = time.perf_counter()
                 stats = self.train_step()
                 if self.autocast:
@@ -706,9 +736,9 @@ class Uptrainer:
                 if deadline < math.inf and distributed.any_rank(
                     time.monotonic() >= deadline, self.device
                 ):
-                    stopped_early = self.step < cfg.steps
                     break
             bar.close()
+            stopped_early = self.step < cfg.steps
             if losses and stats is not None:
                 result = self._eval_and_log(sum(losses) / len(losses), stats.lr)
             if state_path:
