@@ -17,7 +17,7 @@ from loopserve_kernels import cpu_kernel_available, row_max_lse
 from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
 from scheduler.exit_policy import GATE, confidence, exits, forced_exit_depth, may_exit
-from scheduler.kv_cache import KVCache, PagedAttention, attention_metadata
+from scheduler.kv_cache import KVCache, PagedAttention, attention_metadata, one_depth_attention
 from scheduler.sampling import SampledBatch, SampleResult, SamplingParams, sample_batch
 from scheduler.scheduler import ItemResult, ScheduledItem, SchedulerOutput
 from scheduler.structured import apply_masks
@@ -162,7 +162,7 @@ class ModelRunner:
             depths.extend([it.depth] * n)
             bounds.append((row, row + n))
             row += n
-        return _Batch(
+        batch = _Batch(
             items=items,
             depths=[it.depth for it in items],
             hidden=torch.cat(hidden),
@@ -170,6 +170,27 @@ class ModelRunner:
             depth_rows=torch.tensor(depths, device=self.device),
             bounds=bounds,
         )
+        if self.model.prefix is not None:
+            self._enter(batch)
+        return batch
+
+    def _enter(self, batch: _Batch) -> None:
+        """Middle-cycle: depth-0 rows through the model's unique first layers (once a token)."""
+        segments, rows = [], []
+        for it, (lo, hi) in zip(batch.items, batch.bounds, strict=True):
+            if it.depth == 0:
+                segments.append((it.block_tables[0], it.start, it.num_tokens))
+                rows.extend(range(lo, hi))
+        if not rows:
+            return
+        at = torch.tensor(rows, device=self.device)
+        attention = one_depth_attention(
+            self.cache, self.cache.prefix, segments, self.scale, self.device
+        )
+        entered = self.model.enter(
+            batch.hidden.index_select(0, at), batch.positions.index_select(0, at), attention
+        )
+        batch.hidden = batch.hidden.index_copy(0, at, entered)
 
     def _pass(self, batch: _Batch, counts: StepCounts) -> None:
         tables, slots = [], []
@@ -207,23 +228,26 @@ class ModelRunner:
         for it, d, (_, hi) in zip(batch.items, batch.depths, batch.bounds, strict=True):
             if results[it.request_id].sample is not None or not it.needs_logits:
                 continue  # sequence mode: already exited, riding along
+            if d < last and not it.decode and self.model.suffix is not None:
+                continue  # a prompt's positions all pass the unique last layers at the last loop
             if forced:
                 pos = it.start + it.num_tokens - 1
                 exit_now = d == min(last, forced_exit_depth(it.request_id, pos, forced))
             else:
                 exit_now = d == last or may_exit(d, it.exit_thresholds[d], it.min_loops, last)
-            if exit_now:
+            if exit_now or d == last:
                 cand.append((it, d, hi - 1))
+        exit_hidden = self._leave(batch, results, cand)
         gated = self.config.exit_measure == GATE and not forced
         if gated:  # the gate decides first: only rows that leave reach the LM head
-            cand = self._gate(batch, cand)
+            cand = self._gate(exit_hidden, cand)
         if not cand:
             return
         dev = self.device
         rows = torch.tensor([r for _, _, r in cand], device=dev)
         # the exit head of each row's depth (learned, where the checkpoint has them) gives both
         # its exit confidence and its token
-        hidden = batch.hidden.index_select(0, rows)
+        hidden = exit_hidden.index_select(0, rows)
         logits = self.model.exit_logits(hidden, [d for _, d, _ in cand])
         logits = apply_masks(logits, [it.grammar for it, _, _ in cand])  # before the exit rule
         stats = row_max_lse(logits)  # greedy tokens, logprobs and the "prob" confidence
@@ -253,6 +277,40 @@ class ModelRunner:
         if fills:
             self._fill(batch, fills, counts)
 
+    def _leave(
+        self,
+        batch: _Batch,
+        results: dict[str, ItemResult],
+        cand: list[tuple[ScheduledItem, int, int]],
+    ) -> torch.Tensor:
+        """``batch.hidden`` with the rows that may leave now through the model's unique last
+        layers (middle-cycle; as it is otherwise): every row of an item at the last loop that
+        has not exited (all of a prompt chunk's positions, so later tokens attend to their
+        K/V) and each early candidate's row. A candidate that stays rewrites those K/V when
+        it leaves; no one reads them before. The block's own state goes on to the next loop."""
+        if self.model.suffix is None:
+            return batch.hidden
+        last = self.loops - 1
+        early = {it.request_id for it, d, _ in cand if d < last}  # decode rows: one a token
+        segments, rows = [], []
+        for it, d, (lo, hi) in zip(batch.items, batch.depths, batch.bounds, strict=True):
+            if d == last and results[it.request_id].sample is None:
+                segments.append((it.block_tables[0], it.start, it.num_tokens))
+                rows.extend(range(lo, hi))
+            elif it.request_id in early:
+                segments.append((it.block_tables[0], it.start + it.num_tokens - 1, 1))
+                rows.append(hi - 1)
+        if not rows:
+            return batch.hidden
+        at = torch.tensor(rows, device=self.device)
+        attention = one_depth_attention(
+            self.cache, self.cache.suffix, segments, self.scale, self.device
+        )
+        left = self.model.leave(
+            batch.hidden.index_select(0, at), batch.positions.index_select(0, at), attention
+        )
+        return batch.hidden.index_copy(0, at, left)
+
     def _exit_rule(
         self, conf: torch.Tensor, cand: list[tuple[ScheduledItem, int, int]]
     ) -> torch.Tensor:
@@ -264,7 +322,7 @@ class ModelRunner:
         return exits(conf, depth, thr.to(conf.dtype), min_loops, self.loops - 1)
 
     def _gate(
-        self, batch: _Batch, cand: list[tuple[ScheduledItem, int, int]]
+        self, hidden: torch.Tensor, cand: list[tuple[ScheduledItem, int, int]]
     ) -> list[tuple[ScheduledItem, int, int]]:
         """The candidates that leave by the learned gate's score (~2H FLOPs a row, no
         vocabulary projection), and every last-loop candidate."""
@@ -274,7 +332,7 @@ class ModelRunner:
         heads = self.model.exit_heads
         assert heads is not None  # checked at construction
         rows = torch.tensor([cand[j][2] for j in early], device=self.device)
-        score = heads.gate(batch.hidden.index_select(0, rows), [cand[j][1] for j in early])
+        score = heads.gate(hidden.index_select(0, rows), [cand[j][1] for j in early])
         keep = self._exit_rule(score, [cand[j] for j in early]).tolist()
         stay = {j for j, k in zip(early, keep, strict=True) if not k}
         return [c for j, c in enumerate(cand) if j not in stay]
