@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from loopserve.cli import main
 from model.checkpoint import CheckpointError, load_model, save_checkpoint
 from model.config import FULL_RANK, LINEAR_MODULES, ConfigError, ModelConfig, RecursionConfig
 from model.convert import CONVERT_METHODS, convert
@@ -202,6 +203,26 @@ def test_parameter_count_includes_the_unique_layers(tiny7: tuple[Path, LlamaForC
     top = source.embed.numel() + source.final_norm.numel()
     want = top + 3 * (weights + norms) + 2 * weights + 4 * norms
     assert model.num_parameters() == report.converted_params == want
+
+
+def test_cli_converts_middle_cycle(
+    tmp_path: Path, tiny7: tuple[Path, LlamaForCausalLM], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "mid"
+    args = ["convert", str(tiny7[0]), "--loops", "2", "--method", "plain", "--rank", "full"]
+    rc = main([*args, "--layout", "middle", "--prefix-layers", "2", "--out", str(out), "--no-eval"])
+    assert rc == 0
+    assert "middle-cycle: 2 first, 1 last unique" in capsys.readouterr().out
+    model = load_model(out)
+    assert (model.config.prefix_layers, model.config.suffix_layers) == (2, 1)
+    ids = _ids(101)
+    with torch.no_grad():
+        assert float((model(ids) - tiny7[1](ids).logits).abs().max()) < 1e-4
+    assert main([*args, "--prefix-layers", "2", "--out", str(out), "--no-eval"]) == 2
+    assert "need --layout middle" in capsys.readouterr().err
+    both = ["--prefix-layers", "0", "--suffix-layers", "0"]
+    assert main([*args, "--layout", "middle", *both, "--out", str(out), "--no-eval"]) == 2
+    assert "not all 0" in capsys.readouterr().err
 
 
 # --- checkpoint ------------------------------------------------------------------------------
