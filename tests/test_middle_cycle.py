@@ -33,6 +33,7 @@ from scheduler.sampling import SamplingParams
 from tests.conftest import tiny_llama_config, write_hf_model
 from tests.test_exit_oracle import MAX_TOKENS, ListAttention, _prompts, _run_engine
 from tests.test_families import write_gemma3
+from training.uptrain import DEFAULT_GROUPS, mark_trainable
 
 torch.set_num_threads(1)
 FULL = dict.fromkeys(LINEAR_MODULES, FULL_RANK)
@@ -223,6 +224,16 @@ def test_cli_converts_middle_cycle(
     both = ["--prefix-layers", "0", "--suffix-layers", "0"]
     assert main([*args, "--layout", "middle", *both, "--out", str(out), "--no-eval"]) == 2
     assert "not all 0" in capsys.readouterr().err
+
+
+def test_uptraining_trains_the_unique_layers_with_the_blocks_groups(middle: RecursiveLM) -> None:
+    model = copy.deepcopy(middle)
+    assert model.prefix is not None and model.suffix is not None
+    stacks = (model.prefix, model.suffix)
+    unique = {id(p) for stack in stacks for p in stack.parameters()}
+    assert unique <= {id(p) for p in mark_trainable(model, DEFAULT_GROUPS)}
+    norms = {id(s.input_norm) for s in stacks} | {id(s.post_attn_norm) for s in stacks}
+    assert unique & {id(p) for p in mark_trainable(model, ("norms",))} == norms
 
 
 # --- checkpoint ------------------------------------------------------------------------------
