@@ -278,14 +278,19 @@ def _greedy_prompts(vocab: int) -> dict[str, list[int]]:
 
 
 def _engine_outputs(
-    model: RecursiveLM, prompts: dict[str, list[int]], batching: str
-) -> dict[str, tuple[list[int], list[float]]]:
+    model: RecursiveLM,
+    prompts: dict[str, list[int]],
+    batching: str,
+    num_blocks: int = 512,
+    prefix_caching: bool = False,
+) -> tuple[dict[str, tuple[list[int], list[float]]], Engine]:
     cfg = EngineConfig(
         block_size=4,
-        num_blocks=512,
+        num_blocks=num_blocks,
         max_num_batched_tokens=48,
         max_model_len=128,
         batching=batching,
+        enable_prefix_caching=prefix_caching,
     )
     engine = Engine(model, cfg)
     out: dict[str, tuple[list[int], list[float]]] = {rid: ([], []) for rid in prompts}
@@ -296,7 +301,7 @@ def _engine_outputs(
             rid = o.request_id.removesuffix("#0")
             out[rid][0].extend(o.token_ids)
             out[rid][1].extend(s.logprob for s in o.samples)
-    return out
+    return out, engine
 
 
 @pytest.mark.parametrize("batching", ["depth", "sequence"])
@@ -312,7 +317,7 @@ def test_engine_equals_cache_free_forward(middle: RecursiveLM, batching: str) ->
     model = copy.deepcopy(ref)
     prepare_for_serving(model)
     assert model.decode_layer is not None, "the block should run the one-call C++ layer"
-    got = _engine_outputs(model, prompts, batching)
+    got, _ = _engine_outputs(model, prompts, batching)
     for rid, ids in prompts.items():
         tokens, logprobs = got[rid]
         assert tokens == want_tokens[rid], rid
@@ -332,8 +337,24 @@ def test_gemma3_engine_equals_cache_free_reference(tmp_path: Path) -> None:
     prompts = _greedy_prompts(211)
     want = {rid: greedy_generate(model, ids, GREEDY.max_tokens) for rid, ids in prompts.items()}
     prepare_for_serving(model)
-    got = _engine_outputs(model, prompts, "depth")
+    got, _ = _engine_outputs(model, prompts, "depth")
     assert {rid: tokens for rid, (tokens, _) in got.items()} == want
+
+
+@pytest.mark.parametrize("batching", ["depth", "sequence"])
+def test_preempted_and_prefix_cached_requests_equal_the_cache_free_reference(
+    middle: RecursiveLM, batching: str
+) -> None:
+    """Prompts sharing 12 tokens (3 blocks) with the prefix cache on, in a pool too small for
+    all at once: recomputed requests and cached blocks bring the unique layers' K/V along."""
+    model = copy.deepcopy(middle).float()
+    shared = [7, 3, 9, 12, 40, 41, 5, 6, 77, 78, 9, 10]
+    prompts = {rid: shared + ids for rid, ids in _greedy_prompts(101).items()}
+    want = {rid: greedy_generate(model, ids, GREEDY.max_tokens) for rid, ids in prompts.items()}
+    got, engine = _engine_outputs(model, prompts, batching, num_blocks=48, prefix_caching=True)
+    assert {rid: tokens for rid, (tokens, _) in got.items()} == want
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.scheduler.prefix_cache is not None and engine.scheduler.prefix_cache.hits > 0
 
 
 def test_batched_sampler_logits_are_the_forwards(middle: RecursiveLM) -> None:
