@@ -393,8 +393,12 @@ class RecursiveLM(LayerStack):
         )
         dense = dict.fromkeys(a.linear_modules, 0)
         p_, e_ = config.prefix_layers, config.suffix_layers
-        self.prefix = LayerStack(a, p_, 1, dense, 0, dtype, device) if p_ else None
-        self.suffix = LayerStack(a, e_, 1, dense, a.num_layers - e_, dtype, device) if e_ else None
+        self.prefix: LayerStack | None = None
+        self.suffix: LayerStack | None = None
+        if p_:
+            self.prefix = LayerStack(a, p_, 1, dense, 0, dtype, device)
+        if e_:
+            self.suffix = LayerStack(a, e_, 1, dense, a.num_layers - e_, dtype, device)
         self.exit_heads = ExitHeads(b_ - 1, a.hidden_size, **kw) if config.exit_heads else None
         # the checkpoint's own (wider) copies of the shared weights and LoRA factors, kept by
         # ``load_model(..., keep_full_precision=True)`` until ``materialise_high_rank`` sums
