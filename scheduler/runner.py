@@ -232,10 +232,10 @@ class ModelRunner:
                 continue  # a prompt's positions all pass the unique last layers at the last loop
             if forced:
                 pos = it.start + it.num_tokens - 1
-                exit_now = d == min(last, forced_exit_depth(it.request_id, pos, forced))
+                exit_now = d == last or d == forced_exit_depth(it.request_id, pos, forced)
             else:
                 exit_now = d == last or may_exit(d, it.exit_thresholds[d], it.min_loops, last)
-            if exit_now or d == last:
+            if exit_now:
                 cand.append((it, d, hi - 1))
         exit_hidden = self._leave(batch, results, cand)
         gated = self.config.exit_measure == GATE and not forced
