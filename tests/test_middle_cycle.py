@@ -22,8 +22,10 @@ from transformers import LlamaForCausalLM
 from loopserve.cli import main
 from model.checkpoint import CheckpointError, load_model, save_checkpoint
 from model.config import FULL_RANK, LINEAR_MODULES, ConfigError, ModelConfig, RecursionConfig
-from model.convert import CONVERT_METHODS, convert
+from model.convert import CONVERT_METHODS, convert, delta_parameters
+from model.fidelity import measure_fidelity
 from model.generate import _batch_logits, _BatchKV, greedy_generate
+from model.reconstruct import Polish
 from model.recursive import RecursiveLM
 from model.serving import prepare_for_serving
 from scheduler.config import EngineConfig
@@ -162,6 +164,31 @@ def test_data_aware_deltas_beat_plain_svd_below_full_rank(
             err[method] = float((model(held_out) - ref).pow(2).mean().sqrt())
     assert err["whitened"] < 0.9 * err["plain"], err
     assert err["sequential"] < 0.9 * err["plain"], err
+
+
+def test_rank_exceptions_budget_and_polish_count_block_positions(
+    tiny7: tuple[Path, LlamaForCausalLM],
+) -> None:
+    """Positions p are the block's (original layer 2 + p): an exception at 0 reproduces layer
+    2; the budget is spent over the 4 block positions; the polish refits them."""
+    source = load_model(tiny7[0])
+    calib = _ids(101, 16, 32, seed=1)
+    kw = {"progress": False, "method": "sequential", "calibration": calib, **LAYOUT}
+    exact0, _ = convert(source, 2, "average", RANK4, position_ranks={0: FULL_RANK}, **kw)
+    for m in LINEAR_MODULES:
+        w = exact0.weights[m][0] + exact0.lora_b[m][0, 0] @ exact0.lora_a[m][0, 0]
+        torch.testing.assert_close(w, source.weights[m][2], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="position 4: the model has 4"):
+        convert(source, 2, "average", RANK4, position_ranks={4: 1}, **kw)
+    config = exact0.config
+    budget = delta_parameters(config, {m: [2] * 4 for m in LINEAR_MODULES})
+    _, report = convert(source, 2, "average", {}, rank_budget=budget, **kw)
+    assert all(len(row) == 4 for row in report.position_ranks.values())
+    assert 0 < delta_parameters(config, report.position_ranks) <= budget
+    base, _ = convert(source, 2, "average", RANK4, **kw)
+    polished, _ = convert(source, 2, "average", RANK4, polish=Polish(20, 60.0, 1e-3), **kw)
+    assert not torch.equal(base.lora_a["q"], polished.lora_a["q"])
+    assert measure_fidelity(source, polished, calib).kl < measure_fidelity(source, base, calib).kl
 
 
 def test_full_rank_middle_cycle_is_exact_for_gemma3(tmp_path: Path) -> None:
