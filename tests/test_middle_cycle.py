@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from loopserve.cli import main
 from model.checkpoint import CheckpointError, load_model, save_checkpoint
 from model.config import FULL_RANK, LINEAR_MODULES, ConfigError, ModelConfig, RecursionConfig
 from model.convert import CONVERT_METHODS, convert, delta_parameters
+from model.exit_heads import ExitHeads
 from model.fidelity import measure_fidelity
 from model.generate import _batch_logits, _BatchKV, greedy_generate
 from model.reconstruct import Polish
@@ -407,11 +409,14 @@ def middle_oracle(
     fill: str,
     thresholds: tuple[float, ...] = (),
     forced: tuple[str, tuple[float, ...]] | None = None,
+    gated: bool = False,
 ) -> tuple[list[int], list[int], list[float]]:
     """One token at a time, K/V as lists: the unique first layers once before loop 0; a
     decode token tries the unique last layers at each depth where it may exit (kept only where
     it does); a prompt position passes them at the last loop, its token sampled there. The
-    depths a decode token skips get K/V by ``fill`` (``ride``: it runs them for real)."""
+    depths a decode token skips get K/V by ``fill`` (``ride``: it runs them for real). The
+    model's exit heads, where it has them, read the unique last layers' output; ``gated``:
+    their gate decides early exits instead of the max-prob rule."""
     loops, layers = model.config.loops, model.config.block_layers
     assert model.prefix is not None and model.suffix is not None
     kv = [[[] for _ in range(layers)] for _ in range(loops)]
@@ -437,9 +442,12 @@ def middle_oracle(
             out = model.leave(h, positions, ListAttention(last, 0, none))
             if not needs_logits:
                 continue  # a prompt position: its suffix K/V, from the last loop
-            logits = model.logits(out).float()
+            logits = model.exit_logits(out, b).float()
             if forced is not None:
                 stay = b < min(loops - 1, forced_exit_depth(forced[0], pos, forced[1]))
+            elif gated and not at_last:
+                assert model.exit_heads is not None
+                stay = float(model.exit_heads.gate(out, b)) < thresholds[b]
             else:
                 stay = not at_last and float(confidence(logits, "prob")) < thresholds[b]
             if stay:
@@ -518,5 +526,56 @@ def test_confidence_exits_equal_the_oracle(
         batching=batching,
         depth_alignment=alignment,
         exit_thresholds=thresholds,
+    )
+    _assert_equal(got, want)
+
+
+@pytest.mark.parametrize(("batching", "alignment", "fill"), MODES)
+def test_gated_exits_with_exit_heads_equal_the_oracle(
+    middle: RecursiveLM, batching: str, alignment: str, fill: str
+) -> None:
+    """Random exit heads and gates act on the unique last layers' output, in the engine as in
+    the oracle; the heads change tokens (they are not ignored)."""
+    model = copy.deepcopy(middle)
+    h = model.config.arch.hidden_size
+    gen = torch.Generator().manual_seed(5)
+    model.exit_heads = ExitHeads(1, h, dtype=torch.float64)
+    model.exit_heads.load_state_dict(
+        {
+            "weight": torch.eye(h, dtype=torch.float64)
+            + 0.5 * torch.randn(1, h, h, generator=gen, dtype=torch.float64) / h**0.5,
+            "bias": 0.3 * torch.randn(1, h, generator=gen, dtype=torch.float64),
+            "gate_weight": torch.randn(1, h, generator=gen, dtype=torch.float64) / h**0.5,
+            "gate_bias": torch.zeros(1, dtype=torch.float64),
+        }
+    )
+    model.config = replace(model.config, exit_heads=True)
+    ids = torch.tensor([p[:9] for p in _prompts().values() if len(p) >= 9])
+    with torch.no_grad():
+        score = model.exit_heads.gate(model.loop_hidden_states(ids)[0], 0)
+    thresholds = (float(score.median()),)
+    prompts = _prompts()
+    want = {
+        rid: middle_oracle(model, p, fill, thresholds, None, True) for rid, p in prompts.items()
+    }
+    depths = [d for _, ds, _ in want.values() for d in ds]
+    assert 0 < depths.count(0) < len(depths), "tokens must exit at both depths"
+    lens = copy.deepcopy(model)  # the same gates, identity maps
+    assert lens.exit_heads is not None
+    with torch.no_grad():
+        lens.exit_heads.weight.copy_(torch.eye(h).expand(1, h, h))
+        lens.exit_heads.bias.zero_()
+    plain = {
+        rid: middle_oracle(lens, p, fill, thresholds, None, True) for rid, p in prompts.items()
+    }
+    assert any(plain[r][0] != o[0] for r, o in want.items()), "the heads' maps changed nothing"
+    got = _run_engine(
+        model,
+        prompts,
+        fill,
+        batching=batching,
+        depth_alignment=alignment,
+        exit_thresholds=thresholds,
+        exit_measure="gate",
     )
     _assert_equal(got, want)
