@@ -1,7 +1,7 @@
 """Fidelity of untrained conversions over delta methods × ranks × loops, for the README.
 
     python -m benchmarks.convert_sweep --loops 2 3 --ranks 64 128 \\
-        --methods plain whitened sequential --extras
+        --methods plain whitened sequential --extras [--layouts full middle:2:1]
 
 Each row is one ``model.convert.convert`` of the pulled SmolLM2-135M-Instruct (average init),
 measured against the source on the built-in evaluation text and on the held-out
@@ -9,8 +9,10 @@ self-distilled set (prompts of its own, never calibration data). The data-aware 
 calibrate on the source's own samples from the calibration prompt set. ``--extras`` adds, at
 B = 3 and the first rank: position 0 at full rank, a rank budget of the same delta parameters
 as the uniform rank, and a bounded polish; ``--rows`` names rows one by one instead (the
-README's table: see benchmarks/results/convert_sweep/command.txt). The source is run once
-per evaluation set.
+README's table: see benchmarks/results/convert_sweep/command.txt). ``--layouts`` crosses the
+grid with sharing layouts: ``full`` (the paper's full cycle) or ``middle:P:E`` (the first P and
+last E layers unique, the rest folded; L − P − E must divide by B); a row takes one as
+``@middle:P:E``. The source is run once per evaluation set.
 Conversion wall time is recorded but the machine this ran on may be shared: not a
 performance figure.
 """
@@ -28,7 +30,7 @@ from transformers import AutoTokenizer
 from model.build import eval_windows
 from model.calibration_data import calibration_windows, heldout_windows
 from model.checkpoint import load_model
-from model.config import FULL_RANK, LINEAR_MODULES
+from model.config import FULL_RANK, LINEAR_MODULES, RecursionConfig
 from model.convert import CONVERT_METHODS, convert, delta_parameters, rank_table
 from model.fidelity import measure_fidelity, reference_logprobs
 from model.pull import SMOLLM2, SOURCES, pull
@@ -39,12 +41,25 @@ def _rank(value: str) -> int:
     return FULL_RANK if value == "full" else int(value)
 
 
+def _layout(text: str) -> dict:
+    """'full' or 'middle:P:E' -> the row's prefix_layers / suffix_layers."""
+    parts = text.split(":")
+    if parts == ["full"]:
+        return {"prefix_layers": 0, "suffix_layers": 0}
+    if len(parts) != 3 or parts[0] != "middle" or not all(x.isdigit() for x in parts[1:]):
+        raise argparse.ArgumentTypeError(f"a layout is 'full' or 'middle:P:E', got {text!r}")
+    return {"prefix_layers": int(parts[1]), "suffix_layers": int(parts[2])}
+
+
 def _row(text: str) -> dict:
-    """'B:method:rank[:extra]' with extra 'pos0full', 'budget' or 'polishSECONDS'."""
+    """'B:method:rank[:extra][@layout]' with extra 'pos0full', 'budget' or 'polishSECONDS'
+    and layout as in ``_layout`` (default: full)."""
+    text, _, layout = text.partition("@")
     parts = text.split(":")
     if len(parts) not in (3, 4):
-        raise argparse.ArgumentTypeError(f"a row is B:method:rank[:extra], got {text!r}")
+        raise argparse.ArgumentTypeError(f"a row is B:method:rank[:extra][@layout], got {text!r}")
     row: dict = {"loops": int(parts[0]), "method": parts[1], "rank": _rank(parts[2])}
+    row |= _layout(layout or "full")
     extra = parts[3] if len(parts) == 4 else ""
     if extra == "pos0full":
         row["position_ranks"] = {0: FULL_RANK}
@@ -61,19 +76,25 @@ def _plan(args: argparse.Namespace) -> list[dict]:
     if args.rows:
         return args.rows
     rows = [
-        {"loops": b, "method": m, "rank": r}
+        {"loops": b, "method": m, "rank": r, **layout}
+        for layout in args.layouts
         for b in args.loops
         for r in args.ranks
         for m in args.methods
     ]
     if args.extras:
-        r = args.ranks[0]
+        seq = {"loops": 3, "method": "sequential", "rank": args.ranks[0], **args.layouts[0]}
         rows += [
-            {"loops": 3, "method": "sequential", "rank": r, "position_ranks": {0: FULL_RANK}},
-            {"loops": 3, "method": "sequential", "rank": r, "budget": True},
-            {"loops": 3, "method": "sequential", "rank": r, "polish": args.polish_seconds},
+            seq | {"position_ranks": {0: FULL_RANK}},
+            seq | {"budget": True},
+            seq | {"polish": args.polish_seconds},
         ]
     return rows
+
+
+def _layout_label(row: dict) -> str:
+    p, e = row.get("prefix_layers", 0), row.get("suffix_layers", 0)
+    return f"middle ({p} + {e} unique)" if p or e else "full"
 
 
 def _label(row: dict) -> str:
@@ -99,12 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", default="average")
     p.add_argument("--calibration-tokens", type=int, default=8192)
     p.add_argument("--extras", action="store_true", help="rank exception, budget, polish rows")
+    p.add_argument(
+        "--layouts",
+        type=_layout,
+        nargs="+",
+        default=[_layout("full")],
+        help="sharing layouts of the grid: full, middle:P:E (default: full)",
+    )
     p.add_argument("--polish-seconds", type=float, default=120.0)
     p.add_argument(
         "--rows",
         type=_row,
         nargs="+",
-        help="explicit rows B:method:rank[:pos0full|budget|polishSECONDS] instead of the grid",
+        help="explicit rows B:method:rank[:pos0full|budget|polishSECONDS][@middle:P:E] instead "
+        "of the grid",
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
@@ -132,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     grams: dict = {}  # the source's input covariances, shared by whitened rows and the budget
     for spec in _plan(args):
-        config = source.config
+        layout = {k: spec.get(k, 0) for k in ("prefix_layers", "suffix_layers")}
+        config = source.config.with_recursion(RecursionConfig(loops=spec["loops"], **layout))
         uniform = dict.fromkeys(LINEAR_MODULES, spec["rank"])
         budget = None
         if spec.get("budget"):
@@ -150,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
             rank_budget=budget,
             polish=Polish(steps=200, seconds=spec["polish"]) if spec.get("polish") else None,
             gram_cache=grams,
+            **layout,
         )
         seconds = time.perf_counter() - start
         row = {
             "loops": spec["loops"],
+            **layout,
+            "layout": _layout_label(layout),
             "init": args.init,
             "method": _method_label(spec),
             "rank": _label(spec),
@@ -193,10 +226,10 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
         "needs (stored, zero-padded to one rank per module, in brackets where it differs); "
         "conversion time measured on a shared 2-core machine, not a performance figure.",
         "",
-        "| B | deltas | rank | parameters (% of original) | KL built-in | agreement built-in "
-        "| perplexity built-in | KL held-out | agreement held-out | perplexity held-out "
-        "| convert time (shared machine) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layout | B | deltas | rank | parameters (% of original) | KL built-in "
+        "| agreement built-in | perplexity built-in | KL held-out | agreement held-out "
+        "| perplexity held-out | convert time (shared machine) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         share = 100 * r["effective_params"] / r["source_params"]
@@ -205,7 +238,8 @@ def _table(rows: list[dict], args: argparse.Namespace) -> str:
             params += f" [stored {r['params'] / 1e6:.1f} M]"
         b, h = r["builtin"], r["heldout"]
         lines.append(
-            f"| {r['loops']} | {r['method']} | {r['rank']} | {params} | {b['kl']:.2f} | "
+            f"| {_layout_label(r)} | {r['loops']} | {r['method']} | {r['rank']} | {params} | "
+            f"{b['kl']:.2f} | "
             f"{100 * b['agreement']:.1f} % | {b['converted_ppl']:.4g} | {h['kl']:.2f} | "
             f"{100 * h['agreement']:.1f} % | {h['converted_ppl']:.4g} | "
             f"{r['convert_seconds_shared_machine']:.0f} s |"

@@ -31,8 +31,12 @@ class ConvertResult:
         r = self.report
         ranks = ", ".join(f"{m}={v}" for m, v in r.ranks.items())
         energy = ", ".join(f"{m}={100 * v:.1f}%" for m, v in r.energy_kept.items())
+        layout = ""
+        if r.prefix_layers or r.suffix_layers:
+            layout = f" (middle-cycle: {r.prefix_layers} first, {r.suffix_layers} last unique)"
         out = [
-            f"converted to {r.loops} loops, init={r.init}, deltas={r.method}, ranks: {ranks}",
+            f"converted to {r.loops} loops{layout}, init={r.init}, deltas={r.method}, "
+            f"ranks: {ranks}",
             f"residual energy kept: {energy}",
             f"parameters: original {r.source_params:,} | recursive {r.converted_params:,} | "
             f"saved {100 * r.saved_fraction:.1f}%",
@@ -81,6 +85,8 @@ def convert_checkpoint(
     damp: float = 0.01,
     polish: Polish | None = None,
     progress: bool = True,
+    prefix_layers: int = 0,
+    suffix_layers: int = 0,
 ) -> ConvertResult:
     """Load ``src`` (HF or loopserve vanilla), convert, measure fidelity, save to ``out``.
 
@@ -88,6 +94,7 @@ def convert_checkpoint(
     default, ``self_distill_tokens`` tokens of the source's own samples from the calibration
     prompt set; fidelity is measured on the built-in text and on the held-out samples, which
     come from a prompt set of their own (the evaluation never sees calibration data).
+    ``prefix_layers`` / ``suffix_layers``: the middle-cycle layout (``model.convert``).
     """
     start = time.perf_counter()
     source = load_model(src)
@@ -127,6 +134,8 @@ def convert_checkpoint(
         rank_budget=rank_budget,
         damp=damp,
         polish=polish,
+        prefix_layers=prefix_layers,
+        suffix_layers=suffix_layers,
     )
     fidelity = heldout = None
     if evaluate:
@@ -138,6 +147,8 @@ def convert_checkpoint(
         "source_provenance": _source_provenance(src),
         "init": init,
         "loops": loops,
+        "prefix_layers": prefix_layers,
+        "suffix_layers": suffix_layers,
         "method": method,
         "ranks": report.ranks,
         "position_ranks": report.position_ranks,

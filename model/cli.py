@@ -21,6 +21,7 @@ from model.pull import PullError
 from model.reconstruct import DATA_METHODS
 
 CONVERT_METHODS = ("plain", *DATA_METHODS)
+LAYOUTS = ("full", "middle")  # the sharing layouts (model.config.RecursionConfig)
 
 USER_ERRORS = (ConfigError, CheckpointError, PullError, CalibrationError)
 
@@ -60,6 +61,28 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--loops", type=int, required=True, help="number of loops B (L must divide by B)"
+    )
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="full",
+        help="full: every layer folds into the shared block (the paper's full cycle, the "
+        "default); middle: the first --prefix-layers and last --suffix-layers layers stay "
+        "unique (their own weights, run once per token) and L − P − E must divide by B",
+    )
+    p.add_argument(
+        "--prefix-layers",
+        type=int,
+        default=None,
+        metavar="P",
+        help="middle layout: unique first layers (default: 1)",
+    )
+    p.add_argument(
+        "--suffix-layers",
+        type=int,
+        default=None,
+        metavar="E",
+        help="middle layout: unique last layers (default: 1)",
     )
     p.add_argument(
         "--init",
@@ -108,7 +131,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="P=R",
         help="rank R (integer or 'full') for every map at unrolled position P, e.g. 0=full; "
-        "repeatable. Stored zero-padded to the module's largest rank",
+        "repeatable (middle layout: position P is the shared block's, original layer "
+        "--prefix-layers + P). Stored zero-padded to the module's largest rank",
     )
     p.add_argument(
         "--rank-budget",
@@ -155,6 +179,23 @@ def _position_rank(value: str) -> tuple[int, int]:
         raise ConfigError(f"--rank-at {value!r}: {e}") from None
 
 
+def _layout(args: argparse.Namespace) -> tuple[int, int]:
+    """(prefix_layers, suffix_layers) of ``--layout``; 1 and 1 for a bare ``middle``."""
+    given = args.prefix_layers is not None or args.suffix_layers is not None
+    if args.layout == "full":
+        if given:
+            raise ConfigError("--prefix-layers / --suffix-layers need --layout middle")
+        return 0, 0
+    prefix = 1 if args.prefix_layers is None else args.prefix_layers
+    suffix = 1 if args.suffix_layers is None else args.suffix_layers
+    if prefix < 0 or suffix < 0 or prefix + suffix == 0:
+        raise ConfigError(
+            f"--layout middle needs unique layers >= 0, not all 0: got --prefix-layers "
+            f"{prefix}, --suffix-layers {suffix}"
+        )
+    return prefix, suffix
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from model.build import convert_checkpoint, has_tokenizer, result_dict
     from model.pull import pull_default
@@ -168,6 +209,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             print(f"{src} has no tokenizer to calibrate with: deltas by plain SVD")
     if args.polish and args.method != "sequential":
         raise ConfigError("--polish refines a sequential conversion (--method sequential)")
+    prefix_layers, suffix_layers = _layout(args)
     ranks = dict.fromkeys(LINEAR_MODULES, args.rank)
     if args.rank_attn is not None:
         ranks.update(dict.fromkeys(ATTN_MODULES, args.rank_attn))
@@ -191,6 +233,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         polish=Polish(args.polish_steps, args.polish_seconds, args.polish_lr)
         if args.polish
         else None,
+        prefix_layers=prefix_layers,
+        suffix_layers=suffix_layers,
     )
     for line in result.lines():
         print(line)

@@ -56,7 +56,8 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ArchConfig:
-    """The dense architecture. ``num_layers`` is the unrolled depth (L = K * B).
+    """The dense architecture. ``num_layers`` is the unrolled depth L (= K · B, or P + K · B + E
+    in a middle-cycle layout).
 
     The defaults are Llama; the family fields below them describe GPT-NeoX (LayerNorm with
     bias, ungated MLP, parallel residual, partial rotary, biased projections) and Gemma 3
@@ -325,15 +326,28 @@ def _gemma3_fields(cfg: dict[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True)
 class RecursionConfig:
     """How the unrolled depth L is folded: a block of K shared layers run ``loops`` times,
-    with a per-position LoRA delta of ``ranks[module]`` on every linear map."""
+    with a per-position LoRA delta of ``ranks[module]`` on every linear map.
+
+    The layout: the paper's full cycle shares all L layers (``prefix_layers`` =
+    ``suffix_layers`` = 0). Middle-cycle keeps the first ``prefix_layers`` and the last
+    ``suffix_layers`` original layers unique (their own dense weights, run once per token:
+    before loop 0, and on the hidden state where the token exits) and folds the L − P − E
+    middle layers into the block. A config without the fields (older checkpoints) is full cycle.
+    """
 
     loops: int = 1
     init: str = "lower"
     ranks: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LINEAR_MODULES, 0))
+    prefix_layers: int = 0
+    suffix_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.loops < 1:
             raise ConfigError(f"loops must be >= 1, got {self.loops}")
+        for name in ("prefix_layers", "suffix_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         if self.init not in INIT_METHODS:
             raise ConfigError(f"init={self.init!r} is not one of {', '.join(INIT_METHODS)}")
         ranks = {m: int(self.ranks.get(m, 0)) for m in LINEAR_MODULES}
@@ -347,7 +361,8 @@ class RecursionConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture + recursion; ``block_layers`` (K, the shared block's layers) = L / loops."""
+    """Architecture + recursion; ``block_layers`` (K, the shared block's layers) =
+    (L − P − E) / loops, P and E the unique first and last layers of a middle-cycle layout."""
 
     arch: ArchConfig
     recursion: RecursionConfig = field(default_factory=RecursionConfig)
@@ -355,12 +370,20 @@ class ModelConfig:
     exit_heads: bool = False  # learned exit heads (``model.exit_heads``) beside the weights
 
     def __post_init__(self) -> None:
-        n, loops = self.arch.num_layers, self.recursion.loops
+        loops, unique = self.recursion.loops, self.prefix_layers + self.suffix_layers
+        if unique >= self.arch.num_layers:
+            raise ConfigError(
+                f"prefix_layers={self.prefix_layers} + suffix_layers={self.suffix_layers} "
+                f"leave none of the {self.arch.num_layers} layers to share"
+            )
+        n = self.shared_layers
         if n % loops:
             divisors = [b for b in range(1, n + 1) if n % b == 0]
+            what = f"num_hidden_layers={n} is" if not unique else f"{n} shared layers are"
+            folded = "(L − P − E)" if unique else "L"
             raise ConfigError(
-                f"num_hidden_layers={n} is not divisible by loops={loops}: every loop runs the "
-                f"same K = L / B layers (loops that divide {n}: {divisors})"
+                f"{what} not divisible by loops={loops}: every loop runs the same K = {folded} "
+                f"/ B layers (loops that divide {n}: {divisors})"
             )
         absent = set(LINEAR_MODULES) - set(self.arch.linear_modules)
         if any(self.recursion.ranks[m] for m in absent):  # e.g. `--rank 64` on an ungated MLP
@@ -377,12 +400,32 @@ class ModelConfig:
         return self.recursion.loops
 
     @property
+    def prefix_layers(self) -> int:
+        """P: the unique first layers (middle-cycle; 0 in the full cycle)."""
+        return self.recursion.prefix_layers
+
+    @property
+    def suffix_layers(self) -> int:
+        """E: the unique last layers (middle-cycle; 0 in the full cycle)."""
+        return self.recursion.suffix_layers
+
+    @property
+    def shared_layers(self) -> int:
+        """K · B: the unrolled positions of the block, original layers P .. L − E − 1."""
+        return self.arch.num_layers - self.prefix_layers - self.suffix_layers
+
+    @property
     def block_layers(self) -> int:
-        return self.arch.num_layers // self.recursion.loops
+        return self.shared_layers // self.recursion.loops
 
     @property
     def is_vanilla(self) -> bool:
-        return self.loops == 1 and not any(self.recursion.ranks.values())
+        """One stack of L plain layers: what conversion folds."""
+        return (
+            self.loops == 1
+            and not any(self.recursion.ranks.values())
+            and self.prefix_layers == self.suffix_layers == 0
+        )
 
     def full_rank(self, module: str) -> int:
         return min(self.arch.linear_shape(module))

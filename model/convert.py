@@ -7,6 +7,10 @@ SVD of its residual ``W_orig[p] − W_shared[k] ≈ U_r Σ_r V_rᵀ`` with ``B =
 minimise the layer's output error on calibration data instead (``model.reconstruct``).
 At full rank every method reproduces the source; at rank 0 it is the plain recursive model.
 Norms and biases stay per position (they are tiny).
+
+Middle-cycle (``prefix_layers`` P, ``suffix_layers`` E): the first P and last E original
+layers are copied unchanged into the model's unique stacks, and only the middle L − P − E
+fold into the block as above; unrolled position p is then original layer P + p.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class ConversionReport:
     loops: int
     ranks: dict[str, int]
     method: str = "plain"
+    prefix_layers: int = 0
+    suffix_layers: int = 0
     position_ranks: dict[str, list[int]] = field(default_factory=dict)
     energy_kept: dict[str, float] = field(default_factory=dict)
     source_params: int = 0
@@ -100,10 +106,10 @@ def rank_table(
     ranks: dict[str, int],
     position_ranks: dict[int, int] | None = None,
 ) -> dict[str, list[int]]:
-    """Rank of every module at every unrolled position p: ``ranks`` everywhere, except the
-    positions in ``position_ranks`` (p -> rank or FULL_RANK for all their modules), each
-    clamped to the module's full rank."""
-    num_layers = config.arch.num_layers
+    """Rank of every module at every unrolled position p of the block: ``ranks`` everywhere,
+    except the positions in ``position_ranks`` (p -> rank or FULL_RANK for all their modules),
+    each clamped to the module's full rank."""
+    num_layers = config.shared_layers
     table = {}
     for m in config.arch.linear_modules:
         full = config.full_rank(m)
@@ -176,6 +182,8 @@ def convert(
     damp: float = 0.01,
     polish: Polish | None = None,
     gram_cache: dict | None = None,
+    prefix_layers: int = 0,
+    suffix_layers: int = 0,
 ) -> tuple[RecursiveLM, ConversionReport]:
     """Fold a vanilla ``source`` into ``loops`` loops with per-position LoRA deltas.
 
@@ -186,7 +194,9 @@ def convert(
     (needs calibration). Ranks that differ between positions are stored zero-padded to the
     module's largest rank (the checkpoint has one rank per module); the report counts both.
     ``gram_cache``: a dict reused across conversions of one source on the same calibration
-    windows, so the whitened input covariances are computed once.
+    windows, so the whitened input covariances are computed once. ``prefix_layers`` /
+    ``suffix_layers``: the middle-cycle layout (unique first / last layers, copied exactly;
+    positions p count from the first shared layer).
     """
     if not source.config.is_vanilla:
         raise ValueError("conversion needs a vanilla (non-recursive) source model")
@@ -197,53 +207,62 @@ def convert(
         raise ValueError(f"method {method!r} / a rank budget needs calibration windows")
     if polish is not None and method != "sequential":
         raise ValueError("polish refines a sequential conversion; use method='sequential'")
+    layout = {"prefix_layers": prefix_layers, "suffix_layers": suffix_layers}
+    zero_ranks = dict.fromkeys(LINEAR_MODULES, 0)
     base = source.config.with_recursion(
-        RecursionConfig(loops=loops, init=init, ranks=dict.fromkeys(LINEAR_MODULES, 0))
+        RecursionConfig(loops=loops, init=init, ranks=zero_ranks, **layout)
     )
     k_size = base.block_layers
     gen = torch.Generator().manual_seed(seed)
     src = source.state_dict()
     modules = base.arch.linear_modules
-    shared = {m: shared_block_init(src[f"weights.{m}"], loops, init, gen) for m in modules}
+    mid = slice(prefix_layers, prefix_layers + base.shared_layers)  # the folded layers
+    shared = {m: shared_block_init(src[f"weights.{m}"][mid], loops, init, gen) for m in modules}
     table = rank_table(base, ranks, position_ranks)
+    fit_args = (calibration, damp)
     if rank_budget is not None:
         zero = rank_table(base, {})
         spectra = data_aware_deltas(
-            source, shared, zero, loops, "whitened", calibration, damp, None, progress, gram_cache
+            source, shared, zero, loops, "whitened", *fit_args, None, progress, gram_cache, **layout
         )
         table = allocate_budget(
             base, spectra.singular_values, spectra.output_energy, rank_budget, position_ranks
         )
     max_ranks = {m: max(row) for m, row in table.items()}
-    config = base.with_recursion(RecursionConfig(loops=loops, init=init, ranks=max_ranks))
+    config = base.with_recursion(RecursionConfig(loops=loops, init=init, ranks=max_ranks, **layout))
     target = RecursiveLM(config, dtype=source.dtype, device=source.device)
     report = ConversionReport(
-        init=init, loops=loops, ranks=max_ranks, method=method, position_ranks=table
+        init=init, loops=loops, ranks=max_ranks, method=method, position_ranks=table, **layout
     )
     out: dict[str, torch.Tensor] = {
         n: src[n] for n in ("embed", "final_norm", "final_norm_bias", "lm_head") if n in src
     }
 
     def per_position(t: torch.Tensor) -> torch.Tensor:
-        # [L, 1, ...] -> [K, B, ...] with position p = k + b*K at [k, b].
-        return t[:, 0].view(loops, k_size, *t.shape[2:]).transpose(0, 1).contiguous()
+        # [L, 1, ...] -> [K, B, ...] with position p = k + b*K (layer P + p) at [k, b].
+        return t[mid, 0].view(loops, k_size, *t.shape[2:]).transpose(0, 1).contiguous()
 
-    out["input_norm"] = per_position(src["input_norm"])
-    out["post_attn_norm"] = per_position(src["post_attn_norm"])
-    for name in [f"biases.{m}" for m in source.biases] + [f"norms.{n}" for n in source.norms]:
+    layer_tensors = ["input_norm", "post_attn_norm"]
+    layer_tensors += [f"biases.{m}" for m in source.biases] + [f"norms.{n}" for n in source.norms]
+    for name in layer_tensors:
         out[name] = per_position(src[name])
+    unique = {"prefix": slice(0, prefix_layers), "suffix": slice(mid.stop, None)}
+    for stack, layers in unique.items():  # the source's own layers, per-layer tensors [n, 1, ...]
+        if getattr(target, stack) is not None:
+            for name in [*layer_tensors, *(f"weights.{m}" for m in modules)]:
+                out[f"{stack}.{name}"] = src[name][layers]
     fitted = None
     if method in DATA_METHODS:
         fitted = data_aware_deltas(
-            source, shared, table, loops, method, calibration, damp, polish, progress, gram_cache
+            source, shared, table, loops, method, *fit_args, polish, progress, gram_cache, **layout
         )
         report.calibration_tokens = calibration.numel()
         for name, norms in fitted.norms.items():
             out[name] = torch.stack(norms).view(loops, k_size, -1).transpose(0, 1).contiguous()
-    num_layers = base.arch.num_layers
+    num_layers = base.shared_layers
     bar = tqdm(total=num_layers * len(modules), desc="deltas", disable=not progress)
     for m in modules:
-        orig = src[f"weights.{m}"]  # [L, out, in]
+        orig = src[f"weights.{m}"][mid]  # [K·B, out, in]
         out[f"weights.{m}"] = shared[m]
         r = max_ranks[m]
         kept = []

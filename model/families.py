@@ -79,17 +79,18 @@ class DepthTable:
 
 class Rotary:
     """The RoPE frequencies each (block layer, depth) uses: one set for most families, a
-    global and a local (sliding-window layers) set for Gemma 3."""
+    global and a local (sliding-window layers) set for Gemma 3. ``first``: the original layer
+    of the stack's position 0, as in ``window_table``."""
 
-    def __init__(self, arch: ArchConfig, block_layers: int, loops: int) -> None:
+    def __init__(self, arch: ArchConfig, block_layers: int, loops: int, first: int = 0) -> None:
         # float32 on the CPU on purpose (not buffers, so .to(bfloat16) cannot round them);
         # rope_cos_sin moves the few values to the positions' device.
         self.inv_freqs = [rope_inv_freq(arch)]
-        local = tuple(int(w > 0) for w in arch.layer_windows) or (0,) * arch.num_layers
+        local = tuple(int(w > 0) for w in _stack_windows(arch, block_layers * loops, first))
         if arch.local_rope_theta is not None and any(local):
             self.inv_freqs.append(local_rope_inv_freq(arch))
         else:
-            local = (0,) * arch.num_layers
+            local = (0,) * (block_layers * loops)
         self.variant = DepthTable(local, block_layers, loops)
 
     def select(
@@ -108,8 +109,18 @@ class Rotary:
         return torch.where(local, lc, gc), torch.where(local, ls, gs)
 
 
-def window_table(arch: ArchConfig, block_layers: int, loops: int) -> DepthTable | None:
-    """Sliding window per (block layer, depth), 0 = global; None for a model without any."""
-    if not any(arch.layer_windows):
+def _stack_windows(arch: ArchConfig, positions: int, first: int) -> tuple[int, ...]:
+    """The windows of original layers ``first`` .. ``first + positions − 1`` (0: global)."""
+    return arch.layer_windows[first : first + positions] or (0,) * positions
+
+
+def window_table(
+    arch: ArchConfig, block_layers: int, loops: int, first: int = 0
+) -> DepthTable | None:
+    """Sliding window per (block layer, depth), 0 = global; None for a stack without any.
+    ``first``: the original layer of the stack's position 0 (a middle-cycle layout's block
+    starts after its unique first layers)."""
+    windows = _stack_windows(arch, block_layers * loops, first)
+    if not any(windows):
         return None
-    return DepthTable(arch.layer_windows, block_layers, loops)
+    return DepthTable(windows, block_layers, loops)

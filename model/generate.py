@@ -40,7 +40,8 @@ class _BatchKV:
 
     Row i's first ``pads[i]`` columns are padding: no query attends to them (a padding query
     attends to itself only, so every value stays finite). Keys/values are kept per
-    (loop depth, block layer). Steps: the padded prompts [n·W] at once, then one token a row.
+    (loop depth, block layer); depths −1 and B hold a middle-cycle model's unique first and last
+    layers. Steps: the padded prompts [n·W] at once, then one token a row.
     """
 
     def __init__(self, pads: torch.Tensor, heads: tuple[int, int, int]) -> None:
@@ -83,10 +84,14 @@ def _batch_logits(model: RecursiveLM, ids: torch.Tensor, cache: _BatchKV) -> tor
     n, t = ids.shape
     cols = torch.arange(cache.past, cache.past + t)
     positions = (cols[None, :] - cache.pads[:, None]).clamp(min=0).reshape(-1)
-    hidden = model.embed_tokens(ids.reshape(-1).to(model.device))
+    positions = positions.to(model.device)
+    cache.depth = -1  # a middle-cycle model's unique first layers: K/V keys of their own
+    hidden = model.enter(model.embed_tokens(ids.reshape(-1).to(model.device)), positions, cache)
     for b in range(model.config.loops):
         cache.depth = b
-        hidden = model.block_forward(hidden, b, positions.to(model.device), cache)
+        hidden = model.block_forward(hidden, b, positions, cache)
+    cache.depth = model.config.loops  # and its unique last layers
+    hidden = model.leave(hidden, positions, cache)
     cache.past += t
     return model.logits(hidden.view(n, t, -1)[:, -1])
 

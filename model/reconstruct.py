@@ -301,20 +301,31 @@ def data_aware_deltas(
     polish: Polish | None = None,
     progress: bool = True,
     gram_cache: dict[tuple[int, str], torch.Tensor] | None = None,
+    prefix_layers: int = 0,
+    suffix_layers: int = 0,
 ) -> DataAwareResult:
     """Fit every position's deltas with ``method`` ('whitened' or 'sequential') on the
     calibration ``windows`` [N, S]; ``shared[m]`` is the block [K, out, in], ``ranks[m][p]``
     the rank at position p. The whitened method needs only the source's input covariances:
     pass the same ``gram_cache`` dict to later whitened conversions of the same source and
-    windows to compute them once."""
+    windows to compute them once.
+
+    Middle-cycle: the block folds original layers ``prefix_layers`` .. L − ``suffix_layers``
+    − 1 (position p is layer P + p; the results are indexed by p). The unique first layers
+    are the source's own, so the converted inputs equal the original ones up to layer P; the
+    unique last layers come after every fitted position and need nothing."""
     if method not in DATA_METHODS:
         raise ValueError(f"data-aware method must be one of {DATA_METHODS}, got {method!r}")
     arch = source.config.arch
-    num_layers, k_size = arch.num_layers, arch.num_layers // loops
+    first, end = prefix_layers, arch.num_layers - suffix_layers
+    num_layers, k_size = end - first, (end - first) // loops
     n, s = windows.shape
     lm = LayerMath(arch, s, n, source.dtype)
     with torch.no_grad():
         h = source.embed_tokens(windows.reshape(-1).to(source.device))
+        if method == "sequential":  # through the unique first layers, exactly the source's
+            for layer in range(first):
+                h = lm.forward(source_position(source, layer), h)
     hh = h
     factors: dict[str, list[Factors | None]] = {m: [] for m in shared}
     svals: dict[str, list[torch.Tensor]] = {m: [] for m in shared}
@@ -325,7 +336,7 @@ def data_aware_deltas(
     start = time.perf_counter()
     bar = tqdm(total=num_layers, desc=f"{method} deltas", unit="layer", disable=not progress)
     for p in range(num_layers):
-        orig = source_position(source, p)
+        orig = source_position(source, first + p)
         conv = replace(orig, weights=dict(orig.weights))
         k = p % k_size
 
@@ -334,9 +345,9 @@ def data_aware_deltas(
         def fit(
             m: str, x: torch.Tensor, xh: torch.Tensor, p: int = p, k: int = k, memo: dict = memo
         ) -> torch.Tensor:
-            w, ws = source.weights[m][p].detach().double(), shared[m][k].double()
+            w, ws = source.weights[m][first + p].detach().double(), shared[m][k].double()
             if method == "whitened":
-                g0 = source_grams[(p, GROUP[m])]
+                g0 = source_grams[(first + p, GROUP[m])]
                 energy[m].append(float(((w @ g0) * w).sum()))  # ‖X Wᵀ‖² = tr(W C Wᵀ)
                 target, g = w - ws, damped(g0, damp)
             else:

@@ -4,6 +4,9 @@ Unrolled position p = k + b·K (loop b, block layer k) uses shared weight ``W[k]
 low-rank delta ``B[k, b] @ A[k, b]``; norms (and biases) are kept per position. A vanilla
 model is loops = 1, K = L, every rank 0. Per-position tensors are stored layer-major
 (``[K, B, ...]``) so the slice a block layer needs (all depths) is contiguous for the kernels.
+A middle-cycle model keeps its first P and last E original layers unique: two more stacks of
+the same layer code (loops = 1, dense weights), run once per token before loop 0 and on the
+exit hidden state, and the block's position p is original layer P + p.
 Where the families differ (norm, activation, QK-norm, residual, RoPE, sliding window) the
 layer calls ``model.families``; the defaults are Llama's.
 """
@@ -19,7 +22,7 @@ from torch import nn
 from loopserve_kernels import DecodeInputs, dense_per_depth_linear, lora_linear, write_kv
 from loopserve_kernels.pointwise import add_rms_norm, apply_rope, silu_mul
 from model.attention import AttentionBackend, CausalAttention
-from model.config import ModelConfig
+from model.config import ArchConfig, ModelConfig
 from model.exit_heads import ExitHeads
 from model.families import Rotary, activate, norm, window_table
 from model.rope import rope_cos_sin
@@ -75,29 +78,33 @@ class DecodeLayerFn(Protocol):
     ) -> None: ...
 
 
-class RecursiveLM(nn.Module):
-    """Decoder-only LM whose layer stack is a K-layer block looped ``config.loops`` times."""
+class LayerStack(nn.Module):
+    """``layers`` decoder layers run ``loops`` times, with per-position norms, biases and
+    deltas: a model's shared block, or (loops = 1, no deltas) a middle-cycle model's unique
+    first or last layers, which run the same layer code on their own dense weights.
+
+    ``first`` is the original layer of the stack's position 0: it picks each position's
+    sliding window and RoPE base (Gemma 3). The serving transforms (``model.serving``: fused
+    and packed projections, the one-call C++ decode layer) fill ``dense``, ``fused`` and
+    ``decode_layer`` of the block only; a unique stack keeps them empty and runs the Python
+    layer path.
+    """
 
     def __init__(
         self,
-        config: ModelConfig,
+        arch: ArchConfig,
+        layers: int,
+        loops: int,
+        ranks: dict[str, int],
+        first: int = 0,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        self.config = config
-        a, k_, b_ = config.arch, config.block_layers, config.loops
+        self.arch = arch
+        self.stack_layers = layers
+        a, k_, b_ = arch, layers, loops
         kw = {"dtype": dtype, "device": device}
-        self.embed = nn.Parameter(torch.zeros(a.vocab_size, a.hidden_size, **kw))
-        self.lm_head = (
-            None
-            if a.tie_word_embeddings
-            else nn.Parameter(torch.zeros(a.vocab_size, a.hidden_size, **kw))
-        )
-        self.final_norm = nn.Parameter(torch.ones(a.hidden_size, **kw))
-        self.final_norm_bias = (
-            nn.Parameter(torch.zeros(a.hidden_size, **kw)) if a.norm == "layer" else None
-        )
         self.input_norm = nn.Parameter(torch.ones(k_, b_, a.hidden_size, **kw))
         self.post_attn_norm = nn.Parameter(torch.ones(k_, b_, a.hidden_size, **kw))
         # the family's other per-position norms: LayerNorm biases, Gemma's output norms, QK-norm
@@ -113,7 +120,7 @@ class RecursiveLM(nn.Module):
                 for m in a.bias_modules
             }
         )
-        ranks = {m: config.recursion.ranks[m] for m in a.linear_modules}
+        ranks = {m: ranks[m] for m in a.linear_modules}
         self.lora_a = nn.ParameterDict(
             {
                 m: nn.Parameter(torch.zeros(k_, b_, r, a.linear_shape(m)[1], **kw))
@@ -128,37 +135,15 @@ class RecursiveLM(nn.Module):
                 if r > 0
             }
         )
-        self.exit_heads = ExitHeads(b_ - 1, a.hidden_size, **kw) if config.exit_heads else None
-        self.rotary = Rotary(a, k_, b_)
-        self.windows = window_table(a, k_, b_)
+        self.rotary = Rotary(a, k_, b_, first)
+        self.windows = window_table(a, k_, b_, first)
         # Serving transforms (model.serving), not part of the checkpoint: module -> per-position
         # dense weights [K, B, out, in] for high-rank deltas; module group (or one module) ->
         # a projection that replaced their weights (fused and/or packed).
         self.dense: dict[str, torch.Tensor] = {}
-        # the checkpoint's own (wider) copies of the shared weights and LoRA factors, kept by
-        # ``load_model(..., keep_full_precision=True)`` until ``materialise_high_rank`` sums
-        # them into dense weights: summing the narrowed copies instead rounds twice, and a
-        # bf16 exact conversion then no longer computes its source model's bf16 weights
-        self.full_precision: dict[str, torch.Tensor] = {}
         self.fused: dict[tuple[str, ...], Projection] = {}
-        self.packed_head: Callable[[torch.Tensor], torch.Tensor] | None = None
         # set by model.serving when every layer fits the one-call C++ decode layer
         self.decode_layer: DecodeLayerFn | None = None
-        # what the checkpoint holds, before a serving transform frees what it replaced
-        self.checkpoint_parameters = self.num_parameters()
-
-    @property
-    def inv_freq(self) -> torch.Tensor:
-        """RoPE inverse frequencies of the global-attention layers (all layers, but Gemma's)."""
-        return self.rotary.inv_freqs[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.device
 
     def _linear(
         self, module: str, layer: int, x: torch.Tensor, depth: torch.Tensor | int
@@ -199,7 +184,7 @@ class RecursiveLM(nn.Module):
         self, x: torch.Tensor, name: str, layer: int, depth: torch.Tensor | int
     ) -> torch.Tensor:
         """Per-position norm ``name`` (input / post_attn, or one of ``self.norms``)."""
-        a = self.config.arch
+        a = self.arch
         if name in ("input", "post_attn"):
             weight = (self.input_norm if name == "input" else self.post_attn_norm)[layer][depth]
             bias = self.norms[f"{name}_bias"][layer][depth] if a.norm == "layer" else None
@@ -219,7 +204,7 @@ class RecursiveLM(nn.Module):
         sin: torch.Tensor,
     ) -> torch.Tensor:
         """q or k [T, heads, D]: QK-norm (Gemma), then RoPE (partial for GPT-NeoX)."""
-        a = self.config.arch
+        a = self.arch
         x = x.view(x.shape[0], -1, a.head_dim)
         if a.qk_norm:
             x = self._norm(x, name, layer, depth)
@@ -233,7 +218,7 @@ class RecursiveLM(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.config.arch
+        a = self.arch
         k, v = self._project(KV, layer, h, depth)
         k = self._heads(layer, k, "k", depth, cos, sin)
         return k, v.view(-1, a.num_kv_heads, a.head_dim)
@@ -280,7 +265,7 @@ class RecursiveLM(nn.Module):
         segments = None
         if fast is not None and fast.applies(hidden):
             segments = fast.fill_segments(depth)
-        layers = range(self.config.block_layers)
+        layers = range(self.stack_layers)
         if fast is not None and segments is not None:
             rope = [self.rotary.select(tables, layer, depth) for layer in layers]
             cos, sin = [c for c, _ in rope], [s for _, s in rope]
@@ -294,7 +279,7 @@ class RecursiveLM(nn.Module):
         return any(m in self.biases for m in group)
 
     def _mlp(self, layer: int, h: torch.Tensor, depth: torch.Tensor | int) -> torch.Tensor:
-        a = self.config.arch
+        a = self.arch
         act = a.hidden_act
         fused = self.fused.get(GATE_UP)
         if a.gated_mlp and act == "silu" and fused is not None and not self._biased(GATE_UP):
@@ -317,7 +302,7 @@ class RecursiveLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A block layer up to attention: q, k, v [T, heads, D] of rows [T, H] (the piece a
         compiled pass runs before its split at attention, ``model.compiled_block``)."""
-        a = self.config.arch
+        a = self.arch
         h = self._norm(hidden, "input", layer, depth)
         q, k, v = self._project(QKV, layer, h, depth)
         q = self._heads(layer, q, "q", depth, cos, sin)
@@ -347,7 +332,7 @@ class RecursiveLM(nn.Module):
         self, layer: int, hidden: torch.Tensor, out: torch.Tensor, depth: torch.Tensor | int
     ) -> torch.Tensor:
         """A block layer from its attention output ``out`` on: o, the residual, the MLP."""
-        a = self.config.arch
+        a = self.arch
         o = self._linear("o", layer, out, depth)
         if a.sandwich_norm:
             o = self._norm(o, "attn_out", layer, depth)
@@ -399,13 +384,75 @@ class RecursiveLM(nn.Module):
         if fast is not None and fast.applies(hidden):
             segments = fast.segments(depth, hidden.shape[0])  # once, not per layer
             inputs = None if segments is None else attention.decode_inputs()
-        for layer in range(self.config.block_layers):
+        for layer in range(self.stack_layers):
             cos, sin = self.rotary.select(tables, layer, depth)
             if inputs is not None and segments is not None:
                 hidden = fast(layer, segments, hidden, cos, sin, inputs)
             else:
                 hidden = self.layer_forward(layer, hidden, depth, cos, sin, attention)
         return hidden
+
+
+class RecursiveLM(LayerStack):
+    """Decoder-only LM whose layer stack is a K-layer block looped ``config.loops`` times
+    (the model itself is that block's ``LayerStack``), with a middle-cycle layout's unique
+    first and last layers as the stacks ``prefix`` and ``suffix`` (None in the full cycle).
+
+    A token's path: ``embed_tokens``, ``enter`` (prefix), ``block_forward`` once per loop,
+    ``leave`` (suffix) on the hidden state after the loop it exits at, ``exit_logits``.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        a, k_, b_ = config.arch, config.block_layers, config.loops
+        ranks = config.recursion.ranks
+        super().__init__(a, k_, b_, ranks, config.prefix_layers, dtype, device)
+        self.config = config
+        kw = {"dtype": dtype, "device": device}
+        self.embed = nn.Parameter(torch.zeros(a.vocab_size, a.hidden_size, **kw))
+        self.lm_head = (
+            None
+            if a.tie_word_embeddings
+            else nn.Parameter(torch.zeros(a.vocab_size, a.hidden_size, **kw))
+        )
+        self.final_norm = nn.Parameter(torch.ones(a.hidden_size, **kw))
+        self.final_norm_bias = (
+            nn.Parameter(torch.zeros(a.hidden_size, **kw)) if a.norm == "layer" else None
+        )
+        dense = dict.fromkeys(a.linear_modules, 0)
+        p_, e_ = config.prefix_layers, config.suffix_layers
+        self.prefix: LayerStack | None = None
+        self.suffix: LayerStack | None = None
+        if p_:
+            self.prefix = LayerStack(a, p_, 1, dense, 0, dtype, device)
+        if e_:
+            self.suffix = LayerStack(a, e_, 1, dense, a.num_layers - e_, dtype, device)
+        self.exit_heads = ExitHeads(b_ - 1, a.hidden_size, **kw) if config.exit_heads else None
+        # the checkpoint's own (wider) copies of the shared weights and LoRA factors, kept by
+        # ``load_model(..., keep_full_precision=True)`` until ``materialise_high_rank`` sums
+        # them into dense weights: summing the narrowed copies instead rounds twice, and a
+        # bf16 exact conversion then no longer computes its source model's bf16 weights
+        self.full_precision: dict[str, torch.Tensor] = {}
+        self.packed_head: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # what the checkpoint holds, before a serving transform frees what it replaced
+        self.checkpoint_parameters = self.num_parameters()
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies of the global-attention layers (all layers, but Gemma's)."""
+        return self.rotary.inv_freqs[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed[input_ids]
@@ -428,12 +475,35 @@ class RecursiveLM(nn.Module):
             hidden = self.exit_heads(hidden, depth)
         return self.logits(hidden)
 
+    def enter(
+        self, hidden: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend
+    ) -> torch.Tensor:
+        """Embedded rows [T, H] through the unique first layers, once per token before loop 0
+        (middle-cycle; the identity in the full cycle). ``attention`` serves the prefix
+        layers' own K/V: one depth, layer i of the stack as its layer i."""
+        if self.prefix is None:
+            return hidden
+        return self.prefix.block_forward(hidden, 0, positions, attention)
+
+    def leave(
+        self, hidden: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend
+    ) -> torch.Tensor:
+        """Rows [T, H] that exit, after whichever loop, through the unique last layers: the
+        exit state that ``exit_logits`` reads (the identity in the full cycle). Each token
+        passes them once, at its exit depth; ``attention`` serves their own K/V."""
+        if self.suffix is None:
+            return hidden
+        return self.suffix.block_forward(hidden, 0, positions, attention)
+
     def loop_hidden_states(
         self, input_ids: torch.Tensor, num_loops: int | None = None
     ) -> list[torch.Tensor]:
-        """Full-sequence forward without cache; the hidden state after each loop.
+        """Full-sequence forward without cache; the exit state of each loop.
 
-        input_ids: [N, S] -> list of ``num_loops`` tensors [N, S, H].
+        input_ids: [N, S] -> list of ``num_loops`` tensors [N, S, H]. Entry b is what every
+        position would hand the exit head and LM head if all exited after loop b:
+        ``leave(block^(b+1)(enter(embed)))`` — the block's output itself in the full cycle.
+        Loop b + 1 reads the block's output, not that exit state.
         """
         n_loops = self.config.loops if num_loops is None else num_loops
         if not 1 <= n_loops <= self.config.loops:
@@ -441,11 +511,11 @@ class RecursiveLM(nn.Module):
         n, s = input_ids.shape
         positions = torch.arange(s, device=input_ids.device).repeat(n)
         attention = CausalAttention([s] * n)
-        hidden = self.embed_tokens(input_ids.reshape(-1))
+        hidden = self.enter(self.embed_tokens(input_ids.reshape(-1)), positions, attention)
         states = []
         for b in range(n_loops):
             hidden = self.block_forward(hidden, b, positions, attention)
-            states.append(hidden.view(n, s, -1))
+            states.append(self.leave(hidden, positions, attention).view(n, s, -1))
         return states
 
     def forward(self, input_ids: torch.Tensor, num_loops: int | None = None) -> torch.Tensor:

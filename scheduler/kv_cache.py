@@ -3,6 +3,12 @@
 One block id addresses the same slots in every block layer's tensors; a request holds one
 block table per loop depth, so the cache is indexed by (depth via the table, layer) as data,
 never bound to a module that runs once per loop.
+
+A middle-cycle model's unique first and last layers (``RecursiveLM.prefix`` / ``suffix``)
+have K/V of their own at one depth: a token passes each of them once. They live in layers of
+their own (``prefix``, ``suffix``), addressed through the depth-0 block table. Simple, at a
+price: every block carries those layers, so (P + E) / K more K/V memory per block, although
+only depth-0 blocks use it.
 """
 
 from __future__ import annotations
@@ -22,8 +28,17 @@ from model.attention import Window
 from model.config import ModelConfig
 
 
+@dataclass
+class LayerKV:
+    """K and V tensors [num_blocks, block_size, kv_heads, head_dim] of some layers."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+
 class KVCache:
-    """K and V tensors [num_blocks, block_size, kv_heads, head_dim] per block layer."""
+    """K and V tensors [num_blocks, block_size, kv_heads, head_dim] per block layer (``k``,
+    ``v``), and per unique layer of a middle-cycle model (``prefix``, ``suffix``)."""
 
     def __init__(
         self,
@@ -36,15 +51,19 @@ class KVCache:
         a = config.arch
         shape = (num_blocks, block_size, a.num_kv_heads, a.head_dim)
         self.block_size = block_size
-        layers = range(config.block_layers)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+
+        def layers(n: int) -> list[torch.Tensor]:
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+
+        self.k, self.v = layers(config.block_layers), layers(config.block_layers)
+        self.prefix = LayerKV(layers(config.prefix_layers), layers(config.prefix_layers))
+        self.suffix = LayerKV(layers(config.suffix_layers), layers(config.suffix_layers))
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         a = config.arch
         per_layer = 2 * block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
-        return per_layer * config.block_layers
+        return per_layer * (config.block_layers + config.prefix_layers + config.suffix_layers)
 
     def slots(self, table: list[int], start: int, n: int) -> list[int]:
         """Flat slot ids of positions [start, start + n) under ``table``."""
@@ -60,7 +79,7 @@ class PagedAttention:
     current depth, its context length); ``slot_mapping`` [T] says where each row's K/V goes.
     """
 
-    cache: KVCache
+    cache: KVCache | LayerKV  # the block's layers, or a unique stack's (one depth)
     metadata: PagedAttentionMetadata
     slot_mapping: torch.Tensor
     scale: float

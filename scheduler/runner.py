@@ -18,7 +18,7 @@ from model.compiled_block import CompiledBlockPass, row_buckets
 from model.recursive import RecursiveLM
 from scheduler.config import EngineConfig
 from scheduler.exit_policy import GATE, confidence, exits, forced_exit_depth, may_exit
-from scheduler.kv_cache import KVCache, PagedAttention
+from scheduler.kv_cache import KVCache, LayerKV, PagedAttention
 from scheduler.row_batch import RowBatch
 from scheduler.sampling import SampledBatch, SampleResult, SamplingParams, sample_batch
 from scheduler.scheduler import ItemResult, ScheduledItem, SchedulerOutput
@@ -197,7 +197,7 @@ class ModelRunner:
         positions = torch.arange(row, device=self.device) + (
             start_items - qsl[:-1]
         ).repeat_interleave(len_items, output_size=row)
-        return _Batch(
+        batch = _Batch(
             items=items,
             depths=depths,
             hidden=torch.cat(hidden + kept),
@@ -210,6 +210,25 @@ class ModelRunner:
             context_lens=(start_items + len_items).to(torch.int32),
             bounds=bounds,
         )
+        if self.model.prefix is not None:
+            self._enter(batch)
+        return batch
+
+    def _enter(self, batch: _Batch) -> None:
+        """Middle-cycle: depth-0 rows through the model's unique first layers (once a token)."""
+        segments, rows = [], []
+        for it, (lo, hi) in zip(batch.items, batch.bounds, strict=True):
+            if it.depth == 0:
+                segments.append((it, it.start, it.num_tokens))
+                rows.extend(range(lo, hi))
+        if not rows:
+            return
+        at = torch.tensor(rows, device=self.device)
+        attention = self._one_depth_attention(self.cache.prefix, batch, segments, at)
+        entered = self.model.enter(
+            batch.hidden.index_select(0, at), batch.positions.index_select(0, at), attention
+        )
+        batch.hidden = batch.hidden.index_copy(0, at, entered)
 
     def _pass(self, batch: _Batch, counts: StepCounts) -> None:
         for it, d in zip(batch.items, batch.depths, strict=True):
@@ -246,24 +265,27 @@ class ModelRunner:
         for it, d, (_, hi) in zip(batch.items, batch.depths, batch.bounds, strict=True):
             if results[it.request_id].sample is not None or not it.needs_logits:
                 continue  # sequence mode: already exited, riding along
+            if d < last and not it.decode and self.model.suffix is not None:
+                continue  # a prompt's positions all pass the unique last layers at the last loop
             if forced:
                 pos = it.start + it.num_tokens - 1
-                exit_now = d == min(last, forced_exit_depth(it.request_id, pos, forced))
+                exit_now = d == last or d == forced_exit_depth(it.request_id, pos, forced)
             else:
                 req = self.rows.requests[it.request_id]
                 exit_now = d == last or may_exit(d, req.exit_thresholds[d], req.min_loops, last)
             if exit_now:
                 cand.append((it, d, hi - 1))
+        exit_hidden = self._leave(batch, results, cand)
         gated = self.config.exit_measure == GATE and not forced
         if gated:  # the gate decides first: only rows that leave reach the LM head
-            cand = self._gate(batch, cand)
+            cand = self._gate(exit_hidden, cand)
         if not cand:
             return
         dev = self.device
         rows = torch.tensor([r for _, _, r in cand], device=dev)
         # the exit head of each row's depth (learned, where the checkpoint has them) gives both
         # its exit confidence and its token
-        hidden = batch.hidden.index_select(0, rows)
+        hidden = exit_hidden.index_select(0, rows)
         logits = self.model.exit_logits(hidden, [d for _, d, _ in cand])
         logits = apply_masks(logits, [it.grammar for it, _, _ in cand])  # before the exit rule
         stats = row_max_lse(logits)  # greedy tokens, logprobs and the "prob" confidence
@@ -294,6 +316,70 @@ class ModelRunner:
         if fills:
             self._fill(batch, fills, counts)
 
+    def _leave(
+        self,
+        batch: _Batch,
+        results: dict[str, ItemResult],
+        cand: list[tuple[ScheduledItem, int, int]],
+    ) -> torch.Tensor:
+        """``batch.hidden`` with the rows that may leave now through the model's unique last
+        layers (middle-cycle; as it is otherwise): every row of an item at the last loop that
+        has not exited (all of a prompt chunk's positions, so later tokens attend to their
+        K/V) and each early candidate's row. A candidate that stays rewrites those K/V when
+        it leaves; no one reads them before. The block's own state goes on to the next loop."""
+        if self.model.suffix is None:
+            return batch.hidden
+        last = self.loops - 1
+        early = {it.request_id for it, d, _ in cand if d < last}  # decode rows: one a token
+        segments, rows = [], []
+        for it, d, (lo, hi) in zip(batch.items, batch.depths, batch.bounds, strict=True):
+            if d == last and results[it.request_id].sample is None:
+                segments.append((it, it.start, it.num_tokens))
+                rows.extend(range(lo, hi))
+            elif it.request_id in early:
+                segments.append((it, it.start + it.num_tokens - 1, 1))
+                rows.append(hi - 1)
+        if not rows:
+            return batch.hidden
+        at = torch.tensor(rows, device=self.device)
+        attention = self._one_depth_attention(self.cache.suffix, batch, segments, at)
+        left = self.model.leave(
+            batch.hidden.index_select(0, at), batch.positions.index_select(0, at), attention
+        )
+        return batch.hidden.index_copy(0, at, left)
+
+    def _one_depth_attention(
+        self,
+        layers: LayerKV,
+        batch: _Batch,
+        segments: list[tuple[ScheduledItem, int, int]],
+        rows: torch.Tensor,
+    ) -> PagedAttention:
+        """The backend of a pass through a unique stack (``RecursiveLM.enter`` / ``leave``):
+        one segment per (item, first position, rows), K/V in ``layers`` under each item's
+        depth-0 block table; ``rows`` are the segments' rows of ``batch``."""
+        slot = self.rows.slot
+        n = len(segments)
+        qsl = [0]
+        for _, _, k in segments:
+            qsl.append(qsl[-1] + k)
+        packed = [slot[it.request_id] for it, _, _ in segments] + [s + k for _, s, k in segments]
+        at = torch.tensor(packed + qsl).to(self.device)
+        seq, ctx, qsl_t = at[:n], at[n : 2 * n], at[2 * n :]
+        depth0 = torch.zeros_like(seq)
+        meta = self.rows.metadata(
+            seq,
+            depth0,
+            qsl_t.to(torch.int32),
+            ctx.to(torch.int32),
+            max(k for _, _, k in segments),
+            max(s + k for _, s, k in segments),
+        )
+        seq_rows = batch.seq_rows.index_select(0, rows)
+        positions = batch.positions.index_select(0, rows)
+        slot_mapping = self.rows.slot_mapping(seq_rows, torch.zeros_like(seq_rows), positions)
+        return PagedAttention(layers, meta, slot_mapping, self.scale)
+
     def _exit_rule(
         self, conf: torch.Tensor, cand: list[tuple[ScheduledItem, int, int]]
     ) -> torch.Tensor:
@@ -305,7 +391,7 @@ class ModelRunner:
         return exits(conf, depth, thr, self.rows.min_loops[seq], self.loops - 1)
 
     def _gate(
-        self, batch: _Batch, cand: list[tuple[ScheduledItem, int, int]]
+        self, hidden: torch.Tensor, cand: list[tuple[ScheduledItem, int, int]]
     ) -> list[tuple[ScheduledItem, int, int]]:
         """The candidates that leave by the learned gate's score (~2H FLOPs a row, no
         vocabulary projection), and every last-loop candidate."""
@@ -315,7 +401,7 @@ class ModelRunner:
         heads = self.model.exit_heads
         assert heads is not None  # checked at construction
         rows = torch.tensor([cand[j][2] for j in early], device=self.device)
-        score = heads.gate(batch.hidden.index_select(0, rows), [cand[j][1] for j in early])
+        score = heads.gate(hidden.index_select(0, rows), [cand[j][1] for j in early])
         keep = self._exit_rule(score, [cand[j] for j in early]).tolist()
         stay = {j for j, k in zip(early, keep, strict=True) if not k}
         return [c for j, c in enumerate(cand) if j not in stay]

@@ -181,9 +181,12 @@ class UptrainConfig:
 
 
 def param_group_of(name: str) -> str:
-    """The trainable group a RecursiveLM parameter belongs to."""
+    """The trainable group a RecursiveLM parameter belongs to. A middle-cycle model's unique
+    layers (``prefix.`` / ``suffix.``) fall in the block's groups: their dense weights train
+    with ``shared``, their norms with ``norms``."""
+    bare = name.removeprefix("prefix.").removeprefix("suffix.")
     for group, prefixes in PARAM_GROUPS.items():
-        if any(name == p or name.startswith(p) for p in prefixes):
+        if any(bare == p or bare.startswith(p) for p in prefixes):
             return group
     raise UptrainError(f"parameter {name!r} belongs to no trainable group")
 
