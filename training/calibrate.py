@@ -280,11 +280,13 @@ def fit_and_verify(
 class CalibrationInputs:
     """What thresholds are fitted with: the checkpoint's model (with its freshly trained exit
     heads, if any), the windows thresholds are fitted on [N, S], the held-out windows [N', S]
-    they are verified on, and the head-training report."""
+    they are verified on, the windows the heads trained on and their report (None: no heads
+    trained)."""
 
     model: RecursiveLM
     windows: torch.Tensor
     heldout: torch.Tensor
+    head_windows: torch.Tensor | None
     report: HeadReport | None
 
 
@@ -321,17 +323,17 @@ def calibration_inputs(
         heldout = heldout_windows(
             model, d, tokenizer, heldout_tokens or HELDOUT_TOKENS, seq_len, progress
         )
-        report = None
+        report = head_windows = None
         if heads is not None:
             if windows.shape[0] < 2:
                 raise CalibrationError("exit heads need two calibration windows or more")
             half = windows.shape[0] // 2
+            head_windows, windows = windows[:half], windows[half:]
             model.exit_heads, report = train_exit_heads(
-                model, loop_states(model, windows[:half]), loop_states(model, heldout), heads
+                model, loop_states(model, head_windows), loop_states(model, heldout), heads
             )
             model.config = replace(model.config, exit_heads=True)
-            windows = windows[half:]
-    return CalibrationInputs(model, windows, heldout, report)
+    return CalibrationInputs(model, windows, heldout, head_windows, report)
 
 
 def write_calibration(
