@@ -37,8 +37,9 @@ from benchmarks.throughput import (
     run_once,
 )
 from loopserve_kernels.dispatch import use_backend
-from model.calibration_data import HELDOUT_TOKENS, shared_runs
+from model.calibration_data import HELDOUT_TOKENS, render_prompt, shared_runs
 from model.checkpoint import LOOPSERVE_CONFIG, load_model
+from model.default import default_model_dir
 from model.fidelity import eval_text
 from model.serving import prepare_for_serving
 from scheduler.exit_policy import EXITS_OFF
@@ -55,8 +56,8 @@ from training.calibrate import (
 from training.distill_data import load_tokenizer
 from training.exit_heads import HeadReport, HeadTraining
 
-DEFAULT_MODEL = Path("~/.cache/loopserve/models/smollm2-135m-rrt3-exact").expanduser()
 DEFAULT_TARGETS = (0.99, 0.95, 0.90, 0.80)
+SENTINEL = "XYZZY"  # a prompt that marks where the chat template's own text ends
 
 
 @dataclass(frozen=True)
@@ -196,11 +197,19 @@ def run(source: Path, work: Path, plan: Plan, progress: bool = True) -> Report:
     tokenizer = load_tokenizer(checkpoint)
     text = eval_text()
 
-    def decoded(windows: torch.Tensor | None) -> list[str]:
-        rows = [] if windows is None else windows.tolist()
-        return [tokenizer.decode(w, skip_special_tokens=True) for w in rows]
+    # the chat template's own words (a system prompt) are in every sample: not data
+    fixed = tokenizer.decode(render_prompt(SENTINEL, tokenizer), skip_special_tokens=True)
+    template = [f for f in fixed.split(SENTINEL) if f.strip()] if SENTINEL in fixed else []
 
-    calibration = decoded(inputs.head_windows) + decoded(inputs.windows)
+    def decoded(windows: torch.Tensor) -> list[str]:
+        texts = [tokenizer.decode(w, skip_special_tokens=True) for w in windows.tolist()]
+        for f in template:
+            texts = [t.replace(f, "\n") for t in texts]
+        return texts
+
+    calibration = decoded(inputs.windows)
+    if inputs.head_windows is not None:
+        calibration += decoded(inputs.head_windows)
     heldout = decoded(inputs.heldout)
     overlap = {
         "calibration~evaluation": shared_runs(calibration, [text]),
@@ -304,6 +313,12 @@ def plot(report: Report, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def uncommitted() -> bool:
+    """Whether the working tree differs from the commit the results are labelled with."""
+    out = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
+    return bool(out.stdout.strip())
+
+
 def lscpu() -> dict[str, str]:
     """``lscpu``'s fields (its flag list left out); empty where there is no lscpu."""
     try:
@@ -316,7 +331,9 @@ def lscpu() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint (copied)")
+    p.add_argument(
+        "--model", type=Path, help="checkpoint, copied (default: the exact default model)"
+    )
     p.add_argument("--targets", type=float, nargs="+", default=list(DEFAULT_TARGETS))
     p.add_argument("--delta", type=float, default=DELTA)
     h = HeadTraining()
@@ -351,11 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    report = run(args.model.expanduser(), args.out, plan, progress=not args.no_progress)
-    commit, date = git_commit(), time.strftime("%Y-%m-%d", time.gmtime())
+    source = (args.model or default_model_dir()).expanduser()
+    report = run(source, args.out, plan, progress=not args.no_progress)
+    commit = git_commit() + ("+uncommitted" if uncommitted() else "")
+    date = time.strftime("%Y-%m-%d", time.gmtime())
     header = (
         f"### Calibrated exits per target — {machine_name()}, {date}, commit {commit}, "
-        f"{args.model.name}, engine {args.dtype} {args.batching}-wise c = {args.concurrency}, "
+        f"{source.name}, engine {args.dtype} {args.batching}-wise c = {args.concurrency}, "
         f"{args.requests} prompts x {args.output_len} greedy tokens, {args.threads} threads; "
         f"fitted on {report.fit_tokens} tokens (delta {args.delta}), verified on "
         f"{report.heldout_tokens}, heads trained on {report.head_tokens}"
