@@ -46,6 +46,7 @@ from model.calibration_data import HELDOUT_TOKENS, render_prompt, shared_runs
 from model.checkpoint import LOOPSERVE_CONFIG, load_model
 from model.default import default_model_dir
 from model.fidelity import eval_text
+from model.pull import loopserve_home
 from model.serving import prepare_for_serving
 from scheduler.exit_policy import EXITS_OFF
 from training.calibrate import (
@@ -356,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=Plan.dtype, help="engine dtype")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/exit_targets"))
+    p.add_argument(
+        "--work",
+        type=Path,
+        help="where the checkpoint copy goes (default: $LOOPSERVE_HOME/cache/exit_targets, "
+        "outside the repository; a stable place lets a rerun reuse the copy's samples)",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -377,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     source = (args.model or default_model_dir()).expanduser()
-    report = run(source, args.out, plan, progress=not args.no_progress)
+    work = args.work or loopserve_home() / "cache" / "exit_targets"
+    report = run(source, work, plan, progress=not args.no_progress)
     commit = git_commit() + ("+uncommitted" if uncommitted() else "")
     date = time.strftime("%Y-%m-%d", time.gmtime())
     header = (
