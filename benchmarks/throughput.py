@@ -160,10 +160,16 @@ def run_once(
     threshold: float,
     concurrency: int,
     output_len: int,
+    thresholds: tuple[float, ...] = (),
+    measure: str = "prob",
 ) -> tuple[RunResult, list[list[int]]]:
+    """Serve ``prompts`` greedily, ``output_len`` tokens each, and time it; ``thresholds``
+    (calibrated, per depth, for ``measure``) replace ``threshold`` where given."""
     cfg = EngineConfig(
         batching=batching,
         exit_threshold=threshold,
+        exit_thresholds=thresholds,
+        exit_measure=measure,
         max_num_seqs=concurrency,
         max_num_batched_tokens=max(256, concurrency * 4),
         num_blocks=4096,

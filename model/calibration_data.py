@@ -124,6 +124,13 @@ def _runs_index(evaluation: dict[str, list[str]]) -> dict[tuple[str, ...], str]:
     }
 
 
+def shared_runs(texts: list[str], reference: list[str]) -> int:
+    """How many ``OVERLAP_WORDS``-word runs of ``texts`` occur in ``reference``: 0 is the
+    disjointness the contamination check asks of calibration data."""
+    index = _runs_index({"reference": reference})
+    return sum(run in index for t in texts for run in _runs(_words(t)))
+
+
 def _refuse_overlap(text: str, index: dict[tuple[str, ...], str], where: str) -> None:
     """Words, not tokens: a chat template's own tokens would match every chat sample."""
     for run in _runs(_words(text)):

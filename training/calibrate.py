@@ -256,12 +256,115 @@ def calibrate(
     if model.config.loops < 2:
         raise CalibrationError("a model with one loop has no early exits to calibrate")
     stats, held = collect_depth_stats(model, windows), collect_depth_stats(model, heldout)
+    return fit_and_verify(stats, held, target, delta, min_loops, seed)
+
+
+def fit_and_verify(
+    stats: DepthStats,
+    held: DepthStats,
+    target: float = 0.99,
+    delta: float = DELTA,
+    min_loops: int = 1,
+    seed: int = 0,
+) -> CalibrationResult:
+    """:func:`calibrate` on recorded stats: several targets then share one forward pass."""
     thresholds, fitted, verified = {}, {}, {}
     for m, conf in stats.confidences.items():
         thresholds[m] = fit_thresholds(conf, stats.agree, target, delta, min_loops, seed)
         fitted[m] = exit_rates(conf, stats.agree, thresholds[m], min_loops)
         verified[m] = exit_rates(held.confidences[m], held.agree, thresholds[m], min_loops)
     return CalibrationResult(target, delta, min_loops, thresholds, fitted, verified)
+
+
+@dataclass
+class CalibrationInputs:
+    """What thresholds are fitted with: the checkpoint's model (with its freshly trained exit
+    heads, if any), the windows thresholds are fitted on [N, S], the held-out windows [N', S]
+    they are verified on, the windows the heads trained on and their report (None: no heads
+    trained)."""
+
+    model: RecursiveLM
+    windows: torch.Tensor
+    heldout: torch.Tensor
+    head_windows: torch.Tensor | None
+    report: HeadReport | None
+
+
+def calibration_inputs(
+    model_dir: str | Path,
+    data: str | Path | None = None,
+    tokens: int = 8192,
+    seq_len: int = 256,
+    device: str = "cpu",
+    progress: bool = True,
+    heads: HeadTraining | None = None,
+    heldout_tokens: int | None = None,
+) -> CalibrationInputs:
+    """Load the checkpoint, its calibration windows (``data``, else ``tokens`` tokens it
+    samples from the calibration prompt set) and held-out windows (its samples from the
+    held-out prompt set, ``heldout_tokens`` of them, default ``HELDOUT_TOKENS``).
+
+    With ``heads``, exit heads are trained first on the first half of the calibration
+    windows and the thresholds are to be fitted on the other half, so the tests see data the
+    heads did not (the guarantee needs that).
+    """
+    from model.calibration_data import HELDOUT_TOKENS, calibration_windows, heldout_windows
+    from model.checkpoint import LOOPSERVE_CONFIG, load_model
+    from training.distill_data import load_tokenizer
+
+    d = Path(model_dir)
+    if not (d / LOOPSERVE_CONFIG).exists():
+        raise CalibrationError(f"{d} is not a loopserve checkpoint (no {LOOPSERVE_CONFIG})")
+    model = load_model(d, device=device)
+    tokenizer = load_tokenizer(d)
+    # the torch twins, as in training: calibration must not depend on the Triton build
+    with use_backend("torch"):
+        windows = calibration_windows(model, d, tokenizer, data, tokens, seq_len, progress=progress)
+        heldout = heldout_windows(
+            model, d, tokenizer, heldout_tokens or HELDOUT_TOKENS, seq_len, progress
+        )
+        report = head_windows = None
+        if heads is not None:
+            if windows.shape[0] < 2:
+                raise CalibrationError("exit heads need two calibration windows or more")
+            half = windows.shape[0] // 2
+            head_windows, windows = windows[:half], windows[half:]
+            model.exit_heads, report = train_exit_heads(
+                model, loop_states(model, head_windows), loop_states(model, heldout), heads
+            )
+            model.config = replace(model.config, exit_heads=True)
+    return CalibrationInputs(model, windows, heldout, head_windows, report)
+
+
+def write_calibration(
+    model_dir: str | Path,
+    inputs: CalibrationInputs,
+    result: CalibrationResult,
+    data: str | Path | None = None,
+    seq_len: int = 256,
+) -> None:
+    """Write thresholds and both reports into ``loopserve.json`` (and trained heads beside
+    the weights)."""
+    from model.checkpoint import LOOPSERVE_CONFIG, read_loopserve_meta, save_exit_heads
+    from model.config import ModelConfig
+
+    d, report = Path(model_dir), inputs.report
+    meta = read_loopserve_meta(d)
+    meta["config"]["exit_thresholds"] = result.thresholds
+    meta["config"]["exit_heads"] = inputs.model.config.exit_heads
+    ModelConfig.from_dict(meta["config"])  # refuse to write a config that will not load
+    meta.setdefault("provenance", {})["calibration"] = {
+        **result.to_dict(),
+        "exit_heads": asdict(report) if report is not None else None,
+        "data": str(data) if data else "self-distilled, calibration prompt set",
+        "heldout": "self-distilled, held-out prompt set",
+        "seq_len": seq_len,
+    }
+    if report is not None:
+        save_exit_heads(inputs.model, d)
+    tmp = d / (LOOPSERVE_CONFIG + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(d / LOOPSERVE_CONFIG)
 
 
 def calibrate_checkpoint(
@@ -277,54 +380,12 @@ def calibrate_checkpoint(
     progress: bool = True,
     heads: HeadTraining | None = None,
 ) -> tuple[CalibrationResult, HeadReport | None]:
-    """What ``loopserve calibrate`` runs: fit on ``data`` (default: ``tokens`` tokens the
-    checkpoint samples from the calibration prompt set), verify on its samples from the held-
-    out prompt set, and write thresholds and both reports into ``loopserve.json``.
-
-    With ``heads``, exit heads are trained first on the first half of the calibration
-    windows and the thresholds fitted on the other half, so the tests see data the heads did
-    not (the guarantee needs that); the heads are written beside the weights.
-    """
-    from model.calibration_data import calibration_windows, heldout_windows
-    from model.checkpoint import LOOPSERVE_CONFIG, load_model, read_loopserve_meta, save_exit_heads
-    from model.config import ModelConfig
-    from training.distill_data import load_tokenizer
-
-    d = Path(model_dir)
-    if not (d / LOOPSERVE_CONFIG).exists():
-        raise CalibrationError(f"{d} is not a loopserve checkpoint (no {LOOPSERVE_CONFIG})")
-    model = load_model(d, device=device)
-    tokenizer = load_tokenizer(d)
-    # the torch twins, as in training: calibration must not depend on the Triton build
+    """What ``loopserve calibrate`` runs: :func:`calibration_inputs`, thresholds fitted on
+    the calibration windows and verified on the held-out ones, and (``write``) both written
+    into the checkpoint."""
+    inputs = calibration_inputs(model_dir, data, tokens, seq_len, device, progress, heads)
     with use_backend("torch"):
-        windows = calibration_windows(model, d, tokenizer, data, tokens, seq_len, progress=progress)
-        heldout = heldout_windows(model, d, tokenizer, seq_len=seq_len, progress=progress)
-        report = None
-        if heads is not None:
-            if windows.shape[0] < 2:
-                raise CalibrationError("exit heads need two calibration windows or more")
-            half = windows.shape[0] // 2
-            model.exit_heads, report = train_exit_heads(
-                model, loop_states(model, windows[:half]), loop_states(model, heldout), heads
-            )
-            model.config = replace(model.config, exit_heads=True)
-            windows = windows[half:]
-        result = calibrate(model, windows, heldout, target, delta, min_loops)
+        result = calibrate(inputs.model, inputs.windows, inputs.heldout, target, delta, min_loops)
     if write:
-        meta = read_loopserve_meta(d)
-        meta["config"]["exit_thresholds"] = result.thresholds
-        meta["config"]["exit_heads"] = model.config.exit_heads
-        ModelConfig.from_dict(meta["config"])  # refuse to write a config that will not load
-        meta.setdefault("provenance", {})["calibration"] = {
-            **result.to_dict(),
-            "exit_heads": asdict(report) if report is not None else None,
-            "data": str(data) if data else "self-distilled, calibration prompt set",
-            "heldout": "self-distilled, held-out prompt set",
-            "seq_len": seq_len,
-        }
-        if report is not None:
-            save_exit_heads(model, d)
-        tmp = d / (LOOPSERVE_CONFIG + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(d / LOOPSERVE_CONFIG)
-    return result, report
+        write_calibration(model_dir, inputs, result, data, seq_len)
+    return result, inputs.report
