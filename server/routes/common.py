@@ -54,14 +54,22 @@ def checked_ids(state: ServerState, ids: list[int], param: str) -> list[int]:
 def with_ignored(response: R, ignored: list[str]) -> R:
     """Name the request fields loopserve ignored in a response header, so a client can see
     that e.g. an unknown sampling field had no effect (ASCII-escaped, the first
-    ``MAX_IGNORED_LISTED``, then how many more)."""
+    ``MAX_IGNORED_LISTED``, then how many more). Spaces are escaped too — a header value
+    may not start or end with one (a field named " " made the response itself fail) — and
+    commas, the list's separator."""
     if ignored:
-        names = [n.encode("unicode_escape").decode() for n in ignored]
+        names = [_header_safe(n) for n in ignored]
         listed = names[:MAX_IGNORED_LISTED]
         if len(names) > len(listed):
             listed.append(f"...{len(names) - len(listed)} more")
         response.headers[IGNORED_HEADER] = ",".join(listed)
     return response
+
+
+def _header_safe(name: str) -> str:
+    """``name`` as visible ASCII: backslash escapes for non-ASCII, controls, spaces, commas."""
+    escaped = name.encode("unicode_escape").decode()
+    return escaped.replace(" ", "\\x20").replace(",", "\\x2c")
 
 
 def usage(gen: Generation) -> Usage:
