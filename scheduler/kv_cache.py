@@ -65,11 +65,6 @@ class KVCache:
         per_layer = 2 * block_size * a.num_kv_heads * a.head_dim * dtype.itemsize
         return per_layer * (config.block_layers + config.prefix_layers + config.suffix_layers)
 
-    def slots(self, table: list[int], start: int, n: int) -> list[int]:
-        """Flat slot ids of positions [start, start + n) under ``table``."""
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, start + n)]
-
 
 @dataclass
 class PagedAttention:

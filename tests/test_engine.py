@@ -127,6 +127,11 @@ def test_min_loops_with_zero_threshold_is_truncated_model(rrt: RecursiveLM, min_
     assert fills == [0 if d < min_loops else expected_fills for d in range(3)]
 
 
+def _slot(table: list[int], pos: int, block_size: int) -> int:
+    """Flat KV slot of position ``pos`` under a block table (the paged layout's definition)."""
+    return table[pos // block_size] * block_size + pos % block_size
+
+
 def test_copy_fill_writes_exit_depth_kv(rrt: RecursiveLM) -> None:
     engine = _engine(rrt, exit_threshold=0.0, min_loops=1, kv_fill="copy")
     engine.add_request("a", [5, 6, 7], replace(GREEDY, max_tokens=50))
@@ -139,8 +144,8 @@ def test_copy_fill_writes_exit_depth_kv(rrt: RecursiveLM) -> None:
     for layer in range(rrt.config.block_layers):
         for d in (1, 2):
             for p in generated:
-                src = cache.slots(req.block_tables[0], p, 1)[0]
-                dst = cache.slots(req.block_tables[d], p, 1)[0]
+                src = _slot(req.block_tables[0], p, cache.block_size)
+                dst = _slot(req.block_tables[d], p, cache.block_size)
                 k = cache.k[layer].view(-1, *cache.k[layer].shape[2:])
                 assert torch.equal(k[src], k[dst])
     engine.abort("a")
@@ -162,7 +167,7 @@ def test_propagate_fill_is_kv_projection_of_exit_state(rrt: RecursiveLM) -> None
     cache = engine.runner.cache
     for layer in range(rrt.config.block_layers):
         want_k, want_v = rrt.kv_projection(layer, exit_hidden, 2, torch.tensor([pos]))
-        slot = cache.slots(req.block_tables[2], pos, 1)[0]
+        slot = _slot(req.block_tables[2], pos, cache.block_size)
         k = cache.k[layer].view(-1, *cache.k[layer].shape[2:])[slot]
         v = cache.v[layer].view(-1, *cache.v[layer].shape[2:])[slot]
         torch.testing.assert_close(k, want_k[0], atol=1e-5, rtol=1e-5)
