@@ -37,6 +37,7 @@ from benchmarks.throughput import (
     RunResult,
     agreement,
     git_commit,
+    lscpu,
     machine_name,
     make_prompts,
     run_once,
@@ -325,16 +326,6 @@ def uncommitted() -> bool:
     """Whether the working tree differs from the commit the results are labelled with."""
     out = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True)
     return bool(out.stdout.strip())
-
-
-def lscpu() -> dict[str, str]:
-    """``lscpu``'s fields (its flag list left out); empty where there is no lscpu."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-    pairs = (line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return {k.strip(): v.strip() for k, v in pairs if k.strip() != "Flags"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,6 +80,17 @@ def machine_name() -> str:
     return platform.processor() or "cpu"
 
 
+def lscpu() -> dict[str, str]:
+    """``lscpu``'s fields, its flags included (the ISA decides the fast dtype); empty where
+    there is no lscpu. The machine record of every benchmark's JSON."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    pairs = (line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(

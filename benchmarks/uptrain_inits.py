@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from benchmarks.throughput import git_commit
+from benchmarks.throughput import git_commit, lscpu
 from model.build import convert_checkpoint
 from model.config import INIT_METHODS, LINEAR_MODULES
 from model.convert import CONVERT_METHODS
@@ -144,16 +144,6 @@ def uptrain_init(
     }
 
 
-def machine() -> dict[str, str]:
-    """``lscpu``'s fields (empty where it is missing)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return {}
-    pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
-    return {k.strip(): v.strip() for k, v in pairs}
-
-
 def run_benchmark(
     src: Path, work: Path, budget: Budget, methods: list[str], progress: bool = True
 ) -> dict[str, Any]:
@@ -179,7 +169,7 @@ def run_benchmark(
         "stop_step": stop_step,
         "common_steps": common_steps(runs),
         "below_everywhere": below_everywhere(runs, methods),
-        "machine": machine(),
+        "machine": lscpu(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "commit": git_commit(),
         "torch": torch.__version__,
